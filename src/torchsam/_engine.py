@@ -1,0 +1,427 @@
+"""The two-pass engine that every sharpness-aware optimizer in torchsam runs on.
+
+A sharpness-aware step has one fixed sequence::
+
+    gradient at w  ->  perturb to w + e  ->  gradient at w + e  ->  restore w  ->  base step
+
+:class:`SharpnessAwareOptimizer` owns that sequence once: the phase bookkeeping, the bit-exact
+weight restore, the shared parameter groups and state with the base optimizer, the closure
+protocol of ``torch.optim``, the guards against non-finite gradients, and ``state_dict``.
+A variant supplies only what differs, by overriding two small policies:
+
+* :meth:`SharpnessAwareOptimizer._perturb` builds the perturbation and adds it to the weights;
+* :meth:`SharpnessAwareOptimizer._prepare_base_grads` may rewrite the gradients that the base
+  optimizer sees (a no-op for SAM itself).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["GroupView", "SharpnessAwareOptimizer"]
+
+# Keys of torchsam's own per-parameter state are stored under this prefix in ``state_dict()``
+# so that they never collide with the base optimizer's keys ("momentum_buffer", "exp_avg", ...).
+STATE_PREFIX = "sam."
+
+BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
+
+
+@dataclass
+class GroupView:
+    """The parameters of one param group that have a gradient, with those gradients."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+
+
+class SharpnessAwareOptimizer(Optimizer):
+    """Base class of the two-pass sharpness-aware optimizers (not used directly).
+
+    It wraps a base optimizer and shares its ``param_groups`` (so LR schedulers, ``zero_grad``
+    and per-group hyper-parameters act on both) while keeping torchsam's own per-parameter
+    state apart from the base optimizer's (``torch.optim.Adam`` initialises a parameter's state
+    only when that state is empty, so the two must not be mixed in memory). ``state_dict()``
+    merges both into one ordinary optimizer state dict.
+
+    Subclasses set :attr:`_own_defaults` (their hyper-parameters, validated in
+    :meth:`_check_group`) and implement :meth:`_perturb`.
+    """
+
+    #: per-parameter scratch buffers that are never saved (reallocated lazily after a load)
+    _workspace_keys: frozenset[str] = frozenset({"backup"})
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        own_defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+    ) -> None:
+        self._own_defaults = dict(own_defaults)
+        self._perturbed: bool = False
+        self._saved: list[Tensor] = []
+
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"{type(self).__name__} got keyword arguments {sorted(base_kwargs)} together "
+                    "with an already built base optimizer; pass the optimizer class instead, or "
+                    "set those options when you build the base optimizer"
+                )
+            super().__init__(params, self._own_defaults)
+            _check_same_partition(self.param_groups, base_optimizer.param_groups)
+            for own_group, base_group in zip(
+                self.param_groups, base_optimizer.param_groups, strict=True
+            ):
+                for key in self._own_defaults:
+                    base_group[key] = own_group[key]
+            self.base_optimizer = base_optimizer
+        elif callable(base_optimizer):
+            # The seed's contract: the keyword arguments go to the base optimizer and are also
+            # recorded in this optimizer's defaults.
+            super().__init__(params, {**self._own_defaults, **base_kwargs})
+            built = base_optimizer(self.param_groups, **base_kwargs)
+            if not isinstance(built, Optimizer):
+                raise TypeError(
+                    "base_optimizer must be a torch.optim.Optimizer subclass, a callable that "
+                    "returns an optimizer, or an optimizer instance; calling it gave "
+                    f"{type(built)!r}"
+                )
+            self.base_optimizer = built
+        else:
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD), "
+                "a callable that returns an optimizer, or an optimizer instance; "
+                f"got {type(base_optimizer)!r}"
+            )
+        # One list of group dicts, shared: what a scheduler writes, the base optimizer reads.
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults = {**self.base_optimizer.defaults, **self.defaults}
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to this optimizer and to its base optimizer (they share groups)."""
+        for key, default in self._own_defaults.items():
+            param_group.setdefault(key, default)
+        self._check_group(param_group)
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # still inside __init__: build our own list first
+            super().add_param_group(param_group)
+        else:
+            base.add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for an invalid hyper-parameter of this optimizer in ``group``."""
+
+    # ------------------------------------------------------------------ phase
+    @property
+    def perturbed(self) -> bool:
+        """True between :meth:`first_step` and :meth:`second_step` (weights are at ``w + e``)."""
+        return self._perturbed
+
+    def _require_phase(self, perturbed: bool, call: str) -> None:
+        if self._perturbed == perturbed:
+            return
+        if perturbed:
+            raise RuntimeError(
+                f"{call} was called without a preceding first_step(): call first_step() after "
+                "the first backward pass, then second_step() after the second one"
+            )
+        raise RuntimeError(
+            f"{call} was called after first_step() and before second_step(): the weights are "
+            "still perturbed; call second_step() first"
+        )
+
+    # ------------------------------------------------------------------ the two steps
+    def _views(self) -> list[GroupView]:
+        views = []
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; use a dense "
+                        "embedding or a different optimizer for sparse parameters"
+                    )
+                params.append(p)
+                grads.append(p.grad)
+            if params:
+                views.append(GroupView(group, params, grads))
+        return views
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move the weights to the (approximate) worst point ``w + e(w)`` of the neighbourhood.
+
+        Call it after the first backward pass. If the gradient norm is not finite the weights
+        are left at ``w``, a warning is issued, and :meth:`second_step` is still expected.
+
+        Args:
+            zero_grad (bool, optional): clear the gradients afterwards (default: False)
+        """
+        self._require_phase(False, "first_step()")
+        self._perturbed = True
+        self._saved = []
+        views = self._views()
+        if views and not self._perturb(views):
+            warnings.warn(
+                f"{type(self).__name__}.first_step(): the gradient norm is not finite (inf or "
+                "NaN); the weights were not perturbed. With a GradScaler, call "
+                "scaler.unscale_(optimizer) before first_step().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if zero_grad:
+            self.zero_grad()
+
+    def _second_step(self, grad_scaler: Any = None) -> None:
+        self._require_phase(True, "second_step()")
+        self._restore()
+        views = self._views()
+        self._prepare_base_grads(views)
+        if grad_scaler is not None:
+            # The scaler unscales these gradients, checks them and skips the step if needed.
+            grad_scaler.step(self.base_optimizer)
+        elif _all_finite([v.grads for v in views]):
+            self.base_optimizer.step()
+        else:
+            warnings.warn(
+                f"{type(self).__name__}.second_step(): a gradient at the perturbed point is "
+                "not finite (inf or NaN); the base optimizer step was skipped and the weights "
+                "were restored unchanged.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        # Tell LR schedulers built on this optimizer that it has stepped (what their own
+        # wrapper of ``step`` records), so two-call users get no ordering warning.
+        self._opt_called = True
+
+    @Optimizer.profile_hook_step
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        """Return to ``w`` and let the base optimizer step with the gradient at ``w + e``.
+
+        Call it after the second backward pass. Registered step pre/post hooks run around it,
+        as they do around :meth:`step`. Gradients that are not finite skip the base step (with
+        a warning) and leave the weights exactly at ``w``.
+
+        Args:
+            zero_grad (bool, optional): clear the gradients afterwards (default: False)
+            grad_scaler (torch.amp.GradScaler, optional): for mixed precision: the base step is
+                taken as ``grad_scaler.step(self.base_optimizer)``, which unscales the second
+                gradients and skips the step on overflow; call ``grad_scaler.update()`` after
+                (default: None)
+        """
+        self._second_step(grad_scaler)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one full sharpness-aware step with two evaluations of ``closure``.
+
+        The closure must clear the gradients, compute the loss at the current weights, call
+        ``backward()`` and return the loss. It is evaluated at ``w`` and at ``w + e(w)``
+        (with gradients enabled), then the weights return to ``w`` and the base optimizer steps.
+
+        Args:
+            closure (Callable): re-evaluates the model and returns the loss
+
+        Returns:
+            the loss returned by the closure at ``w``.
+        """
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that clears the gradients, "
+                "computes the loss and calls backward(): step(closure). Without a closure, call "
+                "first_step() after the first backward pass and second_step() after the second."
+            )
+        self._require_phase(False, "step()")
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                closure()
+        except BaseException:
+            self._restore()
+            raise
+        self._second_step()
+        return loss
+
+    # ------------------------------------------------------------------ policies
+    def _perturb(self, views: list[GroupView]) -> bool:
+        """Add the perturbation to the weights of ``views``; return False if it was skipped.
+
+        An implementation computes the perturbation, and before it writes to any weight it
+        calls :meth:`_save_weights` on the tensors it is going to change.
+        """
+        raise NotImplementedError
+
+    def _prepare_base_grads(self, views: list[GroupView]) -> None:
+        """Rewrite the gradients (at ``w + e``) that the base optimizer uses; none by default."""
+
+    # ------------------------------------------------------------------ shared machinery
+    def _save_weights(self, params: list[Tensor], foreach: bool) -> None:
+        """Copy ``params`` into persistent buffers so that :meth:`_restore` is bit-exact."""
+        backups = []
+        for p in params:
+            state = self.state[p]
+            buf = state.get("backup")
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                state["backup"] = buf
+            backups.append(buf)
+        if foreach:
+            torch._foreach_copy_(backups, params)
+        else:
+            for buf, p in zip(backups, params, strict=True):
+                buf.copy_(p)
+        self._saved.extend(params)
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        if self._saved:
+            backups = [self.state[p]["backup"] for p in self._saved]
+            torch._foreach_copy_(self._saved, backups)
+        self._saved = []
+        self._perturbed = False
+
+    def _global_norm(self, tensor_lists: list[list[Tensor]]) -> float:
+        """The 2-norm of all tensors in ``tensor_lists`` together, as a Python float.
+
+        Per-tensor norms are taken in at least float32, gathered on the first tensor's device,
+        and combined in one norm (as the seed does). This single host synchronisation per step
+        is what lets a non-finite norm be caught before it reaches the weights. Distributed
+        training overrides :meth:`_reduce_norm`.
+        """
+        stacks: list[Tensor] = []
+        for tensors in tensor_lists:
+            for (_, dtype), group in _by_device_and_dtype(tensors).items():
+                acc = torch.promote_types(dtype, torch.float32)
+                stacks.append(torch.stack(torch._foreach_norm(group, 2, dtype=acc)))
+        if not stacks:
+            return 0.0
+        device = stacks[0].device
+        dtype = stacks[0].dtype
+        for s in stacks[1:]:
+            dtype = torch.promote_types(dtype, s.dtype)
+        norms = torch.cat([s.to(device=device, dtype=dtype) for s in stacks])
+        return float(self._reduce_norm(torch.linalg.vector_norm(norms)))
+
+    def _reduce_norm(self, local_norm: Tensor) -> Tensor:
+        """Combine this process's norm with the other processes' (identity on one process)."""
+        return local_norm
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        """One optimizer state dict holding the base optimizer's state and torchsam's own.
+
+        Per-parameter entries hold the base optimizer's keys unchanged and torchsam's keys
+        prefixed with ``"sam."``. The param groups carry both sets of hyper-parameters.
+        """
+        self._require_phase(False, "state_dict()")
+        packed = self.base_optimizer.state_dict()
+        index: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        state = dict(packed["state"])
+        for p, own in self.state.items():
+            kept = {STATE_PREFIX + k: v for k, v in own.items() if k not in self._workspace_keys}
+            if kept:
+                i = index[id(p)]
+                state[i] = {**state.get(i, {}), **kept}
+        packed["state"] = state
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict made by :meth:`state_dict` into this optimizer and its base optimizer."""
+        self._require_phase(False, "load_state_dict()")
+        if not isinstance(state_dict, dict) or "state" not in state_dict:
+            raise TypeError("load_state_dict() expects a dict made by state_dict()")
+        base_state: dict[Any, dict[str, Any]] = {}
+        own_state: dict[Any, dict[str, Any]] = {}
+        for key, entry in state_dict["state"].items():
+            base_entry = {k: v for k, v in entry.items() if not k.startswith(STATE_PREFIX)}
+            own_entry = {
+                k[len(STATE_PREFIX) :]: v for k, v in entry.items() if k.startswith(STATE_PREFIX)
+            }
+            if base_entry:
+                base_state[key] = base_entry
+            if own_entry:
+                own_state[key] = own_entry
+        groups = state_dict["param_groups"]
+        self.base_optimizer.load_state_dict({"state": base_state, "param_groups": groups})
+        self.param_groups = self.base_optimizer.param_groups
+        params = [p for group in self.param_groups for p in group["params"]]
+        restored: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, entry in own_state.items():
+            p = params[int(key)]
+            restored[p] = {k: _to_param(v, p) for k, v in entry.items()}
+        self.state = restored
+        self._saved = []
+
+
+def _to_param(value: Any, param: Tensor) -> Any:
+    if not isinstance(value, Tensor):
+        return value
+    if value.is_floating_point() and param.is_floating_point():
+        return value.to(dtype=param.dtype, device=param.device)
+    return value.to(device=param.device)
+
+
+def _by_device_and_dtype(
+    tensors: list[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    first = tensors[0]
+    key = (first.device, first.dtype)
+    if all(t.device == key[0] and t.dtype == key[1] for t in tensors):
+        return {key: tensors}
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def _all_finite(tensor_lists: list[list[Tensor]]) -> bool:
+    """Whether every element is finite: one max-abs pass (which cannot overflow) per device."""
+    checks = []
+    for tensors in tensor_lists:
+        for group in _by_device_and_dtype(tensors).values():
+            peak = torch.stack(torch._foreach_norm(group, float("inf"))).max()
+            checks.append(torch.isfinite(peak).cpu())
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def _check_same_partition(own: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
+    same = len(own) == len(base) and all(
+        len(a["params"]) == len(b["params"])
+        and all(p is q for p, q in zip(a["params"], b["params"], strict=True))
+        for a, b in zip(own, base, strict=True)
+    )
+    if not same:
+        raise ValueError(
+            "params must list the same parameters, in the same groups and order, as the "
+            "already built base optimizer; pass base_optimizer.param_groups' parameters, or pass "
+            "the optimizer class instead of an instance"
+        )
+
+
+def group_foreach(group: dict[str, Any]) -> bool:
+    """Whether a group uses the multi-tensor (``torch._foreach_*``) kernels."""
+    foreach = group.get("foreach")
+    return True if foreach is None else bool(cast(bool, foreach))

@@ -1,0 +1,158 @@
+"""SAM and adaptive SAM (ASAM)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer, group_foreach
+
+__all__ = ["SAM"]
+
+_NORM_EPS = 1e-12  # added to the gradient norm before dividing, as in the reference code
+
+
+def _check_real(name: str, value: Any, *, low: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name} value: {value!r}; {name} must be a real number")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"Invalid {name} value: {value}; {name} must be finite and >= {low}")
+
+
+class SAM(SharpnessAwareOptimizer):
+    r"""Sharpness-Aware Minimization around any base optimizer.
+
+    Each step evaluates the gradient :math:`g = \nabla L(w)`, moves to the approximate worst
+    point of the ball of radius :math:`\rho`,
+
+    .. math::
+        e(w) = \rho \, \frac{g}{\lVert g \rVert_2 + 10^{-12}},
+
+    evaluates :math:`\nabla L(w + e(w))`, returns to :math:`w` exactly, and lets the base
+    optimizer step with that gradient (Foret et al., "Sharpness-Aware Minimization for
+    Efficiently Improving Generalization", ICLR 2021, Eq. 2 and Algorithm 1).
+
+    With ``adaptive=True`` it is adaptive SAM (Kwon et al., "ASAM: Adaptive Sharpness-Aware
+    Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021, Eq. 12 with
+    the elementwise operator :math:`T_w = |w| + \eta`):
+
+    .. math::
+        e(w) = \rho \, \frac{T_w^2\, g}{\lVert T_w\, g \rVert_2 + 10^{-12}}.
+
+    With ``eta=0`` this is the formulation of the widely used PyTorch implementation
+    (perturbation :math:`\rho\, w^2 g / \lVert |w| g \rVert`); the ASAM paper suggests
+    ``rho`` about 10x larger than SAM's (e.g. 0.5 or 2.0).
+
+    The norm is taken over all parameters of all groups together; each group uses its own
+    ``rho``, ``adaptive`` and ``eta``.
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups
+        base_optimizer (type | callable | Optimizer): the optimizer that takes the actual
+            step: a ``torch.optim.Optimizer`` subclass (built on the same param groups with
+            ``**kwargs``), a callable returning one, or an already built optimizer over the
+            same parameters and groups
+        rho (float, optional): radius of the neighbourhood (default: 0.05)
+        adaptive (bool, optional): use adaptive SAM (default: False)
+        eta (float, optional): ASAM's offset in :math:`T_w = |w| + \eta` (default: 0.0)
+        **kwargs: passed to ``base_optimizer`` when it is built here (``lr``, ``momentum``,
+            ...). ``foreach`` is read by both: ``foreach=False`` selects the per-tensor
+            kernels of SAM and of the base optimizer; by default SAM uses the multi-tensor
+            (``torch._foreach_*``) kernels.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> optimizer = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+        >>> def closure():
+        ...     optimizer.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = optimizer.step(closure)
+
+    Notes:
+        * The weights return to ``w`` bit-exactly (copied back, not subtracted), using one
+          persistent buffer per parameter: no parameter-sized allocation per step after the
+          first (for ``adaptive=False``).
+        * The gradient norm costs one host synchronisation per step; a non-finite norm leaves
+          the weights unperturbed (with a warning), and non-finite gradients at the perturbed
+          point skip the base step (with a warning).
+        * ``state_dict()`` holds the base optimizer's state (momentum, Adam moments) too.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive, eta=eta), kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_real("rho", group["rho"])
+        _check_real("eta", group["eta"])
+        if not isinstance(group["adaptive"], bool):
+            raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
+
+    def _perturb(self, views: list[GroupView]) -> bool:
+        # Per group: the vectors whose joint norm normalises the step, and the ASAM operator.
+        directions: list[tuple[list[Tensor], list[Tensor] | None]] = []
+        for v in views:
+            if v.group["adaptive"]:
+                directions.append(
+                    _scaled_gradient(v.params, v.grads, v.group["eta"], group_foreach(v.group))
+                )
+            else:
+                directions.append((v.grads, None))
+        norm = self._global_norm([d for d, _ in directions])
+        if not math.isfinite(norm):
+            return False
+        for v, (d, t) in zip(views, directions, strict=True):
+            foreach = group_foreach(v.group)
+            self._save_weights(v.params, foreach)
+            scale = v.group["rho"] / (norm + _NORM_EPS)
+            if v.group.get("maximize", False):
+                scale = -scale  # the "worst" point of a maximised objective is downhill
+            if t is not None:  # ASAM: d = T g becomes T^2 g (d is a temporary)
+                _mul_(d, t, foreach)
+            _add_scaled_(v.params, d, scale, foreach)
+        return True
+
+
+# --------------------------------------------------------------------- kernels
+def _scaled_gradient(
+    params: list[Tensor], grads: list[Tensor], eta: float, foreach: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """ASAM's ``T g`` and ``T = |w| + eta``, elementwise."""
+    if foreach:
+        t = torch._foreach_abs(params)
+        if eta:
+            torch._foreach_add_(t, eta)
+        return list(torch._foreach_mul(t, grads)), list(t)
+    ts = [p.abs().add_(eta) if eta else p.abs() for p in params]
+    return [ti * g for ti, g in zip(ts, grads, strict=True)], ts
+
+
+def _mul_(tensors: list[Tensor], others: list[Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_mul_(tensors, others)
+    else:
+        for a, b in zip(tensors, others, strict=True):
+            a.mul_(b)
+
+
+def _add_scaled_(params: list[Tensor], tensors: list[Tensor], scale: float, foreach: bool) -> None:
+    if foreach:
+        torch._foreach_add_(params, tensors, alpha=scale)
+    else:
+        for p, d in zip(params, tensors, strict=True):
+            p.add_(d, alpha=scale)
