@@ -69,6 +69,7 @@ class SharpnessAwareOptimizer(Optimizer):
     ) -> None:
         self._own_defaults = dict(own_defaults)
         self._perturbed: bool = False
+        self._skip_base_step: bool = False
         self._saved: list[Tensor] = []
 
         if isinstance(base_optimizer, Optimizer):
@@ -126,7 +127,11 @@ class SharpnessAwareOptimizer(Optimizer):
     # ------------------------------------------------------------------ phase
     @property
     def perturbed(self) -> bool:
-        """True between :meth:`first_step` and :meth:`second_step` (weights are at ``w + e``)."""
+        """True between :meth:`first_step` and :meth:`second_step`.
+
+        The weights are then at ``w + e``, unless the first gradient was not finite (the step is
+        then skipped and the weights stay at ``w``).
+        """
         return self._perturbed
 
     def _require_phase(self, perturbed: bool, call: str) -> None:
@@ -167,7 +172,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """Move the weights to the (approximate) worst point ``w + e(w)`` of the neighbourhood.
 
         Call it after the first backward pass. If the gradient norm is not finite the weights
-        are left at ``w``, a warning is issued, and :meth:`second_step` is still expected.
+        stay at ``w``, a warning is issued, and the whole step is skipped: :meth:`second_step`
+        (still expected) then takes no base step, as a ``GradScaler`` does on overflow.
 
         Args:
             zero_grad (bool, optional): clear the gradients afterwards (default: False)
@@ -176,11 +182,13 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed = True
         self._saved = []
         views = self._views()
-        if views and not self._perturb(views):
+        self._skip_base_step = bool(views) and not self._perturb(views)
+        if self._skip_base_step:
             warnings.warn(
                 f"{type(self).__name__}.first_step(): the gradient norm is not finite (inf or "
-                "NaN); the weights were not perturbed. With a GradScaler, call "
-                "scaler.unscale_(optimizer) before first_step().",
+                "NaN); the weights were not perturbed and this step is skipped (second_step() "
+                "takes no base step). With float16 autocast this is expected while a GradScaler "
+                "calibrates its scale.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -191,11 +199,16 @@ class SharpnessAwareOptimizer(Optimizer):
         self._require_phase(True, "second_step()")
         self._restore()
         views = self._views()
-        self._prepare_base_grads(views)
-        if grad_scaler is not None:
-            # The scaler unscales these gradients, checks them and skips the step if needed.
+        if self._skip_base_step:  # the first gradient was not finite; first_step() warned
+            pass
+        elif grad_scaler is not None:
+            # Unscale first so the policy sees true gradients; the scaler's step then skips the
+            # base step if this unscale found an inf or NaN.
+            grad_scaler.unscale_(self.base_optimizer)
+            self._prepare_base_grads(views)
             grad_scaler.step(self.base_optimizer)
         elif _all_finite([v.grads for v in views]):
+            self._prepare_base_grads(views)
             self.base_optimizer.step()
         else:
             warnings.warn(
@@ -254,8 +267,9 @@ class SharpnessAwareOptimizer(Optimizer):
             loss = closure()
         self.first_step(zero_grad=True)
         try:
-            with torch.enable_grad():
-                closure()
+            if not self._skip_base_step:
+                with torch.enable_grad():
+                    closure()
         except BaseException:
             self._restore()
             raise
