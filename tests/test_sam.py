@@ -563,3 +563,33 @@ def test_property_matches_reference(
         ref.step(closure_over(ps_b, ref.base.zero_grad))
     for a, b in zip(ps_a, ps_b, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_finite_check_fallback_without_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch lacks the fused check on a device, the 2-norm/max-abs fallback decides."""
+
+    def missing(*args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
+    model, data = make()
+    opt = build(model, "sgd", "sam")
+    x, y = data[0]
+    two_call_step(model, opt, x, y)  # finite: a normal step
+    start = model.l2.bias.detach().clone()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    model.l2.bias.grad[0] = math.inf
+    with pytest.warns(RuntimeWarning, match="second_step"):
+        opt.second_step(zero_grad=True)
+    assert torch.equal(model.l2.bias, start)
+    # huge but finite gradients: the 2-norm overflows, the max-abs pass clears them
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    model.l2.bias.grad.fill_(1e300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.second_step(zero_grad=True)
+    assert (model.l2.bias - start).abs().min() > 1e298  # the step was taken (lr 0.05 x 1e300)

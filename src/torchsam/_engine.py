@@ -16,10 +16,11 @@ A variant supplies only what differs, by overriding two small policies:
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -36,12 +37,33 @@ BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
 
 
 @dataclass
+class _Layout:
+    """What is fixed while a group's set of parameters with gradients does not change.
+
+    Cached between steps so that a step does no per-parameter Python work beyond collecting
+    the gradients: the index lists per (device, dtype) (``None`` when there is only one) and
+    persistent scratch buffers by name, aligned with ``params``.
+    """
+
+    params: list[Tensor]
+    splits: list[list[int]] | None
+    buffers: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+@dataclass
 class GroupView:
     """The parameters of one param group that have a gradient, with those gradients."""
 
     group: dict[str, Any]
     params: list[Tensor]
     grads: list[Tensor]
+    layout: _Layout
+
+    def split(self, tensors: list[Tensor]) -> list[list[Tensor]]:
+        """``tensors`` (aligned with ``params``) in lists of one device and dtype each."""
+        if self.layout.splits is None:
+            return [tensors]
+        return [[tensors[i] for i in idx] for idx in self.layout.splits]
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -57,9 +79,6 @@ class SharpnessAwareOptimizer(Optimizer):
     :meth:`_check_group`) and implement :meth:`_perturb`.
     """
 
-    #: per-parameter scratch buffers that are never saved (reallocated lazily after a load)
-    _workspace_keys: frozenset[str] = frozenset({"backup"})
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -70,7 +89,11 @@ class SharpnessAwareOptimizer(Optimizer):
         self._own_defaults = dict(own_defaults)
         self._perturbed: bool = False
         self._skip_base_step: bool = False
-        self._saved: list[Tensor] = []
+        # Workspace, not state: scratch buffers per parameter (never saved, reallocated after a
+        # load), the cached layouts per group, and the (params, backups) pairs of this step.
+        self._workspace: dict[str, dict[Tensor, Tensor]] = {}
+        self._layouts: dict[int, _Layout] = {}
+        self._saved: list[tuple[list[Tensor], list[Tensor]]] = []
 
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
@@ -154,17 +177,24 @@ class SharpnessAwareOptimizer(Optimizer):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
+                g = p.grad
+                if g is not None:
+                    params.append(p)
+                    grads.append(g)
+            if not params:
+                continue
+            layout = self._layouts.get(id(group))
+            if layout is None or not _same_tensors(layout.params, params):
+                # A parameter's gradient layout is fixed by its module (``sparse=True``), so
+                # checking when the set of parameters changes is enough.
+                if any(g.is_sparse for g in grads):
                     raise RuntimeError(
                         f"{type(self).__name__} does not support sparse gradients; use a dense "
                         "embedding or a different optimizer for sparse parameters"
                     )
-                params.append(p)
-                grads.append(p.grad)
-            if params:
-                views.append(GroupView(group, params, grads))
+                layout = _Layout(params, _split_by_device_and_dtype(params))
+                self._layouts[id(group)] = layout
+            views.append(GroupView(group, params, grads, layout))
         return views
 
     @torch.no_grad()
@@ -207,7 +237,7 @@ class SharpnessAwareOptimizer(Optimizer):
             grad_scaler.unscale_(self.base_optimizer)
             self._prepare_base_grads(views)
             grad_scaler.step(self.base_optimizer)
-        elif _all_finite([v.grads for v in views]):
+        elif _all_finite(views):
             self._prepare_base_grads(views)
             self.base_optimizer.step()
         else:
@@ -289,51 +319,64 @@ class SharpnessAwareOptimizer(Optimizer):
         """Rewrite the gradients (at ``w + e``) that the base optimizer uses; none by default."""
 
     # ------------------------------------------------------------------ shared machinery
-    def _save_weights(self, params: list[Tensor], foreach: bool) -> None:
-        """Copy ``params`` into persistent buffers so that :meth:`_restore` is bit-exact."""
-        backups = []
-        for p in params:
-            state = self.state[p]
-            buf = state.get("backup")
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                state["backup"] = buf
-            backups.append(buf)
+    def _scratch(self, view: GroupView, name: str) -> list[Tensor]:
+        """Persistent per-parameter buffers called ``name``, aligned with ``view.params``.
+
+        Allocated on first use (and when a parameter's shape or dtype changes), then reused:
+        after the first step no parameter-sized memory is allocated.
+        """
+        buffers = view.layout.buffers.get(name)
+        if buffers is None:
+            store = self._workspace.setdefault(name, {})
+            buffers = []
+            for p in view.params:
+                buf = store.get(p)
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                    buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                    store[p] = buf
+                buffers.append(buf)
+            view.layout.buffers[name] = buffers
+        return buffers
+
+    def _save_weights(self, view: GroupView, foreach: bool) -> None:
+        """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact."""
+        backups = self._scratch(view, "backup")
         if foreach:
-            torch._foreach_copy_(backups, params)
+            torch._foreach_copy_(backups, view.params)
         else:
-            for buf, p in zip(backups, params, strict=True):
+            for buf, p in zip(backups, view.params, strict=True):
                 buf.copy_(p)
-        self._saved.extend(params)
+        self._saved.append((view.params, backups))
 
     @torch.no_grad()
     def _restore(self) -> None:
-        if self._saved:
-            backups = [self.state[p]["backup"] for p in self._saved]
-            torch._foreach_copy_(self._saved, backups)
+        for params, backups in self._saved:
+            torch._foreach_copy_(params, backups)
         self._saved = []
         self._perturbed = False
 
-    def _global_norm(self, tensor_lists: list[list[Tensor]]) -> float:
-        """The 2-norm of all tensors in ``tensor_lists`` together, as a Python float.
+    def _global_norm(self, views: list[GroupView], tensor_lists: list[list[Tensor]]) -> float:
+        """The 2-norm of all tensors in ``tensor_lists`` (each aligned with a view) together.
 
         Per-tensor norms are taken in at least float32, gathered on the first tensor's device,
-        and combined in one norm (as the seed does). This single host synchronisation per step
-        is what lets a non-finite norm be caught before it reaches the weights. Distributed
-        training overrides :meth:`_reduce_norm`.
+        and combined in one norm (as the seed does). The result comes to the host as a Python
+        float: this one synchronisation per step is what lets a non-finite norm be caught
+        before it reaches the weights. Distributed training overrides :meth:`_reduce_norm`.
         """
         stacks: list[Tensor] = []
-        for tensors in tensor_lists:
-            for (_, dtype), group in _by_device_and_dtype(tensors).items():
-                acc = torch.promote_types(dtype, torch.float32)
-                stacks.append(torch.stack(torch._foreach_norm(group, 2, dtype=acc)))
+        for view, tensors in zip(views, tensor_lists, strict=True):
+            for part in view.split(tensors):
+                acc = torch.promote_types(part[0].dtype, torch.float32)
+                stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
         if not stacks:
             return 0.0
-        device = stacks[0].device
-        dtype = stacks[0].dtype
-        for s in stacks[1:]:
-            dtype = torch.promote_types(dtype, s.dtype)
-        norms = torch.cat([s.to(device=device, dtype=dtype) for s in stacks])
+        if len(stacks) == 1:
+            norms = stacks[0]
+        else:
+            device, dtype = stacks[0].device, stacks[0].dtype
+            for st in stacks[1:]:
+                dtype = torch.promote_types(dtype, st.dtype)
+            norms = torch.cat([st.to(device=device, dtype=dtype) for st in stacks])
         return float(self._reduce_norm(torch.linalg.vector_norm(norms)))
 
     def _reduce_norm(self, local_norm: Tensor) -> Tensor:
@@ -355,7 +398,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 index.setdefault(id(p), len(index))
         state = dict(packed["state"])
         for p, own in self.state.items():
-            kept = {STATE_PREFIX + k: v for k, v in own.items() if k not in self._workspace_keys}
+            kept = {STATE_PREFIX + k: v for k, v in own.items()}
             if kept:
                 i = index[id(p)]
                 state[i] = {**state.get(i, {}), **kept}
@@ -387,7 +430,7 @@ class SharpnessAwareOptimizer(Optimizer):
             p = params[int(key)]
             restored[p] = {k: _to_param(v, p) for k, v in entry.items()}
         self.state = restored
-        self._saved = []
+        self._layouts = {}  # the group dicts are new
 
 
 def _to_param(value: Any, param: Tensor) -> Any:
@@ -398,27 +441,45 @@ def _to_param(value: Any, param: Tensor) -> Any:
     return value.to(device=param.device)
 
 
-def _by_device_and_dtype(
-    tensors: list[Tensor],
-) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-    first = tensors[0]
-    key = (first.device, first.dtype)
-    if all(t.device == key[0] and t.dtype == key[1] for t in tensors):
-        return {key: tensors}
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
+def _same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
-def _all_finite(tensor_lists: list[list[Tensor]]) -> bool:
-    """Whether every element is finite: one max-abs pass (which cannot overflow) per device."""
-    checks = []
-    for tensors in tensor_lists:
-        for group in _by_device_and_dtype(tensors).values():
-            peak = torch.stack(torch._foreach_norm(group, float("inf"))).max()
-            checks.append(torch.isfinite(peak).cpu())
-    return bool(torch.stack(checks).all()) if checks else True
+def _split_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]] | None:
+    """Index lists of ``tensors`` per (device, dtype), or None when there is only one."""
+    keys = [(t.device, t.dtype) for t in tensors]
+    if keys.count(keys[0]) == len(keys):
+        return None
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _all_finite(views: list[GroupView]) -> bool:
+    """Whether every gradient element of ``views`` is finite (one synchronisation).
+
+    Uses the fused check that ``GradScaler`` runs (with a scale of 1, which leaves finite
+    values bit-identical); where that kernel is missing, a 2-norm pass, confirmed by a max-abs
+    pass if the 2-norm overflowed.
+    """
+    found: list[Tensor] = []
+    for view in views:
+        for part in view.split(view.grads):
+            device = part[0].device
+            flag = torch.zeros(1, device=device)
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    part, flag, torch.ones(1, device=device)
+                )
+            except (RuntimeError, NotImplementedError):
+                acc = torch.promote_types(part[0].dtype, torch.float32)
+                norms = torch.stack(torch._foreach_norm(part, 2, dtype=acc))
+                if not bool(torch.isfinite(norms).all()):
+                    peak = torch.stack(torch._foreach_norm(part, float("inf"))).max()
+                    flag.fill_(0.0 if bool(torch.isfinite(peak)) else 1.0)
+            found.append(flag.to(views[0].params[0].device))
+    return not found or not bool(torch.cat(found).any())
 
 
 def _check_same_partition(own: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:

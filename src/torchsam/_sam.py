@@ -113,12 +113,12 @@ class SAM(SharpnessAwareOptimizer):
                 )
             else:
                 directions.append((v.grads, None))
-        norm = self._global_norm([d for d, _ in directions])
+        norm = self._global_norm(views, [d for d, _ in directions])
         if not math.isfinite(norm):
             return False
         for v, (d, t) in zip(views, directions, strict=True):
             foreach = group_foreach(v.group)
-            self._save_weights(v.params, foreach)
+            self._save_weights(v, foreach)
             scale = v.group["rho"] / (norm + _NORM_EPS)
             if v.group.get("maximize", False):
                 scale = -scale  # the "worst" point of a maximised objective is downhill
