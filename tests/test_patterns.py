@@ -565,11 +565,12 @@ def test_nan_gradient_before_first_step_skips_the_whole_step():
     with torch.no_grad():
         model[2].bias.grad[0] = float("nan")
     with pytest.warns(RuntimeWarning, match="first_step"):
-        optimizer.first_step(zero_grad=True)
+        second_pass_due = optimizer.first_step(zero_grad=True)
+    assert second_pass_due is False
     _assert_bit_equal(_weights(model), init)
-    assert optimizer.perturbed  # second_step() is still expected
+    assert not optimizer.perturbed  # the weights are at w ...
     with pytest.raises(RuntimeError, match="second_step"):
-        optimizer.first_step()
+        optimizer.first_step()  # ... but second_step() is still expected
 
     F.mse_loss(model(x), y).backward()  # finite this time, but the step is already skipped
     optimizer.second_step(zero_grad=True)

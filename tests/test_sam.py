@@ -331,11 +331,13 @@ def test_state_dict_holds_base_state_and_is_deterministic() -> None:
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}  # Adam's moments
     assert sd["param_groups"][1]["rho"] == 0.1
     assert "backup" not in str(sd)  # scratch buffers are not saved
+    assert sd["state"]["sam"] == {"step": 1}  # the optimizer-wide entry: steps taken
     again = opt.state_dict()
     assert again["param_groups"] == sd["param_groups"]
+    assert again["state"].keys() == sd["state"].keys()
     for i, entry in sd["state"].items():
         for k, v in entry.items():
-            assert torch.equal(v, again["state"][i][k])
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(again["state"][i][k]))
     # loading keeps the groups shared with the base optimizer
     opt.load_state_dict(sd)
     assert opt.param_groups is opt.base_optimizer.param_groups

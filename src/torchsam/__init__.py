@@ -2,8 +2,27 @@
 
 from torchsam._batchnorm import freeze_running_stats
 from torchsam._engine import SharpnessAwareOptimizer
+from torchsam._esam import ESAM
+from torchsam._fsam import FriendlySAM
+from torchsam._gsam import GSAM
+from torchsam._intermittent import IntermittentSAM
+from torchsam._looksam import LookSAM
+from torchsam._msam import MSAM
 from torchsam._sam import SAM
+from torchsam._wsam import WSAM
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "SharpnessAwareOptimizer", "__version__", "freeze_running_stats"]
+__all__ = [
+    "ESAM",
+    "GSAM",
+    "MSAM",
+    "SAM",
+    "WSAM",
+    "FriendlySAM",
+    "IntermittentSAM",
+    "LookSAM",
+    "SharpnessAwareOptimizer",
+    "__version__",
+    "freeze_running_stats",
+]

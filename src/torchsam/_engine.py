@@ -29,6 +29,13 @@ from torch.optim import Optimizer
 
 __all__ = ["GroupView", "SharpnessAwareOptimizer"]
 
+# Phases of a step: at w; at w + e (second pass due); first gradient not finite (step skipped);
+# no second pass on this step (the gradients at w are kept for second_step).
+_IDLE, _PERTURBED, _SKIPPED, _ONE_PASS = "idle", "perturbed", "skipped", "one pass"
+
+# Key of the optimizer-wide entry (step counter, ...) in ``self.state`` and ``state_dict()``.
+_GLOBAL = "sam"
+
 # Keys of torchsam's own per-parameter state are stored under this prefix in ``state_dict()``
 # so that they never collide with the base optimizer's keys ("momentum_buffer", "exp_avg", ...).
 STATE_PREFIX = "sam."
@@ -87,8 +94,9 @@ class SharpnessAwareOptimizer(Optimizer):
         base_kwargs: dict[str, Any],
     ) -> None:
         self._own_defaults = dict(own_defaults)
-        self._perturbed: bool = False
-        self._skip_base_step: bool = False
+        self._phase = _IDLE
+        self._kept_grads: list[tuple[Tensor, int]] = []
+        self._first_layouts: list[_Layout] = []
         # Workspace, not state: scratch buffers per parameter (never saved, reallocated after a
         # load), the cached layouts per group, and the (params, backups) pairs of this step.
         self._workspace: dict[str, dict[Tensor, Tensor]] = {}
@@ -131,6 +139,8 @@ class SharpnessAwareOptimizer(Optimizer):
         # One list of group dicts, shared: what a scheduler writes, the base optimizer reads.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults = {**self.base_optimizer.defaults, **self.defaults}
+        for group in self.param_groups:
+            self._init_group(group)
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -143,32 +153,36 @@ class SharpnessAwareOptimizer(Optimizer):
             super().add_param_group(param_group)
         else:
             base.add_param_group(param_group)
+            self._init_group(param_group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for an invalid hyper-parameter of this optimizer in ``group``."""
 
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Complete a group once the base optimizer's defaults are in it; nothing by default."""
+
     # ------------------------------------------------------------------ phase
     @property
     def perturbed(self) -> bool:
-        """True between :meth:`first_step` and :meth:`second_step`.
+        """True while the weights are at ``w + e``: after :meth:`first_step` returned True and
+        before :meth:`second_step`."""
+        return self._phase == _PERTURBED
 
-        The weights are then at ``w + e``, unless the first gradient was not finite (the step is
-        then skipped and the weights stay at ``w``).
-        """
-        return self._perturbed
-
-    def _require_phase(self, perturbed: bool, call: str) -> None:
-        if self._perturbed == perturbed:
-            return
-        if perturbed:
+    def _require_idle(self, call: str) -> None:
+        if self._phase != _IDLE:
             raise RuntimeError(
-                f"{call} was called without a preceding first_step(): call first_step() after "
-                "the first backward pass, then second_step() after the second one"
+                f"{call} was called after first_step() and before second_step(): the step is "
+                "not finished (the weights may be perturbed); call second_step() first"
             )
-        raise RuntimeError(
-            f"{call} was called after first_step() and before second_step(): the weights are "
-            "still perturbed; call second_step() first"
-        )
+
+    @property
+    def _global_state(self) -> dict[str, Any]:
+        """The optimizer-wide entry of the state (saved in ``state_dict()`` under ``"sam"``)."""
+        return cast(dict[str, Any], self.state[cast(Tensor, _GLOBAL)])
+
+    def _step_count(self) -> int:
+        """Optimisation steps finished so far."""
+        return int(self._global_state.get("step", 0))
 
     # ------------------------------------------------------------------ the two steps
     def _views(self) -> list[GroupView]:
@@ -184,7 +198,7 @@ class SharpnessAwareOptimizer(Optimizer):
             if not params:
                 continue
             layout = self._layouts.get(id(group))
-            if layout is None or not _same_tensors(layout.params, params):
+            if layout is None or not _same_objects(layout.params, params):
                 # A parameter's gradient layout is fixed by its module (``sparse=True``), so
                 # checking when the set of parameters changes is enough.
                 if any(g.is_sparse for g in grads):
@@ -198,22 +212,34 @@ class SharpnessAwareOptimizer(Optimizer):
         return views
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False) -> bool:
         """Move the weights to the (approximate) worst point ``w + e(w)`` of the neighbourhood.
 
-        Call it after the first backward pass. If the gradient norm is not finite the weights
-        stay at ``w``, a warning is issued, and the whole step is skipped: :meth:`second_step`
-        (still expected) then takes no base step, as a ``GradScaler`` does on overflow.
+        Call it after the first backward pass. Returns True when the weights were perturbed and
+        the second forward/backward pass is due. It returns False, and :meth:`second_step` is
+        still expected (without a second pass), in two cases:
+
+        * the gradient norm is not finite: the weights stay at ``w``, a warning is issued and
+          the step is skipped (:meth:`second_step` takes no base step), as a ``GradScaler``
+          skips an overflowing iteration;
+        * the variant takes no second pass on this step (LookSAM between its sharpness steps,
+          intermittent SAM): the gradients are kept, whatever ``zero_grad`` says, and
+          :meth:`second_step` steps with them.
 
         Args:
-            zero_grad (bool, optional): clear the gradients afterwards (default: False)
+            zero_grad (bool, optional): clear the gradients afterwards when a second pass
+                follows (default: False)
         """
-        self._require_phase(False, "first_step()")
-        self._perturbed = True
-        self._saved = []
+        self._require_idle("first_step()")
         views = self._views()
-        self._skip_base_step = bool(views) and not self._perturb(views)
-        if self._skip_base_step:
+        if not self._wants_second_pass():
+            self._phase = _ONE_PASS
+            self._kept_grads = [(g, g._version) for v in views for g in v.grads]
+            return False
+        self._saved = []
+        if views and not self._perturb(views):
+            self._restore()
+            self._phase = _SKIPPED
             warnings.warn(
                 f"{type(self).__name__}.first_step(): the gradient norm is not finite (inf or "
                 "NaN); the weights were not perturbed and this step is skipped (second_step() "
@@ -222,51 +248,96 @@ class SharpnessAwareOptimizer(Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        else:
+            self._phase = _PERTURBED
+            self._first_layouts = [v.layout for v in views]
+            if self._needs_first_grads:
+                for v in views:
+                    _copy_(self._scratch(v, "first_grad"), v.grads)
         if zero_grad:
             self.zero_grad()
+        return self._phase == _PERTURBED
 
     def _second_step(self, grad_scaler: Any = None) -> None:
-        self._require_phase(True, "second_step()")
-        self._restore()
-        views = self._views()
-        if self._skip_base_step:  # the first gradient was not finite; first_step() warned
-            pass
-        elif grad_scaler is not None:
-            # Unscale first so the policy sees true gradients; the scaler's step then skips the
-            # base step if this unscale found an inf or NaN.
-            grad_scaler.unscale_(self.base_optimizer)
-            self._prepare_base_grads(views)
-            grad_scaler.step(self.base_optimizer)
-        elif _all_finite(views):
-            self._prepare_base_grads(views)
-            self.base_optimizer.step()
-        else:
-            warnings.warn(
-                f"{type(self).__name__}.second_step(): a gradient at the perturbed point is "
-                "not finite (inf or NaN); the base optimizer step was skipped and the weights "
-                "were restored unchanged.",
-                RuntimeWarning,
-                stacklevel=3,
+        phase = self._phase
+        if phase == _IDLE:
+            raise RuntimeError(
+                "second_step() was called without a preceding first_step(): call first_step() "
+                "after the first backward pass, then second_step() after the second one"
             )
+        self._restore()
+        self._phase = _IDLE
+        if phase != _SKIPPED:
+            views = self._views()
+            if phase == _ONE_PASS:
+                self._check_kept_grads(views)
+            elif self._needs_first_grads:
+                self._check_same_layouts(views)
+            self._finish(views, grad_scaler, two_pass=phase == _PERTURBED)
+        self._global_state["step"] = self._step_count() + 1
         # Tell LR schedulers built on this optimizer that it has stepped (what their own
         # wrapper of ``step`` records), so two-call users get no ordering warning.
         self._opt_called = True
+
+    def _finish(self, views: list[GroupView], grad_scaler: Any, *, two_pass: bool) -> None:
+        """Check the gradients at ``w``'s step, let the policy shape them, take the base step."""
+        if grad_scaler is not None:
+            # Unscale for the base optimizer: true gradients for the policy, and the scaler
+            # records any inf/NaN it finds here for its update().
+            grad_scaler.unscale_(self.base_optimizer)
+        if not _all_finite(views):
+            if grad_scaler is None:  # with a scaler, skipping on overflow is routine
+                warnings.warn(
+                    f"{type(self).__name__}.second_step(): a gradient is not finite (inf or "
+                    "NaN); the base optimizer step was skipped and the weights are unchanged.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return
+        if two_pass:
+            self._prepare_base_grads(views)
+        else:
+            self._prepare_one_pass_grads(views)
+        self.base_optimizer.step()
+        self._after_base_step(views)
+
+    def _check_kept_grads(self, views: list[GroupView]) -> None:
+        now = [g for v in views for g in v.grads]
+        kept = self._kept_grads
+        self._kept_grads = []
+        if len(now) != len(kept) or any(
+            g is not k or g._version != version for g, (k, version) in zip(now, kept, strict=True)
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__} takes no second pass on this step (first_step() "
+                "returned False), but the gradients changed before second_step(); run the "
+                "second forward/backward pass only when first_step() returns True, or use "
+                "step(closure)"
+            )
+
+    def _check_same_layouts(self, views: list[GroupView]) -> None:
+        if not _same_objects([v.layout for v in views], self._first_layouts):
+            raise RuntimeError(
+                f"{type(self).__name__} needs gradients for the same parameters in both passes, "
+                "but the second pass produced gradients for a different set of parameters"
+            )
 
     @Optimizer.profile_hook_step
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
         """Return to ``w`` and let the base optimizer step with the gradient at ``w + e``.
 
-        Call it after the second backward pass. Registered step pre/post hooks run around it,
-        as they do around :meth:`step`. Gradients that are not finite skip the base step (with
-        a warning) and leave the weights exactly at ``w``.
+        Call it after the second backward pass (or, when :meth:`first_step` returned False,
+        right after it). Registered step pre/post hooks run around it, as they do around
+        :meth:`step`. Gradients that are not finite skip the base step (with a warning) and
+        leave the weights exactly at ``w``.
 
         Args:
             zero_grad (bool, optional): clear the gradients afterwards (default: False)
-            grad_scaler (torch.amp.GradScaler, optional): for mixed precision: the base step is
-                taken as ``grad_scaler.step(self.base_optimizer)``, which unscales the second
-                gradients and skips the step on overflow; call ``grad_scaler.update()`` after
-                (default: None)
+            grad_scaler (torch.amp.GradScaler, optional): for mixed precision: the gradients
+                are unscaled with ``grad_scaler.unscale_(self.base_optimizer)`` first, and an
+                overflow skips the base step silently, as ``grad_scaler.step`` would; call
+                ``grad_scaler.update()`` afterwards (default: None)
         """
         self._second_step(grad_scaler)
         if zero_grad:
@@ -279,6 +350,7 @@ class SharpnessAwareOptimizer(Optimizer):
         The closure must clear the gradients, compute the loss at the current weights, call
         ``backward()`` and return the loss. It is evaluated at ``w`` and at ``w + e(w)``
         (with gradients enabled), then the weights return to ``w`` and the base optimizer steps.
+        Variants that skip the second pass on some steps evaluate it once on those steps.
 
         Args:
             closure (Callable): re-evaluates the model and returns the loss
@@ -292,21 +364,36 @@ class SharpnessAwareOptimizer(Optimizer):
                 "computes the loss and calls backward(): step(closure). Without a closure, call "
                 "first_step() after the first backward pass and second_step() after the second."
             )
-        self._require_phase(False, "step()")
+        self._require_idle("step()")
         with torch.enable_grad():
             loss = closure()
-        self.first_step(zero_grad=True)
-        try:
-            if not self._skip_base_step:
-                with torch.enable_grad():
-                    closure()
-        except BaseException:
-            self._restore()
-            raise
+        if self.first_step(zero_grad=True):
+            self._closure_at_perturbed_point(closure)
         self._second_step()
         return loss
 
+    def _closure_at_perturbed_point(self, closure: Callable[[], Any]) -> Any:
+        """Evaluate ``closure`` at ``w + e``; on an exception, restore ``w`` and re-raise."""
+        try:
+            with torch.enable_grad():
+                return closure()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        """Put the weights back at ``w`` and forget the unfinished step."""
+        self._restore()
+        self._phase = _IDLE
+
     # ------------------------------------------------------------------ policies
+    #: copy the first gradients into the "first_grad" scratch buffers when perturbing
+    _needs_first_grads: bool = False
+
+    def _wants_second_pass(self) -> bool:
+        """Whether this step takes the second pass (True for every step by default)."""
+        return True
+
     def _perturb(self, views: list[GroupView]) -> bool:
         """Add the perturbation to the weights of ``views``; return False if it was skipped.
 
@@ -317,6 +404,12 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _prepare_base_grads(self, views: list[GroupView]) -> None:
         """Rewrite the gradients (at ``w + e``) that the base optimizer uses; none by default."""
+
+    def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
+        """Rewrite the gradients (at ``w``) of a step without second pass; none by default."""
+
+    def _after_base_step(self, views: list[GroupView]) -> None:
+        """Act on the weights after the base step (decoupled updates); nothing by default."""
 
     # ------------------------------------------------------------------ shared machinery
     def _scratch(self, view: GroupView, name: str) -> list[Tensor]:
@@ -348,12 +441,10 @@ class SharpnessAwareOptimizer(Optimizer):
                 buf.copy_(p)
         self._saved.append((view.params, backups))
 
-    @torch.no_grad()
     def _restore(self) -> None:
         for params, backups in self._saved:
             torch._foreach_copy_(params, backups)
         self._saved = []
-        self._perturbed = False
 
     def _global_norm(self, views: list[GroupView], tensor_lists: list[list[Tensor]]) -> float:
         """The 2-norm of all tensors in ``tensor_lists`` (each aligned with a view) together.
@@ -379,6 +470,28 @@ class SharpnessAwareOptimizer(Optimizer):
             norms = torch.cat([st.to(device=device, dtype=dtype) for st in stacks])
         return float(self._reduce_norm(torch.linalg.vector_norm(norms)))
 
+    def _global_dot(
+        self, views: list[GroupView], xs: list[list[Tensor]], ys: list[list[Tensor]]
+    ) -> float:
+        """The inner product of all tensors in ``xs`` with those in ``ys`` (aligned with views).
+
+        Accumulated in at least float32 (float64 across tensors). Distributed training
+        overrides :meth:`_reduce_sum`.
+        """
+        parts: list[Tensor] = []
+        device = views[0].params[0].device
+        for x_list, y_list in zip(xs, ys, strict=True):
+            for x, y in zip(x_list, y_list, strict=True):
+                acc = torch.promote_types(x.dtype, torch.float32)
+                parts.append(torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)).to(device))
+        if not parts:
+            return 0.0
+        return float(self._reduce_sum(torch.stack(parts).to(torch.float64).sum()))
+
+    def _reduce_sum(self, local_sum: Tensor) -> Tensor:
+        """Combine this process's partial sum with the other processes' (identity here)."""
+        return local_sum
+
     def _reduce_norm(self, local_norm: Tensor) -> Tensor:
         """Combine this process's norm with the other processes' (identity on one process)."""
         return local_norm
@@ -390,29 +503,36 @@ class SharpnessAwareOptimizer(Optimizer):
         Per-parameter entries hold the base optimizer's keys unchanged and torchsam's keys
         prefixed with ``"sam."``. The param groups carry both sets of hyper-parameters.
         """
-        self._require_phase(False, "state_dict()")
+        self._require_idle("state_dict()")
         packed = self.base_optimizer.state_dict()
         index: dict[int, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 index.setdefault(id(p), len(index))
-        state = dict(packed["state"])
-        for p, own in self.state.items():
-            kept = {STATE_PREFIX + k: v for k, v in own.items()}
-            if kept:
-                i = index[id(p)]
-                state[i] = {**state.get(i, {}), **kept}
+        state: dict[Any, dict[str, Any]] = dict(packed["state"])
+        for key, own in self.state.items():
+            if not own:
+                continue
+            if isinstance(key, Tensor):
+                i = index[id(key)]
+                state[i] = {**state.get(i, {}), **{STATE_PREFIX + k: v for k, v in own.items()}}
+            else:  # the optimizer-wide entry (step counter, ...)
+                state[key] = dict(own)
         packed["state"] = state
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict made by :meth:`state_dict` into this optimizer and its base optimizer."""
-        self._require_phase(False, "load_state_dict()")
+        self._require_idle("load_state_dict()")
         if not isinstance(state_dict, dict) or "state" not in state_dict:
             raise TypeError("load_state_dict() expects a dict made by state_dict()")
         base_state: dict[Any, dict[str, Any]] = {}
         own_state: dict[Any, dict[str, Any]] = {}
+        restored: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for key, entry in state_dict["state"].items():
+            if key == _GLOBAL:
+                restored[_GLOBAL] = dict(entry)
+                continue
             base_entry = {k: v for k, v in entry.items() if not k.startswith(STATE_PREFIX)}
             own_entry = {
                 k[len(STATE_PREFIX) :]: v for k, v in entry.items() if k.startswith(STATE_PREFIX)
@@ -425,7 +545,6 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.load_state_dict({"state": base_state, "param_groups": groups})
         self.param_groups = self.base_optimizer.param_groups
         params = [p for group in self.param_groups for p in group["params"]]
-        restored: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         for key, entry in own_state.items():
             p = params[int(key)]
             restored[p] = {k: _to_param(v, p) for k, v in entry.items()}
@@ -441,8 +560,12 @@ def _to_param(value: Any, param: Tensor) -> Any:
     return value.to(device=param.device)
 
 
-def _same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+def _same_objects(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _copy_(dst: list[Tensor], src: list[Tensor]) -> None:
+    torch._foreach_copy_(dst, src)
 
 
 def _split_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]] | None:

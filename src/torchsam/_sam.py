@@ -16,7 +16,7 @@ __all__ = ["SAM"]
 _NORM_EPS = 1e-12  # added to the gradient norm before dividing, as in the reference code
 
 
-def _check_real(name: str, value: Any, *, low: float = 0.0) -> None:
+def check_real(name: str, value: Any, *, low: float = 0.0) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name} value: {value!r}; {name} must be a real number")
     if not math.isfinite(value) or value < low:
@@ -98,8 +98,8 @@ class SAM(SharpnessAwareOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive, eta=eta), kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        _check_real("rho", group["rho"])
-        _check_real("eta", group["eta"])
+        check_real("rho", group["rho"])
+        check_real("eta", group["eta"])
         if not isinstance(group["adaptive"], bool):
             raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
 
@@ -107,39 +107,54 @@ class SAM(SharpnessAwareOptimizer):
         # Per group: the vectors whose joint norm normalises the step, and the ASAM operator.
         directions: list[tuple[list[Tensor], list[Tensor] | None]] = []
         for v in views:
+            d = self._ascent_direction(v)
             if v.group["adaptive"]:
-                directions.append(
-                    _scaled_gradient(v.params, v.grads, v.group["eta"], group_foreach(v.group))
-                )
+                directions.append(_adaptive(v.params, d, v.group["eta"], group_foreach(v.group)))
             else:
-                directions.append((v.grads, None))
+                directions.append((d, None))
         norm = self._global_norm(views, [d for d, _ in directions])
         if not math.isfinite(norm):
             return False
         for v, (d, t) in zip(views, directions, strict=True):
             foreach = group_foreach(v.group)
             self._save_weights(v, foreach)
-            scale = v.group["rho"] / (norm + _NORM_EPS)
+            scale = self._radius(v.group) / (norm + _NORM_EPS)
             if v.group.get("maximize", False):
                 scale = -scale  # the "worst" point of a maximised objective is downhill
             if t is not None:  # ASAM: d = T g becomes T^2 g (d is a temporary)
                 _mul_(d, t, foreach)
             _add_scaled_(v.params, d, scale, foreach)
+        self._on_perturbed(views)
         return True
+
+    # Policies of the SAM family (overridden by variants built on SAM's perturbation).
+    def _ascent_direction(self, view: GroupView) -> list[Tensor]:
+        """The direction ``d`` that is normalised into the perturbation: the gradient.
+
+        It must not change any state: a non-finite norm skips the step after this is called.
+        """
+        return view.grads
+
+    def _radius(self, group: dict[str, Any]) -> float:
+        """The radius of the neighbourhood for ``group`` on this step."""
+        return float(group["rho"])
+
+    def _on_perturbed(self, views: list[GroupView]) -> None:
+        """Update state once the perturbation has been applied (not on skipped steps)."""
 
 
 # --------------------------------------------------------------------- kernels
-def _scaled_gradient(
-    params: list[Tensor], grads: list[Tensor], eta: float, foreach: bool
+def _adaptive(
+    params: list[Tensor], direction: list[Tensor], eta: float, foreach: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """ASAM's ``T g`` and ``T = |w| + eta``, elementwise."""
+    """ASAM's ``T d`` and ``T = |w| + eta``, elementwise."""
     if foreach:
         t = torch._foreach_abs(params)
         if eta:
             torch._foreach_add_(t, eta)
-        return list(torch._foreach_mul(t, grads)), list(t)
+        return list(torch._foreach_mul(t, direction)), list(t)
     ts = [p.abs().add_(eta) if eta else p.abs() for p in params]
-    return [ti * g for ti, g in zip(ts, grads, strict=True)], ts
+    return [ti * d for ti, d in zip(ts, direction, strict=True)], ts
 
 
 def _mul_(tensors: list[Tensor], others: list[Tensor], foreach: bool) -> None:

@@ -1,0 +1,165 @@
+"""ESAM: stochastic weight perturbation and sharpness-sensitive data selection."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
+from torchsam._sam import SAM, check_real
+
+__all__ = ["ESAM"]
+
+#: ESAM's closure: per-sample losses (shape [n]) of the batch rows ``indices`` (all when None),
+#: computed at the current weights; it neither clears gradients nor calls backward.
+PerSampleClosure = Callable[[Tensor | None], Tensor]
+
+
+class ESAM(SAM):
+    r"""Efficient SAM: fewer weights in the first pass, fewer samples in the second.
+
+    Du et al., "Efficient Sharpness-aware Minimization for Improved Training of Neural
+    Networks", ICLR 2022, Sec. 3 (Algorithm 1), as in the authors' implementation:
+
+    * **Stochastic weight perturbation** (SWP): on each step every parameter tensor is selected
+      with probability :math:`\beta`. Unselected tensors take no gradient in the first pass
+      (``requires_grad`` is switched off for it, which saves their weight-gradient work) and
+      are not perturbed; the selected ones get
+      :math:`e = (\rho / \beta)\, g / \lVert g \rVert` over the selected gradients. All tensors
+      take the second pass and the base step.
+    * **Sharpness-sensitive data selection** (SDS): after the perturbation one forward pass
+      without gradients gives the per-sample losses at :math:`w + e`; the second
+      forward/backward pass runs only on the :math:`\lceil\gamma n\rceil` samples whose loss
+      rose the most (:math:`L_i(w + e) - L_i(w)`), with the mean loss over them.
+
+    ``beta = gamma = 1`` is SAM (no extra forward pass is made then).
+
+    ESAM needs per-sample losses, so it has its own closure protocol:
+    ``closure(indices)`` returns the per-sample losses (``reduction="none"``) of the rows
+    ``indices`` of the current batch (all rows when ``indices`` is None) at the current
+    weights; it does not clear gradients or call ``backward()``. ESAM does both. Use
+    :meth:`step`; the two-call style is not available (ESAM selects weights and samples).
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
+        beta (float, optional): probability that a parameter tensor is perturbed, in (0, 1]
+            (default: 0.6, the authors' ResNet-18 setting)
+        gamma (float, optional): fraction of the batch used in the second pass, in (0, 1]
+            (default: 0.5)
+        seed (int, optional): seed of the weight selection; the draws depend only on the seed
+            and the step number (default: 0)
+
+    Example:
+        >>> optimizer = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, beta=0.6,
+        ...                  gamma=0.5, lr=0.1, momentum=0.9)
+        >>> def closure(indices):
+        ...     xb, yb = (x, y) if indices is None else (x[indices], y[indices])
+        ...     return F.cross_entropy(model(xb), yb, reduction="none")
+        >>> loss = optimizer.step(closure)  # the mean loss at w
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        beta: float = 0.6,
+        gamma: float = 0.5,
+        seed: int = 0,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (("beta", beta), ("gamma", gamma)):
+            check_real(name, value)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"Invalid {name} value: {value}; {name} must be in (0, 1]")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.beta, self.gamma, self.seed = float(beta), float(gamma), seed
+        own = dict(rho=rho, adaptive=adaptive, eta=eta)
+        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+
+    def _radius(self, group: dict[str, Any]) -> float:
+        return float(group["rho"]) / self.beta
+
+    def first_step(self, zero_grad: bool = False) -> bool:
+        raise RuntimeError(
+            "ESAM selects the weights to perturb and the samples of the second pass itself; "
+            "use step(closure) with a closure that returns per-sample losses"
+        )
+
+    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        raise RuntimeError(
+            "ESAM selects the weights to perturb and the samples of the second pass itself; "
+            "use step(closure) with a closure that returns per-sample losses"
+        )
+
+    def _unselected(self) -> list[Tensor]:
+        """The trainable tensors left out of this step's perturbation (SWP)."""
+        if self.beta >= 1.0:
+            return []
+        rng = random.Random(f"torchsam.ESAM:{self.seed}:{self._step_count()}")
+        return [
+            p
+            for group in self.param_groups
+            for p in group["params"]
+            if p.requires_grad and rng.random() >= self.beta
+        ]
+
+    @torch.no_grad()
+    def step(self, closure: PerSampleClosure | None = None) -> Tensor:  # type: ignore[override]
+        """One ESAM step; ``closure(indices)`` returns per-sample losses (see the class doc).
+
+        Returns:
+            the mean loss of the batch at ``w`` (detached).
+        """
+        if closure is None:
+            raise RuntimeError(
+                "ESAM.step() needs a closure(indices) that returns the per-sample losses of the "
+                "batch rows `indices` (all rows when None) at the current weights"
+            )
+        self._require_idle("step()")
+        self.zero_grad()
+        frozen = self._unselected()
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                losses = _per_sample(closure(None), "closure(None)")
+                losses.mean().backward()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        before = losses.detach()
+        if SharpnessAwareOptimizer.first_step(self, zero_grad=True):
+            chosen = self._select(closure, before)
+            self._closure_at_perturbed_point(lambda: closure(chosen).mean().backward())
+        self._second_step()
+        return before.mean()
+
+    def _select(self, closure: PerSampleClosure, before: Tensor) -> Tensor | None:
+        """SDS: the rows whose loss rose the most under the perturbation (None: all rows)."""
+        n = before.numel()
+        keep = min(n, max(1, math.ceil(self.gamma * n)))
+        if keep == n:
+            return None
+        after = self._closure_at_perturbed_point(lambda: closure(None))
+        rise = _per_sample(after, "closure(None)").detach() - before
+        return torch.topk(rise, keep, sorted=False).indices
+
+
+def _per_sample(losses: Any, call: str) -> Tensor:
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        raise RuntimeError(
+            f"ESAM's {call} must return a 1-D tensor of per-sample losses (use reduction='none'), "
+            f"got {type(losses).__name__}"
+            + (f" of shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else "")
+        )
+    return losses

@@ -1,0 +1,114 @@
+"""GSAM: surrogate-gap guided SAM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._sam import SAM, check_real
+
+__all__ = ["GSAM"]
+
+_EPS = 1e-12
+
+
+class GSAM(SAM):
+    r"""Surrogate Gap Guided Sharpness-Aware Minimization.
+
+    Zhuang et al., "Surrogate Gap Minimization Improves Sharpness-Aware Training", ICLR 2022,
+    Algorithm 1. The perturbation is SAM's (with radius :math:`\rho_t`); the gradient
+    :math:`g = \nabla f(w)` is split into its parts parallel and orthogonal to the perturbed
+    gradient :math:`g_s = \nabla f(w + e)`,
+
+    .. math::
+        g_\perp = g - \frac{\langle g, g_s \rangle}{\lVert g_s \rVert^2 + 10^{-12}}\, g_s,
+
+    and the base optimizer steps with :math:`g_s - \alpha\, g_\perp`: descending the perturbed
+    loss while ascending the clean loss orthogonally to it, which shrinks the surrogate gap
+    :math:`f(w + e) - f(w)` without changing :math:`f(w + e)` to first order.
+
+    The radius may follow the learning rate, as in the paper:
+    :math:`\rho_t = \rho_{min} + (\rho - \rho_{min})\,(lr_t - lr_{min}) / (lr_{max} - lr_{min})`,
+    where :math:`lr_t` is the group's current learning rate (so it follows any LR scheduler).
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
+            (``rho`` is :math:`\rho_{max}` when ``rho_min`` is set)
+        alpha (float, optional): weight of the orthogonal ascent, ``0`` gives SAM
+            (default: 0.2, the authors' CIFAR example)
+        rho_min (float, optional): radius at ``lr_min``; None keeps ``rho`` constant
+            (default: None)
+        lr_max (float, optional): learning rate at which the radius is ``rho``; None takes
+            the group's learning rate when the optimizer is built (default: None)
+        lr_min (float, optional): learning rate at which the radius is ``rho_min``
+            (default: 0.0)
+
+    Example:
+        >>> optimizer = GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.02,
+        ...                  alpha=0.2, lr=0.1, momentum=0.9)
+        >>> scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
+        >>> loss = optimizer.step(closure)  # rho_t follows the cosine schedule
+    """
+
+    _needs_first_grads = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        alpha: float = 0.2,
+        rho_min: float | None = None,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        own = dict(rho=rho, adaptive=adaptive, eta=eta, alpha=alpha, rho_min=rho_min)
+        own.update(lr_max=lr_max, lr_min=lr_min)
+        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_real("alpha", group["alpha"])
+        check_real("lr_min", group["lr_min"])
+        for key in ("rho_min", "lr_max"):
+            if group[key] is not None:
+                check_real(key, group[key])
+        if group["rho_min"] is not None and group["rho_min"] > group["rho"]:
+            raise ValueError(
+                f"Invalid rho_min value: {group['rho_min']}; "
+                f"it must not exceed rho ({group['rho']})"
+            )
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        if group["lr_max"] is None and group["rho_min"] is not None:
+            group["lr_max"] = float(group["lr"])
+
+    def _radius(self, group: dict[str, Any]) -> float:
+        rho, rho_min = float(group["rho"]), group["rho_min"]
+        if rho_min is None:
+            return rho
+        lr_max, lr_min = float(group["lr_max"]), float(group["lr_min"])
+        if lr_max == lr_min:
+            return rho
+        return float(rho_min) + (rho - float(rho_min)) * (float(group["lr"]) - lr_min) / (
+            lr_max - lr_min
+        )
+
+    def _prepare_base_grads(self, views: list[GroupView]) -> None:
+        g = [self._scratch(v, "first_grad") for v in views]
+        g_s = [v.grads for v in views]
+        sq = self._global_norm(views, g_s) ** 2
+        coef = self._global_dot(views, g, g_s) / (sq + _EPS)
+        # g_s - alpha * (g - coef * g_s) = (1 + alpha * coef) * g_s - alpha * g
+        for v, first in zip(views, g, strict=True):
+            alpha = float(v.group["alpha"])
+            torch._foreach_mul_(v.grads, 1.0 + alpha * coef)
+            torch._foreach_add_(v.grads, first, alpha=-alpha)

@@ -1,0 +1,88 @@
+"""Intermittent SAM: a sharpness step every k steps or with probability p."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
+from torchsam._sam import SAM
+
+__all__ = ["IntermittentSAM"]
+
+
+class IntermittentSAM(SAM):
+    r"""SAM on some steps only; plain base-optimizer steps (one pass) on the others.
+
+    * ``every=k``: a SAM step on steps ``0, k, 2k, ...`` (the periodic baseline of Liu et al.,
+      CVPR 2022);
+    * ``probability=p``: a SAM step with probability ``p``, independently on each step
+      (randomized switching, Zhao et al., "Randomized Sharpness-Aware Training for Boosting
+      Computational Efficiency in Deep Learning", 2022, the constant schedule :math:`p_t = p`).
+
+    The expected cost is ``1 + 1/k`` (or ``1 + p``) forward/backward passes per step. The random
+    draws depend only on ``seed`` and the step number, so a resumed run makes the same choices.
+    In the two-call style, :meth:`first_step` returns False on the plain steps: run the second
+    forward/backward only when it returns True.
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
+        every (int, optional): period of the SAM steps
+        probability (float, optional): probability of a SAM step, in [0, 1]
+        seed (int, optional): seed of the random choices (default: 0)
+
+    Exactly one of ``every`` and ``probability`` must be given.
+
+    Example:
+        >>> optimizer = IntermittentSAM(model.parameters(), torch.optim.SGD, probability=0.5,
+        ...                             lr=0.1, momentum=0.9)
+        >>> loss = optimizer.step(closure)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        every: int | None = None,
+        probability: float | None = None,
+        seed: int = 0,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if (every is None) == (probability is None):
+            raise ValueError("IntermittentSAM needs exactly one of every=k or probability=p")
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(f"Invalid every value: {every!r}; every must be an integer >= 1")
+        if probability is not None and (
+            isinstance(probability, bool)
+            or not isinstance(probability, (int, float))
+            or not 0.0 <= probability <= 1.0
+        ):
+            raise ValueError(f"Invalid probability value: {probability!r}; it must be in [0, 1]")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.every = every
+        self.probability = probability
+        self.seed = seed
+        own = dict(rho=rho, adaptive=adaptive, eta=eta)
+        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+
+    def _wants_second_pass(self) -> bool:
+        step = self._step_count()
+        if self.every is not None:
+            return step % self.every == 0
+        return _uniform(self.seed, step) < float(self.probability or 0.0)
+
+
+def _uniform(seed: int, step: int) -> float:
+    """A uniform draw in [0, 1) that depends only on ``(seed, step)``."""
+    # A str seed is hashed with SHA-512 by ``random``: stable across runs and processes.
+    return random.Random(f"torchsam.IntermittentSAM:{seed}:{step}").random()

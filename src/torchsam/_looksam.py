@@ -1,0 +1,101 @@
+"""LookSAM: the sharpness gradient every k steps, its new direction reused in between."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._sam import SAM, check_real
+
+__all__ = ["LookSAM"]
+
+_EPS = 1e-12
+
+
+class LookSAM(SAM):
+    r"""LookSAM: SAM's second pass only every ``k`` steps.
+
+    Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization", CVPR 2022,
+    Algorithm 1. On every ``k``-th step (the first included) it is SAM, and it keeps the part of
+    the perturbed gradient :math:`g_s` orthogonal to the gradient :math:`g`:
+
+    .. math::
+        g_v = g_s - \frac{\langle g, g_s \rangle}{\lVert g \rVert^2}\, g .
+
+    On the steps in between there is no second pass: the base optimizer steps with
+
+    .. math::
+        g + \alpha\, \frac{\lVert g \rVert}{\lVert g_v \rVert}\, g_v ,
+
+    so a ``k``-step cycle costs ``k + 1`` forward/backward passes instead of SAM's ``2k``. The
+    orthogonal part is kept per parameter in the optimizer state and saved with it.
+
+    In the two-call style, :meth:`first_step` returns False on the steps without a second pass;
+    run the second forward/backward only when it returns True, then call :meth:`second_step`.
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
+        k (int, optional): period of the sharpness steps (default: 5)
+        alpha (float, optional): weight of the reused direction (default: 0.7)
+
+    Example:
+        >>> optimizer = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=5,
+        ...                     alpha=0.7, lr=0.1, momentum=0.9)
+        >>> loss = optimizer.step(closure)  # evaluates closure twice every 5th step, else once
+    """
+
+    _needs_first_grads = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        k: int = 5,
+        alpha: float = 0.7,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Invalid k value: {k!r}; k must be an integer >= 1")
+        self.k = k
+        own = dict(rho=rho, adaptive=adaptive, eta=eta, alpha=alpha)
+        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_real("alpha", group["alpha"])
+
+    def _wants_second_pass(self) -> bool:
+        return self._step_count() % self.k == 0
+
+    def _prepare_base_grads(self, views: list[GroupView]) -> None:
+        g = [self._scratch(v, "first_grad") for v in views]
+        g_s = [v.grads for v in views]
+        coef = self._global_dot(views, g, g_s) / (self._global_norm(views, g) ** 2 + _EPS)
+        for v, first in zip(views, g, strict=True):
+            gv = []
+            for p, gs in zip(v.params, v.grads, strict=True):
+                buf = self.state[p].get("gv")
+                if buf is None or buf.shape != gs.shape:
+                    buf = torch.empty_like(gs)
+                    self.state[p]["gv"] = buf
+                gv.append(buf)
+            torch._foreach_copy_(gv, v.grads)
+            torch._foreach_add_(gv, first, alpha=-coef)
+
+    def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
+        have = [[self.state[p].get("gv") for p in v.params] for v in views]
+        if any(buf is None for bufs in have for buf in bufs):
+            return  # no sharpness step has been seen for these parameters yet: plain step
+        gv = [[b for b in bufs if b is not None] for bufs in have]
+        grads = [v.grads for v in views]
+        ratio = self._global_norm(views, grads) / (self._global_norm(views, gv) + _EPS)
+        for v, bufs in zip(views, gv, strict=True):
+            torch._foreach_add_(v.grads, bufs, alpha=float(v.group["alpha"]) * ratio)

@@ -1,0 +1,129 @@
+"""m-sharpness: one perturbation per micro-batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
+from torchsam._esam import PerSampleClosure, _per_sample
+from torchsam._sam import SAM
+
+__all__ = ["MSAM"]
+
+
+class MSAM(SAM):
+    r"""SAM with m-sharpness: a perturbation per micro-batch of ``m`` samples (mSAM).
+
+    Foret et al., ICLR 2021, Sec. 4.1 ("m-sharpness"); Andriushchenko & Flammarion,
+    "Towards Understanding Sharpness-Aware Minimization", ICML 2022, Eq. 3. The batch is split
+    into micro-batches :math:`S_1, \dots, S_J` of ``m`` samples; each gets its own perturbation
+    from its own gradient, and the base optimizer steps with the average of the perturbed
+    gradients, weighted by micro-batch size:
+
+    .. math::
+        e_j = \rho\, \frac{\nabla L_{S_j}(w)}{\lVert \nabla L_{S_j}(w) \rVert}, \qquad
+        g = \sum_j \frac{|S_j|}{n}\, \nabla L_{S_j}(w + e_j).
+
+    The total work equals SAM's on the whole batch (two passes over every sample), in ``J``
+    smaller pieces. Smaller ``m`` is known to generalise better.
+
+    MSAM uses the per-sample closure protocol of :class:`torchsam.ESAM`: ``closure(indices)``
+    returns the per-sample losses of the rows ``indices`` of the current batch, without
+    clearing gradients or calling ``backward()``; :meth:`step` takes the batch size.
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
+        m (int, optional): micro-batch size (default: 32)
+
+    Example:
+        >>> optimizer = MSAM(model.parameters(), torch.optim.SGD, rho=0.05, m=16, lr=0.1)
+        >>> def closure(indices):
+        ...     return F.cross_entropy(model(x[indices]), y[indices], reduction="none")
+        >>> loss = optimizer.step(closure, batch_size=len(x))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        m: int = 32,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"Invalid m value: {m!r}; m must be an integer >= 1")
+        self.m = m
+        own = dict(rho=rho, adaptive=adaptive, eta=eta)
+        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+
+    def first_step(self, zero_grad: bool = False) -> bool:
+        raise RuntimeError(
+            "MSAM perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
+            "closure that returns per-sample losses"
+        )
+
+    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        raise RuntimeError(
+            "MSAM perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
+            "closure that returns per-sample losses"
+        )
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: PerSampleClosure | None = None, *, batch_size: int | None = None
+    ) -> Tensor:
+        """One m-sharpness step over a batch of ``batch_size`` rows.
+
+        Returns:
+            the mean loss of the batch at ``w`` (detached).
+        """
+        if closure is None or batch_size is None:
+            raise RuntimeError(
+                "MSAM.step() needs closure(indices) returning per-sample losses and the batch "
+                "size: step(closure, batch_size=n)"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Invalid batch_size: {batch_size!r}; it must be an integer >= 1")
+        self._require_idle("step()")
+        chunks = torch.arange(batch_size).split(self.m)
+        total = torch.zeros(())
+        accumulated: list[list[Tensor]] = []
+        for j, rows in enumerate(chunks):
+            self.zero_grad()
+            with torch.enable_grad():
+                losses = _per_sample(closure(rows), "closure(indices)")
+                (losses.sum() / batch_size).backward()  # weights |S_j| / n
+            total = total + losses.detach().sum().to(total.device)
+            if not SharpnessAwareOptimizer.first_step(self, zero_grad=True):
+                break  # non-finite: second_step() below skips the whole step
+            self._closure_at_perturbed_point(_backward_of(closure, rows, batch_size))
+            last = j == len(chunks) - 1
+            views = self._views()
+            if j == 0 and not last:
+                accumulated = [self._scratch(v, "accumulated") for v in views]
+                for buf, v in zip(accumulated, views, strict=True):
+                    torch._foreach_copy_(buf, v.grads)
+            elif j > 0:
+                for buf, v in zip(accumulated, views, strict=True):
+                    if last:
+                        torch._foreach_add_(v.grads, buf)
+                    else:
+                        torch._foreach_add_(buf, v.grads)
+            if not last:
+                self._abort()  # back to w for the next micro-batch (its gradient is kept)
+        self._second_step()
+        return total / batch_size
+
+
+def _backward_of(closure: PerSampleClosure, rows: Tensor, batch_size: int) -> Callable[[], None]:
+    def run() -> None:
+        (closure(rows).sum() / batch_size).backward()
+
+    return run

@@ -1,0 +1,99 @@
+"""WSAM: weighted sharpness as a regulariser."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._sam import SAM, check_real
+
+__all__ = ["WSAM"]
+
+
+class WSAM(SAM):
+    r"""Weighted Sharpness-Aware Minimization.
+
+    Yue et al., "Sharpness-Aware Minimization Revisited: Weighted Sharpness as a
+    Regularization Term", KDD 2023, Eq. 3. The objective adds the sharpness
+    :math:`\tilde L(w) = \max_{\lVert e \rVert \le \rho} L(w + e) - L(w)` with weight
+    :math:`\gamma / (1 - \gamma)`:
+
+    .. math::
+        L_{WSAM}(w) = L(w) + \frac{\gamma}{1 - \gamma} \tilde L(w), \qquad
+        \nabla L_{WSAM} \approx g + \beta (g_s - g), \quad \beta = \frac{\gamma}{1 - \gamma},
+
+    with :math:`g = \nabla L(w)` and :math:`g_s = \nabla L(w + e)` (SAM's perturbation).
+    :math:`\gamma = 0` is the base optimizer, :math:`\gamma = 1/2` is SAM.
+
+    With ``decouple=True`` (the authors' default) the base optimizer steps with :math:`g`
+    alone (its momentum, adaptive scaling and weight decay see only the loss gradient), and the
+    sharpness term is applied afterwards as a plain step
+    :math:`w \leftarrow w - lr\, \beta\, (g_s - g)`. With ``decouple=False`` the base optimizer
+    steps with :math:`(1 - \beta) g + \beta g_s`.
+
+    Args:
+        params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
+        gamma (float, optional): weight of the sharpness, in [0, 1) (default: 0.9, the
+            authors' example)
+        decouple (bool, optional): apply the sharpness term outside the base optimizer
+            (default: True)
+
+    Example:
+        >>> optimizer = WSAM(model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.9,
+        ...                  lr=0.1, momentum=0.9)
+        >>> loss = optimizer.step(closure)
+    """
+
+    _needs_first_grads = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        gamma: float = 0.9,
+        decouple: bool = True,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        own = dict(rho=rho, adaptive=adaptive, eta=eta, gamma=gamma, decouple=decouple)
+        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_real("gamma", group["gamma"])
+        if group["gamma"] >= 1:
+            raise ValueError(f"Invalid gamma value: {group['gamma']}; gamma must be in [0, 1)")
+        if not isinstance(group["decouple"], bool):
+            raise TypeError(f"decouple must be True or False, got {group['decouple']!r}")
+
+    def _prepare_base_grads(self, views: list[GroupView]) -> None:
+        for v in views:
+            beta = _beta(v.group)
+            first = self._scratch(v, "first_grad")
+            if v.group["decouple"]:
+                # keep g_s - g for after the base step, which takes g alone
+                sharp = self._scratch(v, "sharpness")
+                torch._foreach_copy_(sharp, v.grads)
+                torch._foreach_sub_(sharp, first)
+                torch._foreach_copy_(v.grads, first)
+            else:
+                torch._foreach_mul_(v.grads, beta)
+                torch._foreach_add_(v.grads, first, alpha=1.0 - beta)
+
+    def _after_base_step(self, views: list[GroupView]) -> None:
+        for v in views:
+            if v.group["decouple"]:
+                step = -float(v.group["lr"]) * _beta(v.group)
+                torch._foreach_add_(v.params, self._scratch(v, "sharpness"), alpha=step)
+
+
+def _beta(group: dict[str, Any]) -> float:
+    gamma = float(group["gamma"])
+    return gamma / (1.0 - gamma)
