@@ -9,6 +9,7 @@ from torchsam._intermittent import IntermittentSAM
 from torchsam._looksam import LookSAM
 from torchsam._msam import MSAM
 from torchsam._sam import SAM
+from torchsam._trajectory import MESA, SAF, trajectory_kl
 from torchsam._wsam import WSAM
 
 __version__ = "0.1.0"
@@ -16,7 +17,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ESAM",
     "GSAM",
+    "MESA",
     "MSAM",
+    "SAF",
     "SAM",
     "WSAM",
     "FriendlySAM",
@@ -25,4 +28,5 @@ __all__ = [
     "SharpnessAwareOptimizer",
     "__version__",
     "freeze_running_stats",
+    "trajectory_kl",
 ]
