@@ -230,6 +230,10 @@ class SharpnessAwareOptimizer(Optimizer):
             zero_grad (bool, optional): clear the gradients afterwards when a second pass
                 follows (default: False)
         """
+        self._require_two_call_style()
+        return self._first_step(zero_grad)
+
+    def _first_step(self, zero_grad: bool) -> bool:
         self._require_idle("first_step()")
         views = self._views()
         if not self._wants_second_pass():
@@ -339,9 +343,20 @@ class SharpnessAwareOptimizer(Optimizer):
                 overflow skips the base step silently, as ``grad_scaler.step`` would; call
                 ``grad_scaler.update()`` afterwards (default: None)
         """
+        self._require_two_call_style()
         self._second_step(grad_scaler)
         if zero_grad:
             self.zero_grad()
+
+    #: why this optimizer has no two-call style (None: it has one)
+    _no_two_call_style: str | None = None
+
+    def _require_two_call_style(self) -> None:
+        if self._no_two_call_style is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no first_step()/second_step(): "
+                f"{self._no_two_call_style}"
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -367,7 +382,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._require_idle("step()")
         with torch.enable_grad():
             loss = closure()
-        if self.first_step(zero_grad=True):
+        if self._first_step(zero_grad=True):
             self._closure_at_perturbed_point(closure)
         self._second_step()
         return loss

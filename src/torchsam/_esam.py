@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
-from torchsam._sam import SAM, check_real
+from torchsam._sam import SAM, check_int, check_real
 
 __all__ = ["ESAM"]
 
@@ -80,8 +80,7 @@ class ESAM(SAM):
             check_real(name, value)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"Invalid {name} value: {value}; {name} must be in (0, 1]")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_int("seed", seed, low=None)
         self.beta, self.gamma, self.seed = float(beta), float(gamma), seed
         own = dict(rho=rho, adaptive=adaptive, eta=eta)
         SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
@@ -89,17 +88,10 @@ class ESAM(SAM):
     def _radius(self, group: dict[str, Any]) -> float:
         return float(group["rho"]) / self.beta
 
-    def first_step(self, zero_grad: bool = False) -> bool:
-        raise RuntimeError(
-            "ESAM selects the weights to perturb and the samples of the second pass itself; "
-            "use step(closure) with a closure that returns per-sample losses"
-        )
-
-    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
-        raise RuntimeError(
-            "ESAM selects the weights to perturb and the samples of the second pass itself; "
-            "use step(closure) with a closure that returns per-sample losses"
-        )
+    _no_two_call_style = (
+        "it selects the weights to perturb and the samples of the second pass itself; use "
+        "step(closure) with a closure that returns per-sample losses"
+    )
 
     def _unselected(self) -> list[Tensor]:
         """The trainable tensors left out of this step's perturbation (SWP)."""
@@ -138,7 +130,7 @@ class ESAM(SAM):
             for p in frozen:
                 p.requires_grad_(True)
         before = losses.detach()
-        if SharpnessAwareOptimizer.first_step(self, zero_grad=True):
+        if self._first_step(zero_grad=True):
             chosen = self._select(closure, before)
             self._closure_at_perturbed_point(lambda: closure(chosen).mean().backward())
         self._second_step()

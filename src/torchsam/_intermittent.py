@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
-from torchsam._sam import SAM
+from torchsam._sam import SAM, check_int
 
 __all__ = ["IntermittentSAM"]
 
@@ -67,8 +67,7 @@ class IntermittentSAM(SAM):
             or not 0.0 <= probability <= 1.0
         ):
             raise ValueError(f"Invalid probability value: {probability!r}; it must be in [0, 1]")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_int("seed", seed, low=None)
         self.every = every
         self.probability = probability
         self.seed = seed

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
-from torchsam._sam import SAM, check_real
+from torchsam._sam import SAM, check_int, check_real
 
 __all__ = ["LookSAM"]
 
@@ -62,8 +62,7 @@ class LookSAM(SAM):
         eta: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"Invalid k value: {k!r}; k must be an integer >= 1")
+        check_int("k", k)
         self.k = k
         own = dict(rho=rho, adaptive=adaptive, eta=eta, alpha=alpha)
         SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
 from torchsam._esam import PerSampleClosure, _per_sample
-from torchsam._sam import SAM
+from torchsam._sam import SAM, check_int
 
 __all__ = ["MSAM"]
 
@@ -57,23 +57,15 @@ class MSAM(SAM):
         eta: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"Invalid m value: {m!r}; m must be an integer >= 1")
+        check_int("m", m)
         self.m = m
         own = dict(rho=rho, adaptive=adaptive, eta=eta)
         SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
 
-    def first_step(self, zero_grad: bool = False) -> bool:
-        raise RuntimeError(
-            "MSAM perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
-            "closure that returns per-sample losses"
-        )
-
-    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
-        raise RuntimeError(
-            "MSAM perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
-            "closure that returns per-sample losses"
-        )
+    _no_two_call_style = (
+        "it perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
+        "closure that returns per-sample losses"
+    )
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -89,8 +81,7 @@ class MSAM(SAM):
                 "MSAM.step() needs closure(indices) returning per-sample losses and the batch "
                 "size: step(closure, batch_size=n)"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {batch_size!r}; it must be an integer >= 1")
+        check_int("batch_size", batch_size)
         self._require_idle("step()")
         chunks = torch.arange(batch_size).split(self.m)
         total = torch.zeros(())
@@ -101,7 +92,7 @@ class MSAM(SAM):
                 losses = _per_sample(closure(rows), "closure(indices)")
                 (losses.sum() / batch_size).backward()  # weights |S_j| / n
             total = total + losses.detach().sum().to(total.device)
-            if not SharpnessAwareOptimizer.first_step(self, zero_grad=True):
+            if not self._first_step(zero_grad=True):
                 break  # non-finite: second_step() below skips the whole step
             self._closure_at_perturbed_point(_backward_of(closure, rows, batch_size))
             last = j == len(chunks) - 1

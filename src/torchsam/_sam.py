@@ -23,6 +23,14 @@ def check_real(name: str, value: Any, *, low: float = 0.0) -> None:
         raise ValueError(f"Invalid {name} value: {value}; {name} must be finite and >= {low}")
 
 
+def check_int(name: str, value: Any, *, low: int | None = 1) -> None:
+    """Raise for a value that is not an int (TypeError) or is below ``low`` (ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Invalid {name} value: {value!r}; {name} must be an integer")
+    if low is not None and value < low:
+        raise ValueError(f"Invalid {name} value: {value}; {name} must be an integer >= {low}")
+
+
 class SAM(SharpnessAwareOptimizer):
     r"""Sharpness-Aware Minimization around any base optimizer.
 
