@@ -387,10 +387,11 @@ class SharpnessAwareOptimizer(Optimizer):
         self._second_step()
         return loss
 
-    def _closure_at_perturbed_point(self, closure: Callable[[], Any]) -> Any:
-        """Evaluate ``closure`` at ``w + e``; on an exception, restore ``w`` and re-raise."""
+    def _closure_at_perturbed_point(self, closure: Callable[[], Any], *, grad: bool = True) -> Any:
+        """Evaluate ``closure`` at ``w + e`` (with gradients enabled unless ``grad`` is False);
+        on an exception, restore ``w`` and re-raise."""
         try:
-            with torch.enable_grad():
+            with torch.set_grad_enabled(grad):
                 return closure()
         except BaseException:
             self._abort()

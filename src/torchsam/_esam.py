@@ -125,7 +125,8 @@ class ESAM(SAM):
         try:
             with torch.enable_grad():
                 losses = _per_sample(closure(None), "closure(None)")
-                losses.mean().backward()
+                if losses.requires_grad:  # False when no selected tensor reaches the loss
+                    losses.mean().backward()
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -142,8 +143,12 @@ class ESAM(SAM):
         keep = min(n, max(1, math.ceil(self.gamma * n)))
         if keep == n:
             return None
-        after = self._closure_at_perturbed_point(lambda: closure(None))
-        rise = _per_sample(after, "closure(None)").detach() - before
+        after = self._closure_at_perturbed_point(
+            lambda: _per_sample(closure(None), "closure(None)"), grad=False
+        )
+        rise = after.detach() - before
+        if self.param_groups[0].get("maximize", False):
+            rise = -rise  # the perturbation went downhill: the sharpest samples fell most
         return torch.topk(rise, keep, sorted=False).indices
 
 

@@ -91,6 +91,8 @@ class WSAM(SAM):
         for v in views:
             if v.group["decouple"]:
                 step = -float(v.group["lr"]) * _beta(v.group)
+                if v.group.get("maximize", False):
+                    step = -step  # WSAM of -L: the sharpness term changes sign with the loss
                 torch._foreach_add_(v.params, self._scratch(v, "sharpness"), alpha=step)
 
 
