@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 import torchsam
-from torchsam.experiments import METHODS, Result, Split, noisy_digits, train
+from torchsam.experiments import METHODS, Result, Split, mlp, noisy_digits, train
 
 BASELINE = "sgd"
 REFERENCE = "sam"
@@ -95,17 +95,27 @@ def _options(method: str, rho: float) -> dict[str, float]:
     return {"rho": rho} if "rho" in METHODS[method].defaults else {}
 
 
-def _run(method: str, split: Split, seed: int, epochs: int, rho: float) -> Result:
+HIDDEN = 128
+
+
+def _run(method: str, split: Split, seed: int, epochs: int, rho: float, hidden: int) -> Result:
     gc.collect()
     gc.disable()
     try:
-        return train(method, split, epochs=epochs, seed=seed, **_options(method, rho))
+        return train(
+            method,
+            split,
+            epochs=epochs,
+            seed=seed,
+            model_fn=lambda s: mlp(s.num_features, s.num_classes, hidden=hidden),
+            **_options(method, rho),
+        )
     finally:
         gc.enable()
 
 
 def run(
-    methods: list[str], seeds: int, epochs: int, rho: float, repeats: int
+    methods: list[str], seeds: int, epochs: int, rho: float, repeats: int, hidden: int = HIDDEN
 ) -> dict[str, list[Result]]:
     """Train every method for every seed; results per method, in seed order.
 
@@ -115,14 +125,14 @@ def run(
     """
     splits = [noisy_digits(NOISE, seed=seed) for seed in range(seeds)]
     for method in methods:  # warm-up: one-time costs (kernels, allocator) outside the timing
-        _run(method, splits[0], 0, 1, rho)
+        _run(method, splits[0], 0, 1, rho, hidden)
     results: dict[str, list[Result]] = {m: [] for m in methods}
     for seed, split in enumerate(splits):
         runs: dict[str, list[Result]] = {m: [] for m in methods}
         for rep in range(repeats):
             shift = (seed * repeats + rep) % len(methods)
             for method in methods[shift:] + methods[:shift]:
-                runs[method].append(_run(method, split, seed, epochs, rho))
+                runs[method].append(_run(method, split, seed, epochs, rho, hidden))
         for method, rs in runs.items():
             if any(r.test_accuracy != rs[0].test_accuracy for r in rs):
                 print(f"warning: {method} is not deterministic (seed {seed})")
@@ -243,13 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"timed repeats of each run, fastest kept (default: {REPEATS}, 1 with --quick)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"MLP width (default: {HIDDEN})")
     args = parser.parse_args(argv)
 
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else SEEDS)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else EPOCHS)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else REPEATS)
-    if min(seeds, epochs, repeats, args.threads) < 1:
-        parser.error("--seeds, --epochs, --repeats and --threads must be >= 1")
+    if min(seeds, epochs, repeats, args.threads, args.hidden) < 1:
+        parser.error("--seeds, --epochs, --repeats, --threads and --hidden must be >= 1")
     names = list(METHODS) if args.methods is None else [m for m in args.methods.split(",") if m]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -267,10 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"mode: {'quick' if args.quick else 'full'}; label noise {NOISE}, {epochs} epochs, "
         f"seeds 0..{seeds - 1}, {repeats} timed repeat(s), rho {args.rho} (methods with a rho)"
     )
-    print("model: MLP 2x128 + BatchNorm; batch 64, SGD lr 0.05 cosine, momentum 0.9, wd 5e-4")
+    print(
+        f"model: MLP 2x{args.hidden} + BatchNorm; batch 64, SGD lr 0.05 cosine, momentum 0.9, "
+        "wd 5e-4"
+    )
     print()
     start = time.perf_counter()
-    results = run(methods, seeds, epochs, args.rho, repeats)
+    results = run(methods, seeds, epochs, args.rho, repeats, args.hidden)
     rows = summarise(results)
     base_time = statistics.median(r.wall_time for r in results[BASELINE])
     print_table(rows, base_time)

@@ -289,7 +289,8 @@ class SharpnessAwareOptimizer(Optimizer):
             # Unscale for the base optimizer: true gradients for the policy, and the scaler
             # records any inf/NaN it finds here for its update().
             grad_scaler.unscale_(self.base_optimizer)
-        if not _all_finite(views):
+        finite = _all_finite(views) if two_pass else self._one_pass_grads_finite(views)
+        if not finite:
             if grad_scaler is None:  # with a scaler, skipping on overflow is routine
                 warnings.warn(
                     f"{type(self).__name__}.second_step(): a gradient is not finite (inf or "
@@ -420,6 +421,14 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _prepare_base_grads(self, views: list[GroupView]) -> None:
         """Rewrite the gradients (at ``w + e``) that the base optimizer uses; none by default."""
+
+    def _one_pass_grads_finite(self, views: list[GroupView]) -> bool:
+        """Whether the gradients of a step without second pass are all finite.
+
+        A variant that needs their norm anyway may decide from it (and keep it for
+        :meth:`_prepare_one_pass_grads`, called right after within the same step).
+        """
+        return _all_finite(views)
 
     def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
         """Rewrite the gradients (at ``w``) of a step without second pass; none by default."""

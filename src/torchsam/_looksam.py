@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,23 +79,32 @@ class LookSAM(SAM):
         g = [self._scratch(v, "first_grad") for v in views]
         g_s = [v.grads for v in views]
         coef = self._global_dot(views, g, g_s) / (self._global_norm(views, g) ** 2 + _EPS)
+        gv: list[list[Tensor]] = []
         for v, first in zip(views, g, strict=True):
-            gv = []
+            bufs = []
             for p, gs in zip(v.params, v.grads, strict=True):
                 buf = self.state[p].get("gv")
                 if buf is None or buf.shape != gs.shape:
                     buf = torch.empty_like(gs)
                     self.state[p]["gv"] = buf
-                gv.append(buf)
-            torch._foreach_copy_(gv, v.grads)
-            torch._foreach_add_(gv, first, alpha=-coef)
+                bufs.append(buf)
+            torch._foreach_copy_(bufs, v.grads)
+            torch._foreach_add_(bufs, first, alpha=-coef)
+            gv.append(bufs)
+        # ||g_v|| is fixed until the next sharpness step: kept (and saved) with the state
+        self._global_state["gv_norm"] = self._global_norm(views, gv)
+
+    def _one_pass_grads_finite(self, views: list[GroupView]) -> bool:
+        # ||g|| is needed for the update anyway; a finite norm means finite gradients (an
+        # overflowing norm of finite gradients would make the update overflow too: skipped)
+        self._one_pass_norm = self._global_norm(views, [v.grads for v in views])
+        return math.isfinite(self._one_pass_norm)
 
     def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
-        have = [[self.state[p].get("gv") for p in v.params] for v in views]
-        if any(buf is None for bufs in have for buf in bufs):
+        gv = [[self.state[p].get("gv") for p in v.params] for v in views]
+        gv_norm = self._global_state.get("gv_norm")
+        if gv_norm is None or any(buf is None for bufs in gv for buf in bufs):
             return  # no sharpness step has been seen for these parameters yet: plain step
-        gv = [[b for b in bufs if b is not None] for bufs in have]
-        grads = [v.grads for v in views]
-        ratio = self._global_norm(views, grads) / (self._global_norm(views, gv) + _EPS)
+        ratio = self._one_pass_norm / (float(gv_norm) + _EPS)
         for v, bufs in zip(views, gv, strict=True):
             torch._foreach_add_(v.grads, bufs, alpha=float(v.group["alpha"]) * ratio)
