@@ -201,6 +201,36 @@ class ReferenceFriendlySAM(_Reference):
         return loss
 
 
+# --------------------------------------------------------------------------- VaSSO
+class ReferenceVaSSO(_Reference):
+    """VaSSO (Li & Giannakis 2023, Algorithm 1).
+
+    ``d = (1 - theta) d_prev + theta g`` (``d = g`` on a parameter's first step), and the
+    perturbation is SAM's on ``d`` (ASAM's for adaptive groups); the average is kept.
+    """
+
+    group_defaults: ClassVar[dict[str, Any]] = {"theta": 0.9}
+
+    def __init__(self, groups: Groups, base_cls: type, base_kwargs: Kwargs, **hyper: Any) -> None:
+        super().__init__(groups, base_cls, base_kwargs, **hyper)
+        self.avg: dict[Tensor, Tensor] = {}
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        loss = closure()
+        items = []
+        for group, p in self.live():
+            g = p.grad.clone()
+            d = g if p not in self.avg else (1 - group["theta"]) * self.avg[p] + group["theta"] * g
+            self.avg[p] = d.clone()
+            items.append((group, p, d))
+        saved = perturb(items, rho_of)
+        closure()
+        restore(saved)
+        self.base.step()
+        self.t += 1
+        return loss
+
+
 # --------------------------------------------------------------------------- WSAM
 class ReferenceWSAM(_Reference):
     """WSAM (Yue et al. 2023, Eq. 3), ``beta = gamma / (1 - gamma)``.

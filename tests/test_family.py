@@ -36,6 +36,7 @@ VARIANTS: dict[str, Variant] = {
     "asam": Variant(torchsam.SAM, dict(adaptive=True, rho=0.5)),
     "gsam": Variant(torchsam.GSAM, dict(alpha=0.3, rho_min=0.01)),
     "friendly": Variant(torchsam.FriendlySAM, dict(sigma=1.0, lmbda=0.8)),
+    "vasso": Variant(torchsam.VaSSO, dict(theta=0.4)),
     "wsam": Variant(torchsam.WSAM, dict(gamma=0.8)),
     "wsam_coupled": Variant(torchsam.WSAM, dict(gamma=0.8, decouple=False)),
     "looksam": Variant(torchsam.LookSAM, dict(k=3, alpha=0.7)),

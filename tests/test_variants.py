@@ -38,6 +38,7 @@ from tests._reference_variants import (
     ReferenceIntermittentSAM,
     ReferenceLookSAM,
     ReferenceMSAM,
+    ReferenceVaSSO,
     ReferenceWSAM,
 )
 
@@ -173,6 +174,18 @@ VARIANTS: dict[str, Variant] = {
         dict(sigma=1.0, lmbda=0.9, adaptive=True, eta=0.01),
         ({"rho": 0.5}, {"rho": 1.0, "sigma": 0.5, "lmbda": 0.6}, {"adaptive": False}),
     ),
+    "vasso": Variant(
+        torchsam.VaSSO,
+        ReferenceVaSSO,
+        dict(theta=0.4),
+        ({}, {"theta": 0.9}, {"theta": 1.0}),
+    ),
+    "vasso_asam": Variant(
+        torchsam.VaSSO,
+        ReferenceVaSSO,
+        dict(theta=0.5, adaptive=True, eta=0.01),
+        ({"rho": 0.5}, {"rho": 1.0, "theta": 0.2}, {"adaptive": False}),
+    ),
     "wsam_coupled": Variant(
         torchsam.WSAM,
         ReferenceWSAM,
@@ -296,6 +309,8 @@ def _sam_case(name: str, model: Net, lr: float, base_cls: type, base_kw: dict[st
         return torchsam.WSAM(g, base_cls, gamma=0.5, decouple=False, **base_kw), "closure"
     if name == "fsam_sigma_0":
         return torchsam.FriendlySAM(g, base_cls, sigma=0.0, lmbda=0.5, **base_kw), "closure"
+    if name == "vasso_theta_1":
+        return torchsam.VaSSO(g, base_cls, theta=1.0, **base_kw), "closure"
     if name == "looksam_k_1":
         return torchsam.LookSAM(g, base_cls, k=1, alpha=0.7, **base_kw), "closure"
     if name == "intermittent_every_1":
@@ -314,6 +329,7 @@ SAM_CASES = [
     "gsam_alpha_0",
     "wsam_gamma_half_coupled",
     "fsam_sigma_0",
+    "vasso_theta_1",
     "looksam_k_1",
     "intermittent_every_1",
     "intermittent_probability_1",
@@ -557,6 +573,7 @@ RESUMABLE: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
         g, torch.optim.SGD, rho=0.1, rho_min=0.01, alpha=0.2, lr=0.1, momentum=0.9
     ),
     "fsam": lambda g: torchsam.FriendlySAM(g, torch.optim.Adam, lmbda=0.8, lr=1e-2),
+    "vasso": lambda g: torchsam.VaSSO(g, torch.optim.SGD, theta=0.3, lr=0.1, momentum=0.9),
     "wsam": lambda g: torchsam.WSAM(g, torch.optim.SGD, gamma=0.8, lr=0.1, momentum=0.9),
     "looksam": lambda g: torchsam.LookSAM(g, torch.optim.Adam, k=4, lr=1e-2),
     "intermittent": lambda g: torchsam.IntermittentSAM(
@@ -801,6 +818,7 @@ def test_msam_api_errors() -> None:
 MAXIMIZABLE: dict[str, tuple[Callable[..., Any], str]] = {
     "gsam": (lambda g, **kw: torchsam.GSAM(g, torch.optim.SGD, alpha=0.3, **kw), "closure"),
     "fsam": (lambda g, **kw: torchsam.FriendlySAM(g, torch.optim.SGD, lmbda=0.5, **kw), "closure"),
+    "vasso": (lambda g, **kw: torchsam.VaSSO(g, torch.optim.SGD, theta=0.5, **kw), "closure"),
     "wsam_coupled": (
         lambda g, **kw: torchsam.WSAM(g, torch.optim.SGD, gamma=0.8, decouple=False, **kw),
         "closure",
@@ -861,6 +879,8 @@ BAD_ARGUMENTS = [
     (torchsam.FriendlySAM, dict(lmbda=1.0), ValueError, "Invalid lmbda"),
     (torchsam.FriendlySAM, dict(lmbda=-0.1), ValueError, "Invalid lmbda"),
     (torchsam.FriendlySAM, dict(sigma=-1.0), ValueError, "Invalid sigma"),
+    (torchsam.VaSSO, dict(theta=0.0), ValueError, "Invalid theta"),
+    (torchsam.VaSSO, dict(theta=1.5), ValueError, "Invalid theta"),
     (torchsam.WSAM, dict(gamma=1.0), ValueError, "Invalid gamma"),
     (torchsam.WSAM, dict(gamma=-0.5), ValueError, "Invalid gamma"),
     (torchsam.WSAM, dict(decouple="yes"), TypeError, "decouple must be True or False"),
@@ -897,6 +917,7 @@ BAD_GROUPS = [
     (torchsam.GSAM, {}, {"rho": 0.05, "rho_min": 0.2}, "rho_min"),
     (torchsam.GSAM, {}, {"alpha": -1.0}, "Invalid alpha"),
     (torchsam.FriendlySAM, {}, {"lmbda": 1.0}, "Invalid lmbda"),
+    (torchsam.VaSSO, {}, {"theta": 0.0}, "Invalid theta"),
     (torchsam.WSAM, {}, {"gamma": 1.0}, "Invalid gamma"),
     (torchsam.LookSAM, {}, {"alpha": -0.5}, "Invalid alpha"),
     (torchsam.IntermittentSAM, {"every": 2}, {"rho": -1.0}, "Invalid rho"),

@@ -10,6 +10,7 @@ from torchsam._looksam import LookSAM
 from torchsam._msam import MSAM
 from torchsam._sam import SAM
 from torchsam._trajectory import MESA, SAF, trajectory_kl
+from torchsam._vasso import VaSSO
 from torchsam._wsam import WSAM
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "IntermittentSAM",
     "LookSAM",
     "SharpnessAwareOptimizer",
+    "VaSSO",
     "__version__",
     "freeze_running_stats",
     "trajectory_kl",

@@ -7,11 +7,11 @@ A sharpness-aware step has one fixed sequence::
 :class:`SharpnessAwareOptimizer` owns that sequence once: the phase bookkeeping, the bit-exact
 weight restore, the shared parameter groups and state with the base optimizer, the closure
 protocol of ``torch.optim``, the guards against non-finite gradients, and ``state_dict``.
-A variant supplies only what differs, by overriding two small policies:
-
-* :meth:`SharpnessAwareOptimizer._perturb` builds the perturbation and adds it to the weights;
-* :meth:`SharpnessAwareOptimizer._prepare_base_grads` may rewrite the gradients that the base
-  optimizer sees (a no-op for SAM itself).
+A variant supplies only what differs, by overriding small policies (see ``docs/design.md``):
+whether the second pass runs on this step (:meth:`SharpnessAwareOptimizer._wants_second_pass`),
+the perturbation (:meth:`SharpnessAwareOptimizer._perturb`), and the gradient the base optimizer
+sees (:meth:`SharpnessAwareOptimizer._prepare_base_grads` after a second pass,
+:meth:`SharpnessAwareOptimizer._prepare_one_pass_grads` without one).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ class SharpnessAwareOptimizer(Optimizer):
     only when that state is empty, so the two must not be mixed in memory). ``state_dict()``
     merges both into one ordinary optimizer state dict.
 
-    Subclasses set :attr:`_own_defaults` (their hyper-parameters, validated in
-    :meth:`_check_group`) and implement :meth:`_perturb`.
+    Subclasses pass their hyper-parameters as ``own_defaults`` (validated per group in
+    :meth:`_check_group`) and implement :meth:`_perturb`; see :class:`torchsam.SAM`.
     """
 
     def __init__(

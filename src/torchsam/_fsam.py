@@ -67,27 +67,13 @@ class FriendlySAM(SAM):
             raise ValueError(f"Invalid lmbda value: {group['lmbda']}; lmbda must be in [0, 1)")
 
     def _ascent_direction(self, view: GroupView) -> list[Tensor]:
-        emas = [self.state[p].get("grad_ema") for p in view.params]
+        emas = self._gradient_ema(view, "grad_ema")
         if all(m is None for m in emas):  # first step: plain SAM
             return view.grads
         sigma = float(view.group["sigma"])
         if all(m is not None for m in emas):
-            return list(torch._foreach_add(view.grads, emas, alpha=-sigma))
+            return list(torch._foreach_add(view.grads, emas, alpha=-sigma))  # type: ignore[arg-type]
         return [g if m is None else g - sigma * m for g, m in zip(view.grads, emas, strict=True)]
 
     def _on_perturbed(self, views: list[GroupView]) -> None:
-        for v in views:
-            lmbda = float(v.group["lmbda"])
-            fresh, params_with, emas, grads = [], [], [], []
-            for p, g in zip(v.params, v.grads, strict=True):
-                m = self.state[p].get("grad_ema")
-                if m is None:
-                    fresh.append((p, g))
-                else:
-                    params_with.append(p)
-                    emas.append(m)
-                    grads.append(g)
-            if emas:
-                torch._foreach_lerp_(emas, grads, 1.0 - lmbda)
-            for p, g in fresh:
-                self.state[p]["grad_ema"] = g.detach().clone()
+        self._update_gradient_ema(views, "grad_ema", lambda group: 1.0 - float(group["lmbda"]))

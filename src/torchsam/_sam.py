@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -149,6 +149,25 @@ class SAM(SharpnessAwareOptimizer):
 
     def _on_perturbed(self, views: list[GroupView]) -> None:
         """Update state once the perturbation has been applied (not on skipped steps)."""
+
+    def _gradient_ema(self, view: GroupView, key: str) -> list[Tensor | None]:
+        """The per-parameter gradient EMA kept under ``key`` (None where there is none yet)."""
+        return [self.state[p].get(key) for p in view.params]
+
+    def _update_gradient_ema(
+        self, views: list[GroupView], key: str, new_weight: Callable[[dict[str, Any]], float]
+    ) -> None:
+        """``ema = (1 - a) * ema + a * g`` with ``a = new_weight(group)``; ``ema = g`` at first."""
+        for v in views:
+            emas, grads = [], []
+            for p, g, m in zip(v.params, v.grads, self._gradient_ema(v, key), strict=True):
+                if m is None:
+                    self.state[p][key] = g.detach().clone()
+                else:
+                    emas.append(m)
+                    grads.append(g)
+            if emas:
+                torch._foreach_lerp_(emas, grads, new_weight(v.group))
 
 
 # --------------------------------------------------------------------- kernels

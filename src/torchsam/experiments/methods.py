@@ -97,6 +97,12 @@ register_method(
     description="Friendly SAM (Li et al. 2024)",
 )
 register_method(
+    "vasso",
+    sharpness_aware(torchsam.VaSSO),
+    defaults={"rho": 0.05, "theta": 0.9},
+    description="VaSSO (Li & Giannakis 2023)",
+)
+register_method(
     "wsam",
     sharpness_aware(torchsam.WSAM),
     defaults={"rho": 0.05, "gamma": 0.9},
