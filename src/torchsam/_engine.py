@@ -101,6 +101,7 @@ class SharpnessAwareOptimizer(Optimizer):
         # load), the cached layouts per group, and the (params, backups) pairs of this step.
         self._workspace: dict[str, dict[Tensor, Tensor]] = {}
         self._layouts: dict[int, _Layout] = {}
+        self._finite_flags: _Flags = {}
         self._saved: list[tuple[list[Tensor], list[Tensor]]] = []
 
         if isinstance(base_optimizer, Optimizer):
@@ -289,7 +290,7 @@ class SharpnessAwareOptimizer(Optimizer):
             # Unscale for the base optimizer: true gradients for the policy, and the scaler
             # records any inf/NaN it finds here for its update().
             grad_scaler.unscale_(self.base_optimizer)
-        finite = _all_finite(views) if two_pass else self._one_pass_grads_finite(views)
+        finite = self._grads_finite(views) if two_pass else self._one_pass_grads_finite(views)
         if not finite:
             if grad_scaler is None:  # with a scaler, skipping on overflow is routine
                 warnings.warn(
@@ -428,7 +429,10 @@ class SharpnessAwareOptimizer(Optimizer):
         A variant that needs their norm anyway may decide from it (and keep it for
         :meth:`_prepare_one_pass_grads`, called right after within the same step).
         """
-        return _all_finite(views)
+        return self._grads_finite(views)
+
+    def _grads_finite(self, views: list[GroupView]) -> bool:
+        return _all_finite(views, self._finite_flags)
 
     def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
         """Rewrite the gradients (at ``w``) of a step without second pass; none by default."""
@@ -604,30 +608,36 @@ def _split_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]] | None:
     return list(groups.values())
 
 
-def _all_finite(views: list[GroupView]) -> bool:
-    """Whether every gradient element of ``views`` is finite (one synchronisation).
+_Flags = dict[torch.device, tuple[Tensor, Tensor]]
+
+
+def _all_finite(views: list[GroupView], flags: _Flags | None = None) -> bool:
+    """Whether every gradient element of ``views`` is finite (one synchronisation per device).
 
     Uses the fused check that ``GradScaler`` runs (with a scale of 1, which leaves finite
     values bit-identical); where that kernel is missing, a 2-norm pass, confirmed by a max-abs
-    pass if the 2-norm overflowed.
+    pass if the 2-norm overflowed. ``flags`` caches the (found, one) scalars per device.
     """
-    found: list[Tensor] = []
+    flags = {} if flags is None else flags
+    used: dict[torch.device, Tensor] = {}
     for view in views:
         for part in view.split(view.grads):
             device = part[0].device
-            flag = torch.zeros(1, device=device)
+            if device not in used:
+                if device not in flags:
+                    flags[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+                used[device] = flags[device][0].zero_()
+            found, one = flags[device]
             try:
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    part, flag, torch.ones(1, device=device)
-                )
+                torch._amp_foreach_non_finite_check_and_unscale_(part, found, one)
             except (RuntimeError, NotImplementedError):
                 acc = torch.promote_types(part[0].dtype, torch.float32)
                 norms = torch.stack(torch._foreach_norm(part, 2, dtype=acc))
                 if not bool(torch.isfinite(norms).all()):
                     peak = torch.stack(torch._foreach_norm(part, float("inf"))).max()
-                    flag.fill_(0.0 if bool(torch.isfinite(peak)) else 1.0)
-            found.append(flag.to(views[0].params[0].device))
-    return not found or not bool(torch.cat(found).any())
+                    if not bool(torch.isfinite(peak)):
+                        found.fill_(1.0)
+    return not any(bool(found.item()) for found in used.values())
 
 
 def _check_same_partition(own: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:
