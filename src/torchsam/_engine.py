@@ -96,6 +96,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._own_defaults = dict(own_defaults)
         self._phase = _IDLE
         self._kept_grads: list[tuple[Tensor, int]] = []
+        self._kept_views: list[GroupView] = []
         self._first_layouts: list[_Layout] = []
         # Workspace, not state: scratch buffers per parameter (never saved, reallocated after a
         # load), the cached layouts per group, and the (params, backups) pairs of this step.
@@ -239,6 +240,7 @@ class SharpnessAwareOptimizer(Optimizer):
         views = self._views()
         if not self._wants_second_pass():
             self._phase = _ONE_PASS
+            self._kept_views = views
             self._kept_grads = [(g, g._version) for v in views for g in v.grads]
             return False
         self._saved = []
@@ -263,7 +265,9 @@ class SharpnessAwareOptimizer(Optimizer):
             self.zero_grad()
         return self._phase == _PERTURBED
 
-    def _second_step(self, grad_scaler: Any = None) -> None:
+    def _second_step(self, grad_scaler: Any = None, *, own_closure: bool = False) -> None:
+        """Finish the step. ``own_closure``: called by :meth:`step`, which knows that nothing
+        touched the gradients kept on a one-pass step, so they need not be collected again."""
         phase = self._phase
         if phase == _IDLE:
             raise RuntimeError(
@@ -272,7 +276,11 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         self._restore()
         self._phase = _IDLE
-        if phase != _SKIPPED:
+        kept, self._kept_views = self._kept_views, []
+        if phase == _ONE_PASS and own_closure:
+            self._kept_grads = []
+            self._finish(kept, grad_scaler, two_pass=False)
+        elif phase != _SKIPPED:
             views = self._views()
             if phase == _ONE_PASS:
                 self._check_kept_grads(views)
@@ -386,7 +394,7 @@ class SharpnessAwareOptimizer(Optimizer):
             loss = closure()
         if self._first_step(zero_grad=True):
             self._closure_at_perturbed_point(closure)
-        self._second_step()
+        self._second_step(own_closure=True)
         return loss
 
     def _closure_at_perturbed_point(self, closure: Callable[[], Any], *, grad: bool = True) -> Any:

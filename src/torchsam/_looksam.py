@@ -91,6 +91,7 @@ class LookSAM(SAM):
             torch._foreach_copy_(bufs, v.grads)
             torch._foreach_add_(bufs, first, alpha=-coef)
             gv.append(bufs)
+            v.layout.buffers["gv"] = bufs  # the same tensors as the state, found faster
         # ||g_v|| is fixed until the next sharpness step: kept (and saved) with the state
         self._global_state["gv_norm"] = self._global_norm(views, gv)
 
@@ -101,7 +102,9 @@ class LookSAM(SAM):
         return math.isfinite(self._one_pass_norm)
 
     def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
-        gv = [[self.state[p].get("gv") for p in v.params] for v in views]
+        gv = [
+            v.layout.buffers.get("gv") or [self.state[p].get("gv") for p in v.params] for v in views
+        ]
         gv_norm = self._global_state.get("gv_norm")
         if gv_norm is None or any(buf is None for bufs in gv for buf in bufs):
             return  # no sharpness step has been seen for these parameters yet: plain step
