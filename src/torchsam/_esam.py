@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
-from torchsam._sam import SAM, check_int, check_real
+from torchsam._sam import SAM, check_fraction, check_int
 
 __all__ = ["ESAM"]
 
@@ -76,10 +76,8 @@ class ESAM(SAM):
         eta: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("beta", beta), ("gamma", gamma)):
-            check_real(name, value)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"Invalid {name} value: {value}; {name} must be in (0, 1]")
+        check_fraction("beta", beta, zero_ok=False, one_ok=True)
+        check_fraction("gamma", gamma, zero_ok=False, one_ok=True)
         check_int("seed", seed, low=None)
         self.beta, self.gamma, self.seed = float(beta), float(gamma), seed
         own = dict(rho=rho, adaptive=adaptive, eta=eta)

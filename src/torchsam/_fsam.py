@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
-from torchsam._sam import SAM, check_real
+from torchsam._sam import SAM, check_fraction, check_real
 
 __all__ = ["FriendlySAM"]
 
@@ -62,9 +62,7 @@ class FriendlySAM(SAM):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_real("sigma", group["sigma"])
-        check_real("lmbda", group["lmbda"])
-        if group["lmbda"] >= 1:
-            raise ValueError(f"Invalid lmbda value: {group['lmbda']}; lmbda must be in [0, 1)")
+        check_fraction("lmbda", group["lmbda"], zero_ok=True, one_ok=False)
 
     def _ascent_direction(self, view: GroupView) -> list[Tensor]:
         emas = self._gradient_ema(view, "grad_ema")

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
-from torchsam._sam import SAM, check_int
+from torchsam._sam import SAM, check_fraction, check_int
 
 __all__ = ["IntermittentSAM"]
 
@@ -57,16 +57,10 @@ class IntermittentSAM(SAM):
     ) -> None:
         if (every is None) == (probability is None):
             raise ValueError("IntermittentSAM needs exactly one of every=k or probability=p")
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, int) or every < 1
-        ):
-            raise ValueError(f"Invalid every value: {every!r}; every must be an integer >= 1")
-        if probability is not None and (
-            isinstance(probability, bool)
-            or not isinstance(probability, (int, float))
-            or not 0.0 <= probability <= 1.0
-        ):
-            raise ValueError(f"Invalid probability value: {probability!r}; it must be in [0, 1]")
+        if every is not None:
+            check_int("every", every)
+        if probability is not None:
+            check_fraction("probability", probability, zero_ok=True, one_ok=True)
         check_int("seed", seed, low=None)
         self.every = every
         self.probability = probability

@@ -23,6 +23,14 @@ def check_real(name: str, value: Any, *, low: float = 0.0) -> None:
         raise ValueError(f"Invalid {name} value: {value}; {name} must be finite and >= {low}")
 
 
+def check_fraction(name: str, value: Any, *, zero_ok: bool, one_ok: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number in [0, 1] (ends as allowed)."""
+    check_real(name, value)
+    if (value == 0 and not zero_ok) or value > 1 or (value == 1 and not one_ok):
+        interval = f"{'[' if zero_ok else '('}0, 1{']' if one_ok else ')'}"
+        raise ValueError(f"Invalid {name} value: {value}; {name} must be in {interval}")
+
+
 def check_int(name: str, value: Any, *, low: int | None = 1) -> None:
     """Raise for a value that is not an int (TypeError) or is below ``low`` (ValueError)."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
-from torchsam._sam import SAM, check_real
+from torchsam._sam import SAM, check_fraction
 
 __all__ = ["VaSSO"]
 
@@ -57,9 +57,7 @@ class VaSSO(SAM):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_real("theta", group["theta"])
-        if not 0.0 < group["theta"] <= 1.0:
-            raise ValueError(f"Invalid theta value: {group['theta']}; theta must be in (0, 1]")
+        check_fraction("theta", group["theta"], zero_ok=False, one_ok=True)
 
     def _ascent_direction(self, view: GroupView) -> list[Tensor]:
         # d_t as a temporary; the state is committed in _on_perturbed (finite steps only)

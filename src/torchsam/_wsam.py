@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
-from torchsam._sam import SAM, check_real
+from torchsam._sam import SAM, check_fraction
 
 __all__ = ["WSAM"]
 
@@ -67,9 +67,7 @@ class WSAM(SAM):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_real("gamma", group["gamma"])
-        if group["gamma"] >= 1:
-            raise ValueError(f"Invalid gamma value: {group['gamma']}; gamma must be in [0, 1)")
+        check_fraction("gamma", group["gamma"], zero_ok=True, one_ok=False)
         if not isinstance(group["decouple"], bool):
             raise TypeError(f"decouple must be True or False, got {group['decouple']!r}")
 
