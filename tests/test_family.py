@@ -9,6 +9,7 @@ test_variants.py.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 import warnings
@@ -305,3 +306,15 @@ def test_phase_errors(name: str) -> None:
     with pytest.raises(RuntimeError, match="before second_step"):
         opt.first_step()
     opt.second_step()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_signature_shows_the_variant_arguments(name: str) -> None:
+    cls = VARIANTS[name].cls
+    params = inspect.signature(cls).parameters
+    assert list(params)[:4] == ["params", "base_optimizer", "rho", "adaptive"]
+    for arg in {**cls.hyperparameters, **cls.options}:
+        assert params[arg].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(params)[-1] == "kwargs"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_an_option'"):
+        build(name, setup()[0], not_an_option=1)

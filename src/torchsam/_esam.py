@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
 from torchsam._sam import SAM, check_fraction, check_int
 
 __all__ = ["ESAM"]
@@ -63,25 +62,15 @@ class ESAM(SAM):
         >>> loss = optimizer.step(closure)  # the mean loss at w
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        beta: float = 0.6,
-        gamma: float = 0.5,
-        seed: int = 0,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        check_fraction("beta", beta, zero_ok=False, one_ok=True)
-        check_fraction("gamma", gamma, zero_ok=False, one_ok=True)
-        check_int("seed", seed, low=None)
-        self.beta, self.gamma, self.seed = float(beta), float(gamma), seed
-        own = dict(rho=rho, adaptive=adaptive, eta=eta)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+    options: ClassVar[dict[str, Any]] = {"beta": 0.6, "gamma": 0.5, "seed": 0}
+    beta: float
+    gamma: float
+    seed: int
+
+    def _check_options(self) -> None:
+        check_fraction("beta", self.beta, zero_ok=False, one_ok=True)
+        check_fraction("gamma", self.gamma, zero_ok=False, one_ok=True)
+        check_int("seed", self.seed, low=None)
 
     def _radius(self, group: dict[str, Any]) -> float:
         return float(group["rho"]) / self.beta

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._engine import GroupView
 from torchsam._sam import SAM, check_fraction, check_real
 
 __all__ = ["FriendlySAM"]
@@ -44,20 +43,7 @@ class FriendlySAM(SAM):
         >>> loss = optimizer.step(closure)
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        sigma: float = 1.0,
-        lmbda: float = 0.9,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        own = dict(rho=rho, adaptive=adaptive, eta=eta, sigma=sigma, lmbda=lmbda)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+    hyperparameters: ClassVar[dict[str, Any]] = {"sigma": 1.0, "lmbda": 0.9}
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._engine import GroupView
 from torchsam._sam import SAM, check_real
 
 __all__ = ["GSAM"]
@@ -56,23 +54,12 @@ class GSAM(SAM):
 
     _needs_first_grads = True
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        alpha: float = 0.2,
-        rho_min: float | None = None,
-        lr_max: float | None = None,
-        lr_min: float = 0.0,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        own = dict(rho=rho, adaptive=adaptive, eta=eta, alpha=alpha, rho_min=rho_min)
-        own.update(lr_max=lr_max, lr_min=lr_min)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+    hyperparameters: ClassVar[dict[str, Any]] = {
+        "alpha": 0.2,
+        "rho_min": None,
+        "lr_max": None,
+        "lr_min": 0.0,
+    }
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

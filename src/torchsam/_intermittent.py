@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
-from torch import Tensor
-
-from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
 from torchsam._sam import SAM, check_fraction, check_int
 
 __all__ = ["IntermittentSAM"]
@@ -42,31 +38,19 @@ class IntermittentSAM(SAM):
         >>> loss = optimizer.step(closure)
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        every: int | None = None,
-        probability: float | None = None,
-        seed: int = 0,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        if (every is None) == (probability is None):
+    options: ClassVar[dict[str, Any]] = {"every": None, "probability": None, "seed": 0}
+    every: int | None
+    probability: float | None
+    seed: int
+
+    def _check_options(self) -> None:
+        if (self.every is None) == (self.probability is None):
             raise ValueError("IntermittentSAM needs exactly one of every=k or probability=p")
-        if every is not None:
-            check_int("every", every)
-        if probability is not None:
-            check_fraction("probability", probability, zero_ok=True, one_ok=True)
-        check_int("seed", seed, low=None)
-        self.every = every
-        self.probability = probability
-        self.seed = seed
-        own = dict(rho=rho, adaptive=adaptive, eta=eta)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+        if self.every is not None:
+            check_int("every", self.every)
+        if self.probability is not None:
+            check_fraction("probability", self.probability, zero_ok=True, one_ok=True)
+        check_int("seed", self.seed, low=None)
 
     def _wants_second_pass(self) -> bool:
         step = self._step_count()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._engine import GroupView
 from torchsam._sam import SAM, check_int, check_real
 
 __all__ = ["LookSAM"]
@@ -51,22 +50,12 @@ class LookSAM(SAM):
 
     _needs_first_grads = True
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        k: int = 5,
-        alpha: float = 0.7,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        check_int("k", k)
-        self.k = k
-        own = dict(rho=rho, adaptive=adaptive, eta=eta, alpha=alpha)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+    hyperparameters: ClassVar[dict[str, Any]] = {"alpha": 0.7}
+    options: ClassVar[dict[str, Any]] = {"k": 5}
+    k: int
+
+    def _check_options(self) -> None:
+        check_int("k", self.k)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

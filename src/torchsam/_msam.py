@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
 from torchsam._esam import PerSampleClosure, _per_sample
 from torchsam._sam import SAM, check_int
 
@@ -46,26 +45,16 @@ class MSAM(SAM):
         >>> loss = optimizer.step(closure, batch_size=len(x))
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        m: int = 32,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        check_int("m", m)
-        self.m = m
-        own = dict(rho=rho, adaptive=adaptive, eta=eta)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+    options: ClassVar[dict[str, Any]] = {"m": 32}
+    m: int
 
     _no_two_call_style = (
         "it perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
         "closure that returns per-sample losses"
     )
+
+    def _check_options(self) -> None:
+        check_int("m", self.m)
 
     @torch.no_grad()
     def step(  # type: ignore[override]

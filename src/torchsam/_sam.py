@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -101,6 +102,13 @@ class SAM(SharpnessAwareOptimizer):
         * ``state_dict()`` holds the base optimizer's state (momentum, Adam moments) too.
     """
 
+    #: A variant's own per-group hyper-parameters (saved in the param groups, may differ per
+    #: group and be scheduled), with their defaults; keyword-only arguments of its constructor.
+    hyperparameters: ClassVar[dict[str, Any]] = {}
+    #: A variant's optimizer-wide options (attributes of the optimizer), with their defaults;
+    #: keyword-only arguments of its constructor, validated in :meth:`_check_options`.
+    options: ClassVar[dict[str, Any]] = {}
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -111,7 +119,26 @@ class SAM(SharpnessAwareOptimizer):
         eta: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive, eta=eta), kwargs)
+        own = dict(rho=rho, adaptive=adaptive, eta=eta)
+        for name, default in self.hyperparameters.items():
+            own[name] = kwargs.pop(name, default)
+        for name, default in self.options.items():
+            setattr(self, name, kwargs.pop(name, default))
+        self._check_options()
+        super().__init__(params, base_optimizer, own, kwargs)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each variant the true signature: SAM's plus its own keyword-only arguments."""
+        super().__init_subclass__(**kwargs)
+        base = list(inspect.signature(SAM.__init__).parameters.values())[1:]  # without self
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for name, default in {**cls.hyperparameters, **cls.options}.items()
+        ]
+        cls.__signature__ = inspect.Signature([*base[:-1], *extra, base[-1]])  # type: ignore[attr-defined]
+
+    def _check_options(self) -> None:
+        """Raise ``ValueError``/``TypeError`` for an invalid option; none for SAM itself."""
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_real("rho", group["rho"])

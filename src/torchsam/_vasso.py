@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._engine import GroupView
 from torchsam._sam import SAM, check_fraction
 
 __all__ = ["VaSSO"]
@@ -41,19 +40,7 @@ class VaSSO(SAM):
         >>> loss = optimizer.step(closure)
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        theta: float = 0.9,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        own = dict(rho=rho, adaptive=adaptive, eta=eta, theta=theta)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+    hyperparameters: ClassVar[dict[str, Any]] = {"theta": 0.9}
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)

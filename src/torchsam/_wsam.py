@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer
+from torchsam._engine import GroupView
 from torchsam._sam import SAM, check_fraction
 
 __all__ = ["WSAM"]
@@ -50,20 +48,7 @@ class WSAM(SAM):
 
     _needs_first_grads = True
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: BaseOptimizerArg,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        *,
-        gamma: float = 0.9,
-        decouple: bool = True,
-        eta: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        own = dict(rho=rho, adaptive=adaptive, eta=eta, gamma=gamma, decouple=decouple)
-        SharpnessAwareOptimizer.__init__(self, params, base_optimizer, own, kwargs)
+    hyperparameters: ClassVar[dict[str, Any]] = {"gamma": 0.9, "decouple": True}
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
