@@ -260,7 +260,7 @@ class SharpnessAwareOptimizer(Optimizer):
             self._first_layouts = [v.layout for v in views]
             if self._needs_first_grads:
                 for v in views:
-                    _copy_(self._scratch(v, "first_grad"), v.grads)
+                    torch._foreach_copy_(self._scratch(v, "first_grad"), v.grads)
         if zero_grad:
             self.zero_grad()
         return self._phase == _PERTURBED
@@ -601,10 +601,6 @@ def _same_objects(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
-def _copy_(dst: list[Tensor], src: list[Tensor]) -> None:
-    torch._foreach_copy_(dst, src)
-
-
 def _split_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]] | None:
     """Index lists of ``tensors`` per (device, dtype), or None when there is only one."""
     keys = [(t.device, t.dtype) for t in tensors]
@@ -619,14 +615,13 @@ def _split_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]] | None:
 _Flags = dict[torch.device, tuple[Tensor, Tensor]]
 
 
-def _all_finite(views: list[GroupView], flags: _Flags | None = None) -> bool:
+def _all_finite(views: list[GroupView], flags: _Flags) -> bool:
     """Whether every gradient element of ``views`` is finite (one synchronisation per device).
 
     Uses the fused check that ``GradScaler`` runs (with a scale of 1, which leaves finite
     values bit-identical); where that kernel is missing, a 2-norm pass, confirmed by a max-abs
     pass if the 2-norm overflowed. ``flags`` caches the (found, one) scalars per device.
     """
-    flags = {} if flags is None else flags
     used: dict[torch.device, Tensor] = {}
     for view in views:
         for part in view.split(view.grads):
