@@ -25,6 +25,7 @@ from torchsam.experiments import (
     noisy_digits,
     register_method,
     sharpness_aware,
+    small_cnn,
     train,
 )
 
@@ -180,6 +181,25 @@ def test_mlp_layers_and_output(batch_norm: bool) -> None:
 def test_mlp_rejects_bad_sizes(name: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"Invalid {name} value"):
         mlp(**{name: value})
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_small_cnn_layers_and_output(batch_norm: bool) -> None:
+    model = small_cnn(image_shape=(3, 6, 6), num_classes=4, channels=5, batch_norm=batch_norm)
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model if isinstance(m, nn.BatchNorm2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(3, 5), (5, 10)]
+    assert len(norms) == (2 if batch_norm else 0)
+    assert model(torch.zeros(2, 3 * 6 * 6)).shape == (2, 4)  # flat rows
+    assert model(torch.zeros(2, 3, 6, 6)).shape == (2, 4)  # or images
+
+
+@pytest.mark.parametrize("name", ["num_classes", "channels"])
+def test_small_cnn_rejects_bad_sizes(name: str) -> None:
+    with pytest.raises(ValueError, match=f"Invalid {name} value"):
+        small_cnn(**{name: 0})
+    with pytest.raises(ValueError, match="image_shape"):
+        small_cnn(image_shape=(8, 8))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- training

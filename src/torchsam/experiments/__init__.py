@@ -12,7 +12,7 @@ Example:
 
 from torchsam.experiments import methods as _methods  # noqa: F401 (registers the SAM family)
 from torchsam.experiments.data import Split, noisy_digits
-from torchsam.experiments.models import mlp
+from torchsam.experiments.models import mlp, small_cnn
 from torchsam.experiments.train import (
     METHODS,
     Batch,
@@ -45,5 +45,6 @@ __all__ = [
     "noisy_digits",
     "register_method",
     "sharpness_aware",
+    "small_cnn",
     "train",
 ]
