@@ -1,0 +1,68 @@
+"""Hardening of the SAM family (issue 10): what every variant must get right around its rule.
+
+The gradients stay as backward made them, steps without any gradient, complex parameters,
+``foreach=False`` really selecting per-tensor kernels, subclass signatures, and ESAM's weight
+selection without ``requires_grad`` switches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchsam
+from torchsam._engine import GroupView
+
+
+# --------------------------------------------------------------------------- gradient swap
+class _DoubledSAM(torchsam.SAM):
+    """SAM whose base optimizer sees twice the perturbed gradient, through ``_base_grads``."""
+
+    def _prepare_base_grads(self, views: list[GroupView]) -> None:
+        for v in views:
+            for buf, g in zip(self._base_grads(v), v.grads, strict=True):
+                buf.copy_(g).mul_(2.0)
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that records the gradients it steps with, and can be told to fail."""
+
+    fail = False
+
+    def step(self, closure: Any = None) -> Any:
+        self.seen = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+        if self.fail:
+            raise RuntimeError("base step failed")
+        return super().step(closure)
+
+
+def test_base_optimizer_sees_the_scratch_gradient_and_p_grad_is_left_alone() -> None:
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = _DoubledSAM([p], _RecordingSGD, lr=0.1, rho=0.05)
+    for _ in range(2):  # the second step reuses the buffers
+        (p**3).sum().backward()
+        opt.first_step(zero_grad=True)
+        (p**3).sum().backward()
+        grad_object, made = p.grad, p.grad.clone()
+        opt.second_step()
+        assert p.grad is grad_object
+        torch.testing.assert_close(p.grad, made, rtol=0, atol=0)
+        torch.testing.assert_close(opt.base_optimizer.seen[0], 2 * made, rtol=0, atol=0)
+        opt.zero_grad()
+
+
+def test_gradient_is_put_back_when_the_base_step_raises() -> None:
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = _DoubledSAM([p], _RecordingSGD, lr=0.1, rho=0.05)
+    opt.base_optimizer.fail = True
+    (p**3).sum().backward()
+    opt.first_step(zero_grad=True)
+    (p**3).sum().backward()
+    grad_object, made = p.grad, p.grad.clone()
+    with pytest.raises(RuntimeError, match="base step failed"):
+        opt.second_step()
+    assert p.grad is grad_object
+    torch.testing.assert_close(p.grad, made, rtol=0, atol=0)
