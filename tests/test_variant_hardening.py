@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import torchsam
 from torchsam._engine import GroupView
+
+from .test_family import VARIANTS, build, setup, step
 
 
 # --------------------------------------------------------------------------- gradient swap
@@ -66,3 +68,20 @@ def test_gradient_is_put_back_when_the_base_step_raises() -> None:
         opt.second_step()
     assert p.grad is grad_object
     torch.testing.assert_close(p.grad, made, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_p_grad_after_a_step_is_what_backward_made(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model)
+    last: dict[nn.Parameter, Tensor] = {}
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda q: last.__setitem__(q, q.grad.clone()))
+    for x, y in data[:5]:  # LookSAM (k=3) takes one-pass steps with its reused direction
+        last.clear()
+        step(name, opt, model, x, y)
+        for p in model.parameters():
+            if p in last:
+                torch.testing.assert_close(p.grad, last[p], rtol=0, atol=0)
+            else:
+                assert p.grad is None
