@@ -7,6 +7,7 @@ selection without ``requires_grad`` switches.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 import torchsam
 from torchsam._engine import GroupView
 
-from .test_family import VARIANTS, build, setup, step
+from .test_family import VARIANTS, build, setup, step, weights
 
 
 # --------------------------------------------------------------------------- gradient swap
@@ -85,3 +86,25 @@ def test_p_grad_after_a_step_is_what_backward_made(name: str) -> None:
                 torch.testing.assert_close(p.grad, last[p], rtol=0, atol=0)
             else:
                 assert p.grad is None
+
+
+# --------------------------------------------------------------------------- no gradient at all
+@pytest.mark.parametrize("name", VARIANTS)
+def test_step_where_no_parameter_has_a_gradient(name: str) -> None:
+    # A frozen phase: the loss reaches only a tensor outside the optimizer.
+    model, data = setup()
+    outside = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = build(name, model)
+    before = weights(model)
+
+    class Frozen(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x[:, :3] * outside
+
+    frozen = Frozen()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a warning about the missing gradients is welcome
+        for x, y in data[:4]:  # LookSAM (k=3) and IntermittentSAM take both kinds of step
+            step(name, opt, frozen, x, y)
+    for a, b in zip(weights(model), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -550,12 +550,12 @@ class SharpnessAwareOptimizer(Optimizer):
         overrides :meth:`_reduce_sum`.
         """
         parts: list[Tensor] = []
-        device = views[0].params[0].device
         for x_list, y_list in zip(xs, ys, strict=True):
             for x, y in zip(x_list, y_list, strict=True):
                 acc = torch.promote_types(x.dtype, torch.float32)
-                parts.append(torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)).to(device))
-        if not parts:
+                dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
+                parts.append(dot.to(parts[0].device) if parts else dot)
+        if not parts:  # no parameter has a gradient on this step
             return 0.0
         return float(self._reduce_sum(torch.stack(parts).to(torch.float64).sum()))
 
