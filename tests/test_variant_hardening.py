@@ -7,8 +7,9 @@ selection without ``requires_grad`` switches.
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -108,3 +109,35 @@ def test_step_where_no_parameter_has_a_gradient(name: str) -> None:
             step(name, opt, frozen, x, y)
     for a, b in zip(weights(model), before, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- subclass signatures
+def test_a_users_subclass_keeps_its_own_signature() -> None:
+    class Scaled(torchsam.GSAM):
+        def __init__(self, params: Any, base_optimizer: Any, scale: float = 2.0, **kw: Any):
+            self.scale = scale
+            super().__init__(params, base_optimizer, **kw)
+
+    class ScaledChild(Scaled):
+        hyperparameters: ClassVar[dict[str, Any]] = {**torchsam.GSAM.hyperparameters, "extra": 1.0}
+
+    class Declared(torchsam.LookSAM):  # no constructor: SAM's, plus what it declares
+        hyperparameters: ClassVar[dict[str, Any]] = {
+            **torchsam.LookSAM.hyperparameters,
+            "b": 0.5,
+        }
+
+    for cls in (Scaled, ScaledChild):
+        assert list(inspect.signature(cls).parameters) == [
+            "params",
+            "base_optimizer",
+            "scale",
+            "kw",
+        ]
+    declared = inspect.signature(Declared).parameters
+    assert declared["b"].default == 0.5
+    assert declared["k"].default == torchsam.LookSAM.options["k"]
+    assert list(declared)[-1] == "kwargs"
+    opt = Scaled([nn.Parameter(torch.ones(2))], torch.optim.SGD, scale=3.0, lr=0.1, alpha=0.1)
+    assert opt.scale == 3.0
+    assert opt.param_groups[0]["alpha"] == 0.1
