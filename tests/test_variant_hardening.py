@@ -18,7 +18,14 @@ from torch import Tensor, nn
 import torchsam
 from torchsam._engine import GroupView
 
-from .test_family import VARIANTS, build, setup, step, weights
+from .test_family import BASES, VARIANTS, build, setup, step, weights
+
+
+def build_on(name: str, groups: list[dict[str, Any]], base: str = "sgd", **extra: Any) -> Any:
+    """The family table's optimizer ``name`` on the given param groups."""
+    variant = VARIANTS[name]
+    cls, base_kw = BASES[base]
+    return variant.cls(groups, cls, **{**variant.kwargs, **base_kw, **extra})
 
 
 # --------------------------------------------------------------------------- gradient swap
@@ -141,3 +148,35 @@ def test_a_users_subclass_keeps_its_own_signature() -> None:
     opt = Scaled([nn.Parameter(torch.ones(2))], torch.optim.SGD, scale=3.0, lr=0.1, alpha=0.1)
     assert opt.scale == 3.0
     assert opt.param_groups[0]["alpha"] == 0.1
+
+
+# --------------------------------------------------------------------------- complex parameters
+class _ComplexNet(nn.Module):
+    """A complex weight, held either as complex or as its ``view_as_real`` (a real twin)."""
+
+    def __init__(self, as_real: bool) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        w = torch.randn(4, 3, dtype=torch.complex128, generator=gen)
+        self.as_real = as_real
+        self.w = nn.Parameter(torch.view_as_real(w).clone() if as_real else w)
+        self.b = nn.Parameter(torch.randn(3, dtype=torch.float64, generator=gen))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = torch.view_as_complex(self.w) if self.as_real else self.w
+        h = x.to(w.dtype) @ w
+        return h.abs() + torch.tanh(h.real) * h.imag + self.b
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_complex_parameters_step_as_their_real_view(name: str) -> None:
+    # GSAM's and LookSAM's inner product is Re <x, conj y>; ASAM's |w| acts per real number.
+    _, data = setup()
+    results = []
+    for as_real in (False, True):
+        model = _ComplexNet(as_real)
+        opt = build_on(name, [{"params": [model.w]}, {"params": [model.b], "rho": 0.1}])
+        for x, y in data[:4]:
+            step(name, opt, model, x, y)
+        results.append(model.w.detach() if as_real else torch.view_as_real(model.w.detach()))
+    torch.testing.assert_close(results[0], results[1])

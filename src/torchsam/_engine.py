@@ -546,12 +546,14 @@ class SharpnessAwareOptimizer(Optimizer):
     ) -> float:
         """The inner product of all tensors in ``xs`` with those in ``ys`` (aligned with views).
 
-        Accumulated in at least float32 (float64 across tensors). Distributed training
-        overrides :meth:`_reduce_sum`.
+        Accumulated in at least float32 (float64 across tensors). A complex tensor counts as its
+        real view (``torch.view_as_real``): the real inner product ``Re <x, conj(y)>``.
+        Distributed training overrides :meth:`_reduce_sum`.
         """
         parts: list[Tensor] = []
         for x_list, y_list in zip(xs, ys, strict=True):
             for x, y in zip(x_list, y_list, strict=True):
+                x, y = real_view(x), real_view(y)
                 acc = torch.promote_types(x.dtype, torch.float32)
                 dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                 parts.append(dot.to(parts[0].device) if parts else dot)
@@ -621,6 +623,11 @@ class SharpnessAwareOptimizer(Optimizer):
             restored[p] = {k: _to_param(v, p) for k, v in entry.items()}
         self.state = restored
         self._layouts = {}  # the group dicts are new
+
+
+def real_view(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, or its real view (``torch.view_as_real``) if it is complex."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def _to_param(value: Any, param: Tensor) -> Any:
