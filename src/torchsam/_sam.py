@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from torchsam import _kernels
 from torchsam._engine import (
     BaseOptimizerArg,
     GroupView,
@@ -219,7 +220,7 @@ class SAM(SharpnessAwareOptimizer):
                     emas.append(m)
                     grads.append(g)
             if emas:
-                torch._foreach_lerp_(emas, grads, new_weight(v.group))
+                _kernels.lerp_(emas, grads, new_weight(v.group), group_foreach(v.group))
 
 
 # --------------------------------------------------------------------- kernels
