@@ -7,6 +7,7 @@ selection without ``requires_grad`` switches.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from typing import Any, ClassVar
@@ -180,3 +181,31 @@ def test_complex_parameters_step_as_their_real_view(name: str) -> None:
             step(name, opt, model, x, y)
         results.append(model.w.detach() if as_real else torch.view_as_real(model.w.detach()))
     torch.testing.assert_close(results[0], results[1])
+
+
+# --------------------------------------------------------------------------- ESAM under DDP
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+def test_esam_trains_a_distributed_data_parallel_model() -> None:
+    # DDP's reducer needs every parameter's gradient in each backward pass: ESAM's weight
+    # selection must not switch requires_grad (one process; the same steps as without DDP).
+    dist = torch.distributed
+    _, data = setup()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    plain = copy.deepcopy(model)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = build_on("esam", [{"params": ddp.parameters()}])
+        for x, y in data[:4]:
+            step("esam", opt, ddp, x, y)
+    finally:
+        dist.destroy_process_group()
+    plain_opt = build_on("esam", [{"params": plain.parameters()}])
+    for x, y in data[:4]:
+        step("esam", plain_opt, plain, x, y)
+    for a, b in zip(weights(model), weights(plain), strict=True):
+        torch.testing.assert_close(a, b)

@@ -670,24 +670,35 @@ def test_esam_returns_the_mean_loss_at_w() -> None:
         assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
-def test_esam_freezes_exactly_the_unselected_tensors() -> None:
+def test_esam_first_pass_takes_exactly_the_selected_gradients() -> None:
     model, ref_model, opt, ref, data = _esam_pair(beta=0.6, gamma=0.5)
     ref_names = {id(p): n for n, p in ref_model.named_parameters()}
     trainable = {"l1.weight", "l1.bias", "l2.weight", "l2.bias", "unused"}
+    events: list[str] = []  # "call" per closure call, a name per gradient accumulated
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda _, name=name: events.append(name))
     for i, (x, y) in enumerate(data):
-        seen: list[set[str]] = []
+        events.clear()
         closure = per_sample_for(model, x, y)
 
-        def recording(indices: Tensor | None, closure: Any = closure, seen: Any = seen) -> Tensor:
-            seen.append({n for n, p in model.named_parameters() if p.requires_grad})
+        def recording(indices: Tensor | None, closure: Any = closure) -> Tensor:
+            # requires_grad is never switched (DistributedDataParallel relies on it)
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+            events.append("call")
             return closure(indices)
 
         opt.step(recording)
         ref.step(per_sample_for(ref_model, x, y))
         selected = {ref_names[id(p)] for p in ref.selected[i]}
-        assert seen[0] == selected  # first pass: only the selected tensors take gradients
-        assert seen[1] == seen[2] == trainable  # every trainable tensor again at w + e
-        assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+        calls = [k for k, event in enumerate(events) if event == "call"]
+        assert len(calls) == 3
+        first = events[calls[0] + 1 : calls[1]]  # the backward pass after the first call
+        assert set(first) == selected - {"unused"}  # no gradient work for the others
+        assert len(first) == len(set(first))
+        second = events[calls[2] + 1 :]
+        assert set(second) == trainable - {"unused"}  # every tensor at w + e
+    assert_weights_close(model, ref_model)
     # the draw did leave tensors out on every step (otherwise this test would check little)
     assert all(len(s) < len(trainable) for s in ref.selected)
 
