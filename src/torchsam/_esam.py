@@ -34,7 +34,10 @@ class ESAM(SAM):
     * **Sharpness-sensitive data selection** (SDS): after the perturbation one forward pass
       without gradients gives the per-sample losses at :math:`w + e`; the second
       forward/backward pass runs only on the :math:`\lceil\gamma n\rceil` samples whose loss
-      rose the most (:math:`L_i(w + e) - L_i(w)`), with the mean loss over them.
+      rose the most (:math:`L_i(w + e) - L_i(w)`), with the mean loss over them. (The authors'
+      code keeps the rows whose rise is strictly above the :math:`\lfloor\gamma n\rfloor`-th
+      largest, which is :math:`\lfloor\gamma n\rfloor - 1` rows when the rises are distinct,
+      and every row for :math:`\gamma \ge 0.99`; torchsam keeps the paper's fraction.)
 
     ``beta = gamma = 1`` is SAM (no extra forward pass is made then).
 
