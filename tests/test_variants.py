@@ -535,6 +535,10 @@ def _decisions(steps: int, **kw: Any) -> list[bool]:
 
 def test_intermittent_every_k_closure_evaluations() -> None:
     assert _decisions(9, every=3) == [True, False, False] * 3
+    # Composer's SAM(interval=3) runs SAM on steps 2, 5, 8 (its (step + 1) % interval == 0)
+    composer = [(step + 1) % 3 == 0 for step in range(9)]
+    assert _decisions(9, every=3, offset=2) == composer == [False, False, True] * 3
+    assert _decisions(4, every=1, offset=0) == [True] * 4
 
 
 def test_intermittent_probability_is_seeded_and_has_the_right_frequency() -> None:
@@ -904,6 +908,10 @@ BAD_ARGUMENTS = [
     (torchsam.IntermittentSAM, dict(every=0), ValueError, "Invalid every"),
     (torchsam.IntermittentSAM, dict(probability=1.5), ValueError, "Invalid probability"),
     (torchsam.IntermittentSAM, dict(every=2, seed="a"), TypeError, "seed must be an int"),
+    (torchsam.IntermittentSAM, dict(every=2, offset=2), ValueError, "offset must be below"),
+    (torchsam.IntermittentSAM, dict(every=2, offset=-1), ValueError, "Invalid offset"),
+    (torchsam.IntermittentSAM, dict(every=2, offset=1.0), TypeError, "offset must be an int"),
+    (torchsam.IntermittentSAM, dict(probability=0.5, offset=1), ValueError, "every=k only"),
     (torchsam.ESAM, dict(beta=0.0), ValueError, "Invalid beta"),
     (torchsam.ESAM, dict(beta=1.5), ValueError, "Invalid beta"),
     (torchsam.ESAM, dict(gamma=0.0), ValueError, "Invalid gamma"),
