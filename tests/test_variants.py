@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -447,6 +448,34 @@ def test_gsam_perturbation_has_the_scheduled_radius(lr_max: float | None) -> Non
         F.mse_loss(model(x), y).backward()
         opt.second_step(zero_grad=True)
         sched.step()
+
+
+def test_gsam_radius_never_exceeds_rho_when_the_lr_rises_above_lr_max() -> None:
+    """OneCycleLR built after GSAM: lr_max (the lr at construction) is below the peak."""
+    model, data = make(steps=8)
+    opt = torchsam.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.02, lr=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=len(data))
+    radii = []
+    for x, y in data:
+        lr_t = opt.param_groups[0]["lr"]
+        start = weights(model)
+        F.mse_loss(model(x), y).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert opt.first_step(zero_grad=True)
+        moved = torch.sqrt(
+            sum(((p - w) ** 2).sum() for p, w in zip(model.parameters(), start, strict=True))
+        )
+        radii.append(moved.item())
+        expected = 0.02 + 0.08 * min(lr_t / 0.01, 1.0)
+        assert moved.item() == pytest.approx(expected, rel=1e-9)
+        assert any("pass the schedule's peak as lr_max" in str(w.message) for w in caught) == (
+            lr_t > 0.01
+        )
+        F.mse_loss(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert max(radii) == pytest.approx(0.1, rel=1e-9)  # the peak was above lr_max: capped
 
 
 # --------------------------------------------------------------------------- LookSAM
