@@ -20,6 +20,7 @@ import torchsam
 from torchsam._engine import GroupView
 
 from .test_family import BASES, VARIANTS, build, setup, step, weights
+from .test_sam import _ParamSizedAllocations
 
 
 def build_on(name: str, groups: list[dict[str, Any]], base: str = "sgd", **extra: Any) -> Any:
@@ -209,3 +210,39 @@ def test_esam_trains_a_distributed_data_parallel_model() -> None:
         step("esam", plain_opt, plain, x, y)
     for a, b in zip(weights(model), weights(plain), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("name", ["gsam", "wsam", "wsam_coupled", "looksam", "msam"])
+def test_gradient_for_the_base_step_allocates_nothing_after_a_first_cycle(
+    name: str, foreach: bool
+) -> None:
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32, requires_grad=True) for _ in range(3)]
+    opt = build_on(
+        name, [{"params": params}], foreach=foreach, weight_decay=0.0
+    )  # SGD allocates with weight decay
+    x = torch.randn(12, 64)
+
+    def two_passes() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)  # outside the counter: the "backward pass"
+
+    def per_sample(rows: Tensor | None) -> Tensor:
+        xb = x if rows is None else x[rows]
+        return sum((xb @ p).square().mean(1) for p in params)  # type: ignore[return-value]
+
+    counts = []
+    for _ in range(2 * 3):  # two LookSAM cycles (k=3): a sharpness step and two reuse steps
+        if name == "msam":
+            with _ParamSizedAllocations(64 * 32) as mode:
+                opt.step(per_sample, batch_size=len(x))
+        else:
+            two_passes()
+            with _ParamSizedAllocations(64 * 32) as mode:
+                opt.first_step()
+                opt.second_step()
+        # MSAM's closure runs its backward passes here: their weight gradients (mm) are not ours
+        counts.append([op for op in mode.ops if not (name == "msam" and "aten.mm" in op)])
+    assert any(counts[:3]), "the first cycle allocates the scratch buffers (the counter sees them)"
+    assert counts[3:] == [[], [], []]
