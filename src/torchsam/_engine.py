@@ -179,6 +179,7 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         # One list of group dicts, shared: what a scheduler writes, the base optimizer reads.
         self.param_groups = self.base_optimizer.param_groups
+        self.state = _OwnState(self.base_optimizer)
         self.defaults = {**self.base_optimizer.defaults, **self.defaults}
         for group in self.param_groups:
             self._init_group(group)
@@ -622,7 +623,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 "second_step() instead of step(closure)."
             )
 
-    def _step_without_closure(self, message: str) -> None:
+    def _step_without_closure(self, message: str) -> Any:
         """``step()`` without closure: the all-zero-gradient step, or an error."""
         self._require_idle("step()")
         views = self._views()
@@ -863,10 +864,18 @@ class SharpnessAwareOptimizer(Optimizer):
                 own_state[key] = own_entry
         self.base_optimizer.load_state_dict({"state": base_state, "param_groups": groups})
         self.param_groups = self.base_optimizer.param_groups
-        params = [p for group in self.param_groups for p in group["params"]]
-        restored: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        # The saved groups name their parameters by index (or, through DCP, by their fully
+        # qualified names); positions match the current groups, as torch.optim assumes.
+        id_map = dict(
+            zip(
+                (i for group in groups for i in group["params"]),
+                (p for group in self.param_groups for p in group["params"]),
+                strict=True,
+            )
+        )
+        restored = _OwnState(self.base_optimizer)
         for key, entry in own_state.items():
-            p = params[int(key)]
+            p = id_map[key]
             restored[p] = {k: _to_param(v, p) for k, v in entry.items()}
         self.state = restored
         self._layouts = {}  # the group dicts are new
@@ -885,6 +894,22 @@ class SharpnessAwareOptimizer(Optimizer):
                 f"{', '.join(sorted(foreign))}, which {type(self).__name__} does not take (they "
                 f"belong to {', '.join(owners)}); load it into the optimizer class that saved it"
             )
+
+
+class _OwnState(defaultdict[Any, dict[str, Any]]):
+    """torchsam's own per-parameter state; true when it or the base optimizer's state holds
+    anything (``torch.distributed.checkpoint`` tests ``optimizer.state`` to decide whether the
+    state still has to be created by a step)."""
+
+    def __init__(self, base: Optimizer) -> None:
+        super().__init__(dict)
+        self.base = base
+
+    def __bool__(self) -> bool:
+        return len(self) > 0 or bool(self.base.state)
+
+    def __reduce__(self) -> Any:
+        return (_OwnState, (self.base,), None, None, iter(self.items()))
 
 
 class _WideState:
