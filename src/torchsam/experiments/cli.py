@@ -395,9 +395,15 @@ def _run_bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``torchsam`` command with ``argv`` (default: ``sys.argv[1:]``); return its status."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     command = {"compare": _run_compare, "landscape": _run_landscape, "bench": _run_bench}
     prog = f"{_PROG} {args.command}"
+    if extra:
+        print(
+            f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return command[args.command](args)
     except (_UsageError, ValueError, FileNotFoundError) as exc:
