@@ -1,5 +1,6 @@
 """torchsam: Sharpness-Aware Minimization for PyTorch."""
 
+from torchsam import landscape, sharpness
 from torchsam._batchnorm import freeze_running_stats
 from torchsam._engine import SharpnessAwareOptimizer
 from torchsam._esam import ESAM
@@ -30,5 +31,7 @@ __all__ = [
     "VaSSO",
     "__version__",
     "freeze_running_stats",
+    "landscape",
+    "sharpness",
     "trajectory_kl",
 ]
