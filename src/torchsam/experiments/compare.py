@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 import torchsam
-from torchsam.experiments.data import Split, noisy_digits
+from torchsam.experiments.data import Split, noisy_digits, noisy_signals
 from torchsam.experiments.models import mlp, resnet18, small_cnn, wide_resnet
 from torchsam.experiments.train import METHODS, EpochStats, Result, get_method, train
 
@@ -113,15 +113,7 @@ def load_dataset(
 
 
 def _toy(noise: float, seed: int) -> Split:
-    from torchsam.experiments import data
-
-    make = getattr(data, "noisy_signals", None)
-    if make is None:
-        raise ValueError("the toy dataset is not available in this version of torchsam")
-    split = make(noise, seed=seed)
-    if not isinstance(split, Split):
-        raise TypeError(f"noisy_signals returned {type(split)!r}, not a Split")
-    return split
+    return noisy_signals(noise, seed=seed)
 
 
 def build_model(name: str, dataset: str, split: Split, width: int | None = None) -> nn.Module:
