@@ -389,6 +389,96 @@ def test_mesa_unwraps_data_parallel() -> None:
     torch.testing.assert_close(mesa.ema.l1.weight, 0.5 * before + 0.5 * model.l1.weight)
 
 
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+    x, y = torch.randn(16, 6, dtype=dtype), torch.randint(0, 4, (16,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_mesa_update_follows_tensors_replaced_after_the_first_call() -> None:
+    # update() keeps its pairing of the model's tensors with the EMA's between calls; a cast
+    # (parameters keep their objects and change their data, buffers are new objects) must not
+    # leave it averaging stale tensors.
+    torch.manual_seed(7)
+    model = Net()
+    mesa = MESA(model, decay=0.6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    ema = {n: t.clone() for n, t in model.state_dict().items() if t.is_floating_point()}
+    for _ in range(2):
+        _train_step(model, opt, torch.float64)
+        mesa.update(model)
+        ema_by_hand(ema, model, 0.6)
+    model.float()
+    mesa.float()
+    ema = {n: t.float() for n, t in ema.items()}
+    for _ in range(2):
+        _train_step(model, opt, torch.float32)
+        mesa.update(model)
+        ema_by_hand(ema, model, 0.6)
+    state = mesa.ema.state_dict()
+    for name, expected in ema.items():
+        torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-6)
+        assert state[name].dtype == torch.float32
+    assert mesa.ema.bn.num_batches_tracked.item() == 4
+
+    # without buffers the same parameter objects stay, only their data changes
+    linear = nn.Linear(6, 4, dtype=torch.float64)
+    mesa = MESA(linear, decay=0.5)
+    mesa.update(linear)
+    linear.float()
+    mesa.float()
+    with torch.no_grad():
+        linear.weight.add_(1.0)
+    before = mesa.ema.weight.clone()
+    mesa.update(linear)
+    torch.testing.assert_close(mesa.ema.weight, 0.5 * before + 0.5 * linear.weight)
+
+
+def test_mesa_update_averages_a_source_of_another_dtype() -> None:
+    model = Net()
+    mesa = MESA(model, decay=0.5)
+    model.float()  # the EMA stays float64
+    with torch.no_grad():
+        model.l1.weight.add_(1.0)
+    before = mesa.ema.l1.weight.clone()
+    mesa.update(model)
+    expected = 0.5 * before + 0.5 * model.l1.weight.double()
+    torch.testing.assert_close(mesa.ema.l1.weight, expected)
+    assert mesa.ema.l1.weight.dtype == torch.float64
+
+
+def test_mesa_copy_steps_like_the_original() -> None:
+    torch.manual_seed(8)
+    model = Net()
+    mesa = MESA(model, decay=0.7, start_epoch=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    _train_step(model, opt, torch.float64)
+    mesa.update(model)  # the pairing is made here
+    twin = copy.deepcopy(mesa)
+    assert twin._update_plan is None  # a copy holds no reference to the model's tensors
+    _train_step(model, opt, torch.float64)
+    mesa.update(model)
+    twin.update(model)
+    for a, b in zip(mesa.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mesa_reference_forward_runs_without_autograd() -> None:
+    model = Net(dropout=0.0)
+    mesa = MESA(model, start_epoch=0)
+    modes: list[tuple[bool, bool]] = []
+    mesa.ema.register_forward_pre_hook(
+        lambda *_: modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+    )
+    x = torch.randn(8, 6, dtype=torch.float64)
+    logits = model(x)
+    term = mesa(logits, x, 0)
+    assert modes == [(False, True)]
+    term.backward()  # the reference is saved for backward: it must not be an inference tensor
+    assert model.l1.weight.grad is not None
+
+
 # --------------------------------------------------------------------------- errors
 def _saf_call(**kw: Any) -> Callable[[], Any]:
     args: dict[str, Any] = dict(logits=torch.randn(3, 4), indices=torch.arange(3), epoch=0)

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TypeVar
+import operator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -218,12 +220,15 @@ class SAF(_TrajectoryLoss):
                 f"indices must have shape [{batch}] (one per row of logits), "
                 f"got {tuple(indices.shape)}"
             )
-        low, high = int(indices.min()), int(indices.max())
+        # the range and the repeats from one sort, brought to the host in one transfer
+        ordered = indices.to(torch.int64).sort().values
+        repeats = (ordered[1:] == ordered[:-1]).sum().reshape(1)
+        low, high, repeated = torch.cat([ordered[:1], ordered[-1:], repeats]).tolist()
         if low < 0 or high >= self.num_samples:
             raise ValueError(
                 f"indices must lie in [0, {self.num_samples}), got values in [{low}, {high}]"
             )
-        if torch.unique(indices).numel() != batch:
+        if repeated:
             raise ValueError("indices must not repeat within a batch")
         return indices.to(device=self.history.device, dtype=torch.int64)
 
@@ -267,6 +272,22 @@ class SAF(_TrajectoryLoss):
 
 
 _MESA = TypeVar("_MESA", bound="MESA")
+
+
+@dataclass
+class _UpdatePlan:
+    """What :meth:`MESA.update` does, kept while the model's and the EMA's tensors are the same
+    objects: the fused average, the averaged tensors of another dtype or device, the copies."""
+
+    tensors: list[Tensor]
+    averaged_ema: list[Tensor] = field(default_factory=list)
+    averaged_src: list[Tensor] = field(default_factory=list)
+    converted: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    copied: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+def _same_objects(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -357,6 +378,7 @@ class MESA(_TrajectoryLoss):
             param.requires_grad_(False)
             param.grad = None
         self.ema = ema.train(self.ema_train_mode)
+        self._update_plan: _UpdatePlan | None = None
 
     def train(self: _MESA, mode: bool = True) -> _MESA:
         """Set this module's mode; the EMA model keeps the mode chosen by ``ema_train_mode``."""
@@ -368,8 +390,11 @@ class MESA(_TrajectoryLoss):
     def update(self, model: nn.Module) -> None:
         """Move the EMA towards ``model``: ``ema = decay · ema + (1 - decay) · w``.
 
-        Floating-point parameters and (with ``average_buffers``) buffers are averaged; the
-        other tensors are copied.
+        Floating-point parameters and (with ``average_buffers``) buffers are averaged, in one
+        fused pass (``torch._foreach_lerp_``, ``ema += (1 - decay) · (w - ema)``); the other
+        tensors are copied. The pairing of the model's tensors with the EMA's is checked (names
+        and shapes) on the first call and whenever the model's tensors change, and kept in
+        between, so a call costs no per-tensor Python work beyond the kernels.
 
         Args:
             model (nn.Module): the model ``MESA`` was built from, after the optimizer step
@@ -377,7 +402,23 @@ class MESA(_TrajectoryLoss):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         model = _unwrap(model)
-        averaged: tuple[list[Tensor], list[Tensor]] = ([], [])
+        # ``.to()``/``load_state_dict`` may replace tensors: the pairing is re-made then
+        tensors = [*model.parameters(), *model.buffers(), *self.ema.parameters()]
+        tensors.extend(self.ema.buffers())
+        plan = self._update_plan
+        if plan is None or not _same_objects(plan.tensors, tensors):
+            plan = self._update_plan = self._plan_update(model, tensors)
+        weight = 1.0 - self.decay
+        if plan.averaged_ema:
+            torch._foreach_lerp_(plan.averaged_ema, plan.averaged_src, weight)
+        for ema_t, src_t in plan.converted:  # a source of another dtype or device
+            ema_t.lerp_(src_t.to(ema_t), weight)
+        for ema_t, src_t in plan.copied:
+            ema_t.copy_(src_t)
+
+    def _plan_update(self, model: nn.Module, tensors: list[Tensor]) -> _UpdatePlan:
+        """Pair the model's tensors with the EMA's, by name, and check their shapes."""
+        plan = _UpdatePlan(tensors)
         average = {"parameters": True, "buffers": self.average_buffers}
         for kind, ema_named, src_named in (
             ("parameters", self.ema.named_parameters(), model.named_parameters()),
@@ -395,13 +436,18 @@ class MESA(_TrajectoryLoss):
                         f"{tuple(src_t.shape)}, the EMA {tuple(ema_t.shape)}"
                     )
                 if average[kind] and ema_t.is_floating_point():
-                    averaged[0].append(ema_t)
-                    averaged[1].append(src_t.detach())
+                    if src_t.dtype != ema_t.dtype or src_t.device != ema_t.device:
+                        plan.converted.append((ema_t, src_t))
+                    else:
+                        plan.averaged_ema.append(ema_t)
+                        plan.averaged_src.append(src_t)
                 else:
-                    ema_t.copy_(src_t)
-        if averaged[0]:
-            torch._foreach_mul_(averaged[0], self.decay)
-            torch._foreach_add_(averaged[0], averaged[1], alpha=1.0 - self.decay)
+                    plan.copied.append((ema_t, src_t))
+        return plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the cached pairing refers to the model's tensors: a copy re-makes it
+        return {**super().__getstate__(), "_update_plan": None}
 
     def forward(self, logits: Tensor, inputs: Tensor, epoch: int) -> Tensor:
         """Return the trajectory term of ``logits`` against the EMA model's output on ``inputs``.
@@ -419,7 +465,9 @@ class MESA(_TrajectoryLoss):
         epoch = _check_nonnegative_int(epoch, "epoch")
         if epoch < self.start_epoch:
             return self._zero(logits)
-        with torch.no_grad():
+        # No autograd bookkeeping at all for the EMA's forward pass (not even version counters);
+        # its output is copied out of inference mode, so the term's backward may save it.
+        with torch.inference_mode():
             reference = self.ema(inputs)
         if not isinstance(reference, Tensor) or reference.shape != logits.shape:
             shape = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference)
@@ -427,7 +475,7 @@ class MESA(_TrajectoryLoss):
                 f"the EMA model's output must have the shape of logits {tuple(logits.shape)}, "
                 f"got {shape}"
             )
-        return self.lam * _per_sample_kl(logits, reference, self.tau).mean()
+        return self.lam * _per_sample_kl(logits, reference.clone(), self.tau).mean()
 
     def extra_repr(self) -> str:
         return (
