@@ -20,7 +20,9 @@ recovers, SAM ends at chance level.) It prints:
    machine; what it costs above its floor is its own per-step work.
 2. **The training table**: test accuracy (clean labels) and training accuracy on the clean
    labels (mean ± std over seeds), and wall time relative to SGD, with the floor ratio beside
-   it. Times are per step over the epochs from ``--timed-from`` on (epoch 5 by default, where
+   it, the model's forward calls per step and the samples they took, in batches (ESAM: 2.5,
+   its second pass takes half the batch; MESA's EMA model is another module, not counted).
+   Times are per step over the epochs from ``--timed-from`` on (epoch 5 by default, where
    SAF's and MESA's terms are active: before their ``start_epoch`` they cost nothing), the
    fastest of ``--repeats`` runs per seed, the per-seed ratio to SGD, median over seeds. Within
    a round the order of the methods rotates; the garbage collector is paused during training;
@@ -235,10 +237,24 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+def _rows_per_step(runs: list[Run]) -> float:
+    """Samples through the model's forward per step, in batches (MESA's EMA not counted)."""
+    return sum(r.result.forward_samples / (r.result.steps * BATCH) for r in runs) / len(runs)
+
+
 def table(results: dict[str, list[Run]], floor: dict[str, float]) -> list[tuple[str, float]]:
     """Print the training table; return (contender, time ratio) rows."""
     base = results["sgd"]
-    header = ("method", "test acc %", "train acc (clean) %", "ms/step", "time vs SGD", "floor")
+    header = (
+        "method",
+        "test acc %",
+        "train acc (clean) %",
+        "ms/step",
+        "time vs SGD",
+        "floor",
+        "fwd/step",
+        "rows/step",
+    )
     lines = [header]
     ratios = []
     for name, runs in results.items():
@@ -255,6 +271,8 @@ def table(results: dict[str, list[Run]], floor: dict[str, float]) -> list[tuple[
                 f"{1e3 * statistics.median(r.step_time for r in runs):.2f}",
                 f"{ratio:.2f}x",
                 f"{floor[name] / floor['sgd']:.2f}x",
+                f"{sum(r.result.forwards_per_step for r in runs) / len(runs):.2f}",
+                f"{_rows_per_step(runs):.2f}",
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -1,0 +1,39 @@
+"""benchmarks/bench_cheap.py runs (a smoke run: the pass counts are asserted, not the times)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cheap_benchmark_smoke_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sklearn")
+    # in-process (the script's main), to spare a second interpreter start
+    spec = importlib.util.spec_from_file_location(
+        "bench_cheap", ROOT / "benchmarks" / "bench_cheap.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_cheap", bench)  # dataclasses look it up
+    spec.loader.exec_module(bench)
+    args = ["--quick", "--model", "mlp", "--hidden", "16", "--epochs", "6", "--pass-repeats", "1"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "MLP 2x16 + BatchNorm; batch 128, lr 0.01; 6 epochs, timed from epoch 5" in out
+    assert "passes on one batch (ms, median): F " in out
+    table = out.split("targets:")[0]
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
+    # model forward calls per step and the samples they took, in batches: deterministic
+    assert rows["sgd"][-2:] == ["1.00", "1.00"]
+    assert rows["sam"][-2:] == ["2.00", "2.00"]
+    assert rows["saf"][-2:] == ["1.00", "1.00"]
+    assert rows["mesa"][-2:] == ["1.00", "1.00"]  # the EMA model is another module
+    assert rows["esam"][-2:] == ["3.00", "2.50"]  # the second pass takes half the batch
+    for name in ("saf", "mesa", "esam"):
+        assert f"  {name}: " in out.split("targets:")[1]
