@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import random
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -804,6 +805,72 @@ def test_esam_step_without_selected_tensors_does_not_crash() -> None:
     opt = torchsam.ESAM(make_groups(model, 0.1), torch.optim.SGD, beta=0.6, seed=3, lr=0.1)
     for x, y in data[:2]:
         opt.step(per_sample_for(model, x, y))
+
+
+class _WeightGradientWork(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, per backward kernel of a convolution or BatchNorm, whether it computed the
+    weight's gradient (the kernel's ``output_mask``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in ("convolution_backward", "native_batch_norm_backward"):
+            self.kernels.append((name, bool(args[-1][1])))
+        return func(*args, **(kwargs or {}))
+
+
+def test_esam_unselected_tensors_cost_no_weight_gradient_kernel_work() -> None:
+    """SWP's saving is real: in the first backward the kernels of the unselected weights skip
+    their weight gradient (not only its accumulation), and the second pass takes the kept rows
+    only; requires_grad is never switched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    )
+    x, y = torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    opt = torchsam.ESAM(model.parameters(), torch.optim.SGD, beta=0.5, gamma=0.5, lr=0.1)
+    # the conv and BatchNorm kernels in backward order, with their tensors
+    layers = [model[4], model[3], model[1], model[0]]
+    skipped = 0
+    for step in range(5):
+        spy = _WeightGradientWork()
+        rows: list[int] = []
+
+        def closure(indices: Tensor | None, spy: Any = spy, rows: Any = rows) -> Tensor:
+            if not rows:  # the first call: its backward runs before the second call
+                torch.utils._python_dispatch._push_mode(spy)
+            elif len(rows) == 1:
+                torch.utils._python_dispatch._pop_mode()
+            rows.append(len(x) if indices is None else len(indices))
+            xb, yb = (x, y) if indices is None else (x[indices], y[indices])
+            return F.cross_entropy(model(xb), yb, reduction="none")
+
+        rng = random.Random(f"torchsam.ESAM:0:{step}")
+        selected = {id(p) for p in model.parameters() if rng.random() < 0.5}
+        opt.step(closure)
+        assert rows == [10, 10, 5]
+        assert all(p.requires_grad for p in model.parameters())
+        # a kernel runs while a selected tensor lies at or below its layer (the first conv's
+        # input takes no gradient), and computes its weight's gradient only when it is selected
+        expected = []
+        for i, layer in enumerate(layers):
+            if not any(id(p) in selected for lower in layers[i:] for p in lower.parameters()):
+                break
+            kernel = "convolution" if isinstance(layer, nn.Conv2d) else "native_batch_norm"
+            expected.append((f"{kernel}_backward", id(layer.weight) in selected))
+        assert spy.kernels == expected, step
+        skipped += sum(not wanted for _, wanted in spy.kernels)
+    assert skipped > 0  # the draws did leave weights out (otherwise this checks little)
 
 
 def test_esam_bad_selection_output_leaves_weights_at_w() -> None:
