@@ -28,7 +28,14 @@ from torch import Tensor, nn
 import torchsam
 from torchsam.experiments.data import Split, noisy_digits, noisy_signals
 from torchsam.experiments.models import mlp, resnet18, small_cnn, wide_resnet
-from torchsam.experiments.train import METHODS, EpochStats, Result, get_method, train
+from torchsam.experiments.train import (
+    METHODS,
+    EpochStats,
+    Result,
+    get_method,
+    register_method,
+    train,
+)
 
 __all__ = [
     "DATASETS",
@@ -58,6 +65,8 @@ _DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
     "cifar100": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
 }
+# the small tasks' models gain nothing from more CPU threads, and lose much on a busy machine
+_ONE_THREAD = ("digits", "toy")
 _MODEL_WIDTH = {"mlp": 128, "small_cnn": 16, "resnet18": 64, "wrn16_8": 8}
 _IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
@@ -144,6 +153,19 @@ def build_model(name: str, dataset: str, split: Split, width: int | None = None)
 
 # --------------------------------------------------------------------------- optimizers
 _TRAIN_OPTIONS = ("lr", "momentum", "weight_decay")
+# run options that differ by default for a method (an adaptive optimizer wants a smaller lr)
+_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {"adamw": {"lr": 1e-3}}
+
+
+def _adamw(
+    params: Any, lr: float, momentum: float, weight_decay: float, **kwargs: Any
+) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` (``momentum`` is unused: AdamW has its ``betas``)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+if "adamw" not in METHODS:  # a baseline of the command; the benchmarks keep their own set
+    register_method("adamw", _adamw, description="torch.optim.AdamW, lr 1e-3 unless given")
 
 
 def _parse_value(text: str) -> Any:
@@ -234,7 +256,10 @@ def contenders(spec: str, rhos: Sequence[float]) -> list[Contender]:
     parsed = parse_optimizers(spec)
     out: list[Contender] = []
     for method, given in parsed:
-        train_options = {k: given[k] for k in _TRAIN_OPTIONS if k in given}
+        train_options = {
+            **_TRAIN_DEFAULTS.get(method, {}),
+            **{k: given[k] for k in _TRAIN_OPTIONS if k in given},
+        }
         options = {k: v for k, v in given.items() if k not in _TRAIN_OPTIONS}
         extra = ",".join(f"{k}={v}" for k, v in given.items() if k != "rho")
         base = f"{method}({extra})" if extra else method
@@ -298,6 +323,8 @@ class CompareConfig:
                 values[key] = value
         if values["width"] is None:
             values["width"] = _MODEL_WIDTH.get(values["model"])
+        if values["threads"] is None and self.dataset in _ONE_THREAD:
+            values["threads"] = 1
         return CompareConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
