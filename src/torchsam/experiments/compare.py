@@ -747,16 +747,18 @@ def _pretty(label: str) -> str:
     names = {"sam": "SAM", "asam": "ASAM", "gsam": "GSAM", "esam": "ESAM", "msam": "MSAM"}
     head, _, tail = label.partition(" ")
     base, paren, rest = head.partition("(")
-    base = names.get(base, {"looksam": "LookSAM", "sgd": "SGD"}.get(base, base))
+    more = {"looksam": "LookSAM", "sgd": "SGD", "periodic": "periodic SAM", "adamw": "AdamW"}
+    base = names.get(base, more.get(base, base))
     return (base + paren + rest + (" " + tail if tail else "")).strip()
 
 
 def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
-    """One sentence on the summary: the best gain over the baseline, its cost, and the
-    cheapest contender that keeps a real share of it.
+    """One sentence on the summary: the best gain over the baseline, its cost and its flatness,
+    and the cheaper contender that keeps the best share of it.
 
-    A gain counts when it exceeds twice its standard error (with one seed there is no error
-    estimate, and the sentence says so).
+    A gain is called settled when it exceeds twice its standard error; a smaller positive gain
+    is reported with that caveat (with one seed there is no error estimate, and the sentence
+    says so).
     """
     base = next((r for r in summary if r["baseline"]), None)
     others = [r for r in summary if not r["baseline"] and r["gain"] is not None]
@@ -774,13 +776,22 @@ def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
         se = f" ± {r['gain_se']:.1f}" if r["gain_se"] is not None else ""
         return f"{r['gain']:+.1f}{se} points"
 
-    caveat = " (one seed: no error estimate; use more seeds)" if best["gain_se"] is None else ""
-    if best["gain"] <= 0 or (best["gain_se"] is not None and best["gain"] <= 2 * best["gain_se"]):
+    if best["gain"] <= 0:
         return (
-            f"No optimizer beats {base_name} here beyond the spread between seeds "
-            f"(best: {_pretty(best['label'])}, {points(best)} at {cost(best)}){caveat}."
+            f"No optimizer beats {base_name} here "
+            f"(best: {_pretty(best['label'])}, {points(best)} at {cost(best)})."
         )
     sentence = f"{_pretty(best['label'])} gains {points(best)} over {base_name} at {cost(best)}"
+    if best["gain_se"] is None:
+        sentence += " (one seed: no error estimate; use more seeds)"
+    elif best["gain"] <= 2 * best["gain_se"]:
+        sentence += (
+            f" (within twice its standard error over {best['seeds']} seeds: "
+            "more --seeds would settle it)"
+        )
+    flat_base, flat_best = base.get("hessian_top"), best.get("hessian_top")
+    if flat_base and flat_best and flat_best > 0 and flat_base > flat_best:
+        sentence += f", with a {flat_base / flat_best:.1f}x smaller top Hessian eigenvalue"
     cheaper = [
         r
         for r in others
@@ -794,7 +805,7 @@ def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
         pick = max(cheaper, key=lambda r: r["gain"] / max(r["time_ratio"], 1e-9))
         share = 100 * pick["gain"] / best["gain"]
         sentence += f"; {_pretty(pick['label'])} keeps {share:.0f}% of it at {cost(pick)}"
-    return sentence + caveat + "."
+    return sentence + "."
 
 
 # --------------------------------------------------------------------------- plots
