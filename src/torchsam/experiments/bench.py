@@ -453,4 +453,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         "'(pass)'/'(fail)' rows are for information."
     )
     return 0
-
