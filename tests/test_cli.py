@@ -428,3 +428,20 @@ def test_ci_runs_the_readme_commands() -> None:
     assert test_line.replace("pip install", "python -m pip install --quiet", 1) in ci
     assert "mkdocs build --strict" in ci
     assert (root / "docs" / "landscape.png").read_bytes()[:8] == PNG
+
+
+def test_list_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--list-optimizers"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert names[:2] == ["sgd", "sam"]
+    assert {"looksam", "gsam", "esam", "saf", "mesa", "adamw"} <= set(names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_device_without_cuda_is_one_line(tmp_path: Path, capfd: Any) -> None:
+    assert main(["compare", "--device", "cuda", "--quiet", "--out", str(tmp_path / "r")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        "torchsam compare: error: --device cuda: CUDA is not available here; "
+        "use --device cpu or auto"
+    ]

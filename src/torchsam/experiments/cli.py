@@ -272,6 +272,7 @@ def _list_optimizers() -> None:
     for name, method in METHODS.items():
         options = ", ".join(f"{k}={v}" for k, v in method.defaults.items())
         print(f"{name:<{width}}  {method.description}" + (f" [{options}]" if options else ""))
+    print("rho comes from --rho unless an optimizer sets its own (sam:rho=0.2)")
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -312,14 +313,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_landscape(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from torchsam.experiments.compare import _instrument_modules, build_model, load_dataset
+    import torchsam.landscape as landscape
+    from torchsam.experiments.compare import build_model, load_dataset
 
     if len(args.checkpoints) > 2:
         raise _UsageError("landscape takes one or two checkpoints")
-    modules = _instrument_modules()
-    if modules is None:
-        raise _UsageError("torchsam.landscape is not available in this installation")
-    landscape = modules[1]
     loaded = []
     for name in args.checkpoints:
         path = Path(name)
