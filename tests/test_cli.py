@@ -445,3 +445,14 @@ def test_cuda_device_without_cuda_is_one_line(tmp_path: Path, capfd: Any) -> Non
         "torchsam compare: error: --device cuda: CUDA is not available here; "
         "use --device cpu or auto"
     ]
+
+
+def test_a_config_file_with_bad_values_is_one_line(tmp_path: Path, capfd: Any) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"config": {"epochs": "ten", "seeds": [0]}}))
+    assert main(["compare", "--config", str(bad), "--quiet"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["torchsam compare: error: Invalid epochs value: 'ten'; it must be an int >= 1"]
+    bad.write_text(json.dumps({"config": {"colour": "red"}}))
+    assert main(["compare", "--config", str(bad), "--quiet"]) == 2
+    assert "unknown option 'colour'" in capfd.readouterr().err

@@ -327,6 +327,52 @@ class CompareConfig:
             values["threads"] = 1
         return CompareConfig(**values)
 
+    def validate(self) -> None:
+        """Raise a ValueError naming the first option out of range (e.g. from a JSON file)."""
+
+        def whole(name: str, value: Any, low: int = 1, optional: bool = False) -> None:
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Invalid {name} value: {value!r}; it must be an int >= {low}")
+
+        def number(name: str, value: Any, optional: bool = False) -> float:
+            if optional and value is None:
+                return 0.0
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Invalid {name} value: {value!r}; it must be a number")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"Invalid {name} value: {value!r}; it must be >= 0")
+            return float(value)
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"Unknown dataset {self.dataset!r}; use one of: {', '.join(DATASETS)}")
+        if self.model is not None and self.model not in MODELS:
+            raise ValueError(f"Unknown model {self.model!r}; use one of: {', '.join(MODELS)}")
+        for name in ("epochs", "batch_size", "width", "train_size", "threads"):
+            whole(name, getattr(self, name), optional=True)
+        for name in ("instrument_samples", "hessian_iters"):
+            whole(name, getattr(self, name))
+        whole("landscape_steps", self.landscape_steps, low=2)
+        whole("data_seed", self.data_seed, low=0)
+        if not isinstance(self.seeds, list) or not self.seeds:
+            raise ValueError(f"Invalid seeds value: {self.seeds!r}; give a list of seeds")
+        for seed in self.seeds:
+            whole("seed", seed, low=0)
+        if not isinstance(self.rho, list) or not self.rho:
+            raise ValueError(f"Invalid rho value: {self.rho!r}; give a list of radii")
+        for rho in self.rho:
+            number("rho", rho)
+        if number("label_noise", self.label_noise) >= 1.0:
+            raise ValueError(f"Invalid label_noise value: {self.label_noise}; it must be < 1")
+        for name in ("momentum", "weight_decay", "sharpness_rho"):
+            number(name, getattr(self, name))
+        number("lr", self.lr, optional=True)
+        if number("landscape_span", self.landscape_span) == 0.0:
+            raise ValueError("Invalid landscape_span value: 0; it must be > 0")
+        if not isinstance(self.optimizers, str):
+            raise ValueError(f"Invalid optimizers value: {self.optimizers!r}; give a string")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -437,6 +483,7 @@ def run_compare(
     contender, the verdict and the files written. A ``KeyboardInterrupt`` stops the runs; what
     was gathered is still summarised and written, with ``"interrupted": true``.
     """
+    config.validate()
     config = config.resolved()
     progress = progress or Progress()
     device = resolve_device(config.device)
