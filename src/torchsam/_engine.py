@@ -628,7 +628,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self._require_idle("step()")
         views = self._views()
         if views and not any(
-            bool(torch.stack(torch._foreach_norm(v.grads, float("inf"))).any()) for v in views
+            bool(torch.stack(torch._foreach_norm(part, float("inf"))).any())
+            for v in views
+            for part in v.split(v.grads)
         ):
             self._first_step(zero_grad=False)
             self._second_step(own_closure=True)
