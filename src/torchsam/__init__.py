@@ -8,6 +8,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
+from torchsam import landscape, sharpness
 from torchsam._batchnorm import freeze_running_stats
 from torchsam._engine import SharpnessAwareOptimizer
 from torchsam._esam import ESAM
@@ -38,5 +39,7 @@ __all__ = [
     "VaSSO",
     "__version__",
     "freeze_running_stats",
+    "landscape",
+    "sharpness",
     "trajectory_kl",
 ]

@@ -1,6 +1,6 @@
 """Experiments: embedded data, small models and a training loop for comparing SAM variants.
 
-Nothing here is imported by ``import torchsam``. The data need scikit-learn
+Nothing here is imported by ``import torchsam``. The digits need scikit-learn
 (``pip install "torchsam[data]"``), imported only when a dataset is built.
 
 Example:
@@ -11,17 +11,19 @@ Example:
 """
 
 from torchsam.experiments import methods as _methods  # noqa: F401 (registers the SAM family)
-from torchsam.experiments.data import Split, noisy_digits
+from torchsam.experiments.data import Split, noisy_digits, noisy_signals
 from torchsam.experiments.models import mlp, small_cnn
 from torchsam.experiments.train import (
     METHODS,
     Batch,
+    EpochStats,
     Method,
     OptimizerFactory,
     Result,
     StepBuilder,
     StepFn,
     TrainContext,
+    accuracy,
     closure_step,
     get_method,
     register_method,
@@ -32,6 +34,7 @@ from torchsam.experiments.train import (
 __all__ = [
     "METHODS",
     "Batch",
+    "EpochStats",
     "Method",
     "OptimizerFactory",
     "Result",
@@ -39,10 +42,12 @@ __all__ = [
     "StepBuilder",
     "StepFn",
     "TrainContext",
+    "accuracy",
     "closure_step",
     "get_method",
     "mlp",
     "noisy_digits",
+    "noisy_signals",
     "register_method",
     "sharpness_aware",
     "small_cnn",
