@@ -321,6 +321,11 @@ class SharpnessAwareOptimizer(Optimizer):
                     params[0].device,
                 )
                 self._layouts[id(group)] = layout
+                for p in params:  # own state follows a dtype or device change of its parameter
+                    own = self.state.get(p)
+                    if own:
+                        for key, value in own.items():
+                            own[key] = _to_param(value, p)
             views.append(GroupView(group, params, grads, layout))
         return views
 
