@@ -431,3 +431,32 @@ def test_compiled_training_step_matches_eager(name: str) -> None:
         runs.append(weights(model))
         assert opt.param_groups[0]["sam_step"] == 4
     _assert_same(runs[1], runs[0])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_step_without_closure_is_noop_for_zero_grads(name: str) -> None:
+    """test_optim's zero-gradient step, which is also how DCP creates a fresh state."""
+    model, _ = setup()
+    opt = build(name, model, weight_decay=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    start = weights(model)
+    opt.step()
+    _assert_same(weights(model), start)
+    assert opt.param_groups[0]["sam_step"] == 1
+    model.l1.bias.grad[0] = 1.0  # any nonzero gradient: a closure is needed
+    with pytest.raises(RuntimeError, match=r"needs (a )?closure"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["sam", "looksam", "esam"])
+def test_deepcopy_copies_all_public_attributes(name: str) -> None:
+    """test_optim's check: the public attributes of a copy equal the original's."""
+    model, data = setup()
+    opt = build(name, model)
+    step(name, opt, model, *data[0])
+    public = {k for k in opt.__dict__ if not k.startswith("_")}
+    assert {"base_optimizer", "defaults", "param_groups", "state"} <= public
+    clone = copy.deepcopy(opt)
+    assert public == {k for k in clone.__dict__ if not k.startswith("_")}
+    assert repr(clone) == repr(opt)
