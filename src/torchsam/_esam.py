@@ -112,7 +112,7 @@ class ESAM(SAM):
             the mean loss of the batch at ``w`` (detached).
         """
         if closure is None:
-            raise RuntimeError(
+            return self._step_without_closure(
                 "ESAM.step() needs a closure(indices) that returns the per-sample losses of the "
                 "batch rows `indices` (all rows when None) at the current weights"
             )

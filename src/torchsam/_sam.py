@@ -105,8 +105,9 @@ class SAM(SharpnessAwareOptimizer):
     #: A variant's own per-group hyper-parameters (saved in the param groups, may differ per
     #: group and be scheduled), with their defaults; keyword-only arguments of its constructor.
     hyperparameters: ClassVar[dict[str, Any]] = {}
-    #: A variant's optimizer-wide options (attributes of the optimizer), with their defaults;
-    #: keyword-only arguments of its constructor, validated in :meth:`_check_options`.
+    #: A variant's optimizer-wide options (read as attributes of the optimizer, kept in every
+    #: param group), with their defaults; keyword-only arguments of its constructor, validated
+    #: in :meth:`_check_options`.
     options: ClassVar[dict[str, Any]] = {}
 
     def __init__(
@@ -120,16 +121,55 @@ class SAM(SharpnessAwareOptimizer):
         **kwargs: Any,
     ) -> None:
         own = dict(rho=rho, adaptive=adaptive, eta=eta)
-        for name, default in self.hyperparameters.items():
+        for name, default in {**self.hyperparameters, **self.options}.items():
             own[name] = kwargs.pop(name, default)
-        for name, default in self.options.items():
-            setattr(self, name, kwargs.pop(name, default))
-        self._check_options()
         super().__init__(params, base_optimizer, own, kwargs)
 
+    # Options are optimizer-wide but kept, like the hyper-parameters, in every param group (the
+    # same value in each), so that every checkpoint format carries them; ``self.k`` reads them.
+    def __getattr__(self, name: str) -> Any:
+        if name in type(self).options:
+            source = self.__dict__.get("_option_source")
+            if source is None:
+                source = self.__dict__["param_groups"][0]
+            return source[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self).options and "param_groups" in self.__dict__:
+            groups = self.param_groups
+            self._check_groups([{**g, name: value} for g in groups])
+            for group in groups:
+                group[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        for name in type(self).options:
+            values = [g[name] for g in groups]
+            if any(v != values[0] or type(v) is not type(values[0]) for v in values):
+                raise ValueError(
+                    f"{name} is an option of the whole {type(self).__name__} optimizer; it "
+                    f"cannot differ between param groups (got {values})"
+                )
+        self.__dict__["_option_source"] = groups[0]
+        try:
+            self._check_options()
+        finally:
+            del self.__dict__["_option_source"]
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Give each variant the true signature: SAM's plus its own keyword-only arguments."""
+        """Give each variant the true signature: SAM's plus its own keyword-only arguments.
+
+        A class whose constructor is not SAM's (a user's subclass that writes ``__init__``, or a
+        subclass of one) keeps the signature of that constructor.
+        """
         super().__init_subclass__(**kwargs)
+        constructor = next(c for c in cls.__mro__ if "__init__" in vars(c))
+        if constructor is not SAM:
+            # None (not inherited from the parent) makes inspect read the constructor itself.
+            cls.__signature__ = None  # type: ignore[attr-defined]
+            return
         base = list(inspect.signature(SAM.__init__).parameters.values())[1:]  # without self
         extra = [
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)

@@ -1,0 +1,438 @@
+"""torchsam's instruments against PyHessian and loss-landscapes, side by side in one process.
+
+Run it as ``python benchmarks/bench_instruments.py`` after ``pip install -e ".[bench]"``
+(``--quick`` for a short smoke run on a smaller model, ``--trials N`` for the number of timed
+rounds, ``--threads N`` for the intra-op thread count, 1 by default). It prints a report and
+always exits with status 0: it is a measurement, not a test.
+
+The model is a small CNN of 105,994 parameters (two 3x3 convolutions with max-pooling, two fully
+connected layers), trained for two epochs with SGD on 2,000 synthetic 1x16x16 images labelled
+by a fixed random teacher network, so that the Hessian is that of a model partway through
+training. The data is ten batches of 200; the loss is cross-entropy, the model in eval mode.
+
+Scenarios and targets (from the project's issue 11):
+
+1. top Hessian eigenvalue. PyHessian 0.1 ``hessian(model, criterion, dataloader=batches)``
+   ``.eigenvalues(top_n=1)`` with its defaults (power iteration, ``maxIter=100``,
+   ``tol=1e-3``), against ``torchsam.sharpness.hessian_eigenvalues(k=1)`` with its defaults
+   (Lanczos, ``tol=1e-3``, gradient graphs kept). Target: within 1% of PyHessian, at most 0.5x
+   its time. For information: torchsam with ``method="power"`` (same algorithm as PyHessian, graphs
+   kept), torchsam with ``keep_graphs=False`` (Lanczos, graphs rebuilt), and a tight reference
+   value (torchsam Lanczos, ``tol=1e-6``).
+2. Hessian trace. PyHessian ``.trace(maxIter=S, tol=0)`` (``tol=0`` so that it draws all ``S``
+   vectors instead of stopping when its running mean settles) against
+   ``torchsam.sharpness.hessian_trace(samples=S)``, ``S = 50``. Target: the same estimate within
+   the standard error, no more time.
+3. Spectral density. PyHessian ``.density(iter=100, n_v=1)`` against
+   ``torchsam.sharpness.hessian_spectrum(steps=100, runs=1)``. PyHessian 0.1 calls
+   ``torch.eig``, which torch removed in 1.13; the benchmark gives it a stand-in built on
+   ``torch.linalg.eigh`` (same eigenvalues and eigenvectors of the symmetric tridiagonal
+   matrix), labelled "PyHessian 0.1 + torch.eig shim"; the rest is PyHessian's own code.
+   Both draw the same Rademacher start vector (same seed, same order). Target: the same
+   spectrum (the nodes and weights of the two quadratures compared), no slower.
+4. A 21 x 21 loss landscape. loss-landscapes 3.0.6 ``random_plane(model, Loss(...),
+   steps=21, normalization="filter", deepcopy_model=True)`` against
+   ``torchsam.landscape.surface_2d`` on the same directions and the same points: the
+   benchmark re-draws loss-landscapes' directions (same seed, its own functions) and passes them
+   to ``surface_2d(directions=..., coordinates=...)``. The data is one batch of 2,000, as
+   loss-landscapes' ``Loss`` metric takes. Target: the same values, no slower.
+
+Timing: each contender runs once per trial with ``time.perf_counter``, the order of the
+contenders alternating from trial to trial, the garbage collector paused; the reported time is
+the median over trials. Random vectors are seeded identically at every trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import torchsam
+from torchsam import landscape, sharpness
+
+Batches = list[tuple[Tensor, Tensor]]
+
+
+# --------------------------------------------------------------------------- model and data
+def make_cnn(width: int = 16) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * 16, 12 * width),
+        nn.ReLU(),
+        nn.Linear(12 * width, 10),
+    )
+
+
+def make_problem(samples: int, batch: int, width: int) -> tuple[nn.Module, Batches]:
+    torch.manual_seed(0)
+    x = torch.randn(samples, 1, 16, 16)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.Tanh(), nn.Linear(64, 10))
+    with torch.no_grad():
+        y = teacher(x).argmax(dim=1)
+    model = make_cnn(width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for xb, yb in zip(x.split(50), y.split(50), strict=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    return model, list(zip(x.split(batch), y.split(batch), strict=True))
+
+
+# --------------------------------------------------------------------------- timing
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+    finally:
+        gc.enable()
+
+
+def race(contenders: dict[str, Callable[[], Any]], trials: int) -> dict[str, tuple[float, Any]]:
+    """Median time of each contender over trials (order alternating) and its last result."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    results: dict[str, Any] = {}
+    names = list(contenders)
+    for trial in range(trials):
+        order = names if trial % 2 == 0 else names[::-1]
+        for name in order:
+            seconds, results[name] = timed(contenders[name])
+            times[name].append(seconds)
+    return {name: (statistics.median(times[name]), results[name]) for name in names}
+
+
+def row(label: str, seconds: float, base: float, note: str = "") -> str:
+    return f"| {label} | {seconds:.2f} | {seconds / base:.2f}x | {note} |"
+
+
+# --------------------------------------------------------------------------- peers
+def import_peers() -> tuple[Any, Any, Any]:
+    try:
+        from pyhessian import hessian as pyhessian_hessian
+    except ImportError as error:
+        sys.exit(f'PyHessian is missing ({error}): pip install -e ".[bench]"')
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+    except ImportError as error:
+        sys.exit(f'loss-landscapes is missing ({error}): pip install -e ".[bench]"')
+    return pyhessian_hessian, loss_landscapes, loss_landscapes.metrics
+
+
+def _eig_shim(matrix: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.eig`` as PyHessian 0.1 calls it, for a symmetric matrix (removed in torch 1.13)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
+
+
+def pyhessian_for(pyhessian_hessian: Any, model: nn.Module, data: Batches) -> Any:
+    return pyhessian_hessian(model, nn.CrossEntropyLoss(), dataloader=data, cuda=False)
+
+
+# --------------------------------------------------------------------------- scenarios
+def bench_eigenvalue(model: nn.Module, data: Batches, trials: int, peer: Any) -> list[str]:
+    ce = nn.functional.cross_entropy
+    tight = sharpness.hessian_eigenvalues(model, ce, data, tol=1e-6, max_iter=300)[0]
+
+    def pyh() -> tuple[float, int]:
+        torch.manual_seed(1)
+        counter = {"n": 0}
+        h = pyhessian_for(peer, model, data)
+        inner = h.dataloader_hv_product
+
+        def counted(v: Any) -> Any:
+            counter["n"] += 1
+            return inner(v)
+
+        h.dataloader_hv_product = counted
+        values, _ = h.eigenvalues(top_n=1)
+        return float(values[0]), counter["n"]
+
+    def ours(**kw: Any) -> Callable[[], tuple[float, int]]:
+        def run() -> tuple[float, int]:
+            r = sharpness.hessian_eigenvalues(
+                model, ce, data, generator=torch.Generator().manual_seed(1), **kw
+            )
+            return r[0], r.products
+
+        return run
+
+    res = race(
+        {
+            "PyHessian 0.1 (power, graphs rebuilt)": pyh,
+            "torchsam (Lanczos, graphs kept)": ours(),
+            "torchsam method='power' (graphs kept)": ours(method="power"),
+            "torchsam keep_graphs=False (Lanczos)": ours(keep_graphs=False),
+        },
+        trials,
+    )
+    base, (ref, _) = res["PyHessian 0.1 (power, graphs rebuilt)"]
+    lines = [
+        "### 1. top Hessian eigenvalue",
+        "",
+        f"reference (torchsam Lanczos, tol=1e-6): {tight:.6f}",
+        "",
+        "| contender | time (s) | vs PyHessian | eigenvalue; vs PyHessian; vs reference; "
+        "products |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, (seconds, (value, products)) in res.items():
+        note = (
+            f"{value:.6f}; {100 * (value - ref) / ref:+.3f}%; "
+            f"{100 * (value - tight) / tight:+.3f}%; {products}"
+        )
+        lines.append(row(name, seconds, base, note))
+    ours_s, (ours_v, _) = res["torchsam (Lanczos, graphs kept)"]
+    agree = abs(ours_v - ref) <= 0.01 * abs(ref)
+    fast = ours_s <= 0.5 * base
+    lines += [
+        "",
+        f"target: within 1% of PyHessian: {'met' if agree else 'MISSED'}; "
+        f"time <= 0.5x PyHessian: {'met' if fast else 'MISSED'} ({ours_s / base:.2f}x)",
+    ]
+    return lines
+
+
+def bench_trace(model: nn.Module, data: Batches, trials: int, peer: Any, samples: int) -> list[str]:
+    ce = nn.functional.cross_entropy
+
+    def pyh() -> tuple[float, float]:
+        torch.manual_seed(2)
+        draws = pyhessian_for(peer, model, data).trace(maxIter=samples, tol=0.0)
+        t = torch.tensor(draws, dtype=torch.float64)
+        return float(t.mean()), float(t.std()) / math.sqrt(len(draws))
+
+    def ours() -> tuple[float, float]:
+        r = sharpness.hessian_trace(
+            model, ce, data, samples=samples, generator=torch.Generator().manual_seed(2)
+        )
+        return float(r), r.stderr
+
+    res = race({"PyHessian 0.1": pyh, "torchsam": ours}, trials)
+    base, (pv, pse) = res["PyHessian 0.1"]
+    seconds, (ov, ose) = res["torchsam"]
+    diff_se = math.sqrt(pse**2 + ose**2)
+    lines = [
+        f"### 2. Hessian trace (Hutchinson, {samples} Rademacher vectors each)",
+        "",
+        "| contender | time (s) | vs PyHessian | estimate ± standard error |",
+        "| --- | --- | --- | --- |",
+        row("PyHessian 0.1", base, base, f"{pv:.3f} ± {pse:.3f}"),
+        row("torchsam", seconds, base, f"{ov:.3f} ± {ose:.3f}"),
+        "",
+        f"difference {ov - pv:+.3f}, {abs(ov - pv) / diff_se:.2f} standard errors of the "
+        f"difference ({diff_se:.3f}); target: same estimate within the standard error: "
+        f"{'met' if abs(ov - pv) <= diff_se else 'MISSED'}; no slower: "
+        f"{'met' if seconds <= base else 'MISSED'} ({seconds / base:.2f}x)",
+    ]
+    return lines
+
+
+def bench_density(model: nn.Module, data: Batches, trials: int, peer: Any, steps: int) -> list[str]:
+    ce = nn.functional.cross_entropy
+
+    def pyh() -> tuple[Tensor, Tensor]:
+        torch.manual_seed(3)
+        saved = getattr(torch, "eig", None)
+        torch.eig = _eig_shim  # type: ignore[attr-defined]
+        try:
+            nodes, weights = pyhessian_for(peer, model, data).density(iter=steps, n_v=1)
+        finally:
+            if saved is None:
+                del torch.eig  # type: ignore[attr-defined]
+            else:
+                torch.eig = saved  # type: ignore[attr-defined]
+        return torch.tensor(nodes[0], dtype=torch.float64), torch.tensor(
+            weights[0], dtype=torch.float64
+        )
+
+    def ours() -> tuple[Tensor, Tensor]:
+        s = sharpness.hessian_spectrum(
+            model, ce, data, steps=steps, generator=torch.Generator().manual_seed(3)
+        )
+        keep = torch.isfinite(s.nodes[0])
+        return s.nodes[0][keep], s.weights[0][keep]
+
+    res = race({"PyHessian 0.1 + torch.eig shim": pyh, "torchsam": ours}, trials)
+    base, pm = res["PyHessian 0.1 + torch.eig shim"]
+    seconds, om = res["torchsam"]
+
+    def describe(m: tuple[Tensor, Tensor]) -> str:
+        return (
+            f"max node {float(m[0].max()):.4f}, min node {float(m[0].min()):.4f}, "
+            f"mean {float((m[0] * m[1]).sum()):.3e}"
+        )
+
+    top = abs(float(om[0].max()) - float(pm[0].max())) / abs(float(pm[0].max()))
+    width = float(pm[0].max() - pm[0].min())
+    same_shape = om[0].shape == pm[0].shape
+    if same_shape:
+        o_order, p_order = om[0].argsort(), pm[0].argsort()
+        node_gap = float((om[0][o_order] - pm[0][p_order]).abs().max()) / width
+        weight_gap = float((om[1][o_order] - pm[1][p_order]).abs().max())
+        compare = (
+            f"sorted nodes differ by at most {node_gap:.1e} of the spectrum's width, weights by "
+            f"at most {weight_gap:.1e}"
+        )
+    else:
+        compare = f"{len(om[0])} nodes against {len(pm[0])}"
+    return [
+        f"### 3. spectral density (stochastic Lanczos quadrature, {steps} steps, 1 run)",
+        "",
+        "| contender | time (s) | vs PyHessian | quadrature |",
+        "| --- | --- | --- | --- |",
+        row("PyHessian 0.1 + torch.eig shim", base, base, describe(pm)),
+        row("torchsam", seconds, base, describe(om)),
+        "",
+        "Both start from the same Rademacher vector (the same seed, drawn in the same order). "
+        f"{compare}; largest node within {100 * top:.3f}%. Target: same spectrum: "
+        f"{'met' if top <= 0.01 else 'MISSED'} (largest node within 1%); no slower: "
+        f"{'met' if seconds <= base else 'MISSED'} ({seconds / base:.2f}x)",
+    ]
+
+
+def bench_landscape(
+    model: nn.Module, data: Batches, trials: int, ll: Any, metrics: Any, steps: int
+) -> list[str]:
+    ce = nn.functional.cross_entropy
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    from loss_landscapes.model_interface.model_parameters import orthogonal_to, rand_u_like
+    from loss_landscapes.model_interface.model_wrapper import wrap_model
+
+    def peer() -> Any:
+        torch.manual_seed(4)
+        return ll.random_plane(
+            model, metrics.Loss(ce, x, y), steps=steps, normalization="filter", deepcopy_model=True
+        )
+
+    # loss-landscapes' directions, re-drawn with its own functions from the same seed
+    torch.manual_seed(4)
+    start = wrap_model(copy.deepcopy(model)).get_module_parameters()
+    one = rand_u_like(start)
+    two = orthogonal_to(one)
+    one.filter_normalize_(start)
+    two.filter_normalize_(start)
+    one.mul_(((start.model_norm() / 1) / steps) / one.model_norm())
+    two.mul_(((start.model_norm() / 1) / steps) / two.model_norm())
+    directions = ([t.clone() for t in one.parameters], [t.clone() for t in two.parameters])
+    # its grid: row i at i - steps/2 along direction one; in even rows the points along direction
+    # two are at j + 1 - steps/2, in odd rows at j - steps/2 (j = 0..steps-1)
+    xs = [i - steps / 2 for i in range(steps)]
+    ys_all = [j - steps / 2 for j in range(steps + 1)]
+    ys_timed = ys_all[1:]
+
+    def ours() -> Any:
+        return landscape.surface_2d(
+            model, ce, [(x, y)], directions=directions, coordinates=(xs, ys_timed)
+        )
+
+    res = race({"loss-landscapes 3.0.6": peer, "torchsam": ours}, trials)
+    base, theirs = res["loss-landscapes 3.0.6"]
+    seconds, _ = res["torchsam"]
+    check = landscape.surface_2d(
+        model, ce, [(x, y)], directions=directions, coordinates=(xs, ys_all)
+    ).loss
+    theirs_t = torch.tensor(theirs, dtype=torch.float64)
+    ours_t = torch.stack(
+        [check[1:, i] if i % 2 == 0 else check[:-1, i] for i in range(steps)]
+    )  # (steps along one, steps along two), loss-landscapes' layout
+    diff = (ours_t - theirs_t).abs()
+    rel = float((diff / theirs_t.abs()).max())
+    return [
+        f"### 4. loss landscape, {steps} x {steps} points, one batch of {len(y)}",
+        "",
+        "| contender | time (s) | vs loss-landscapes |",
+        "| --- | --- | --- |",
+        f"| loss-landscapes 3.0.6 | {base:.2f} | 1.00x |",
+        f"| torchsam | {seconds:.2f} | {seconds / base:.2f}x |",
+        "",
+        f"values: max |difference| {float(diff.max()):.2e}, max relative {rel:.2e} over "
+        f"{diff.numel()} points (loss-landscapes walks the grid by repeated in-place steps; "
+        "torchsam sets each point from the saved weights); target: same values: "
+        f"{'met' if rel <= 1e-4 else 'MISSED'}; no slower: "
+        f"{'met' if seconds <= base else 'MISSED'} ({seconds / base:.2f}x)",
+    ]
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--trials", type=int, default=None, help="timed rounds (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--only", choices=("eigenvalue", "trace", "density", "landscape"), action="append"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    peer, ll, metrics = import_peers()
+    if args.quick:
+        samples, batch, width, trials, trace_samples, density_steps, grid = 200, 50, 4, 1, 5, 10, 5
+    else:
+        samples, batch, width, trials, trace_samples, density_steps, grid = (
+            2000,
+            200,
+            16,
+            3,
+            50,
+            100,
+            21,
+        )
+    if args.trials is not None:
+        trials = args.trials
+    model, data = make_problem(samples, batch, width)
+    n_params = sum(p.numel() for p in model.parameters())
+    from importlib.metadata import version
+
+    print("## torchsam instruments against PyHessian and loss-landscapes")
+    print()
+    print(
+        f"torch {torch.__version__}, torchsam {torchsam.__version__}, PyHessian "
+        f"{version('pyhessian')}, loss-landscapes {version('loss-landscapes')}, Python "
+        f"{platform.python_version()}, {platform.machine()}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"model: CNN with {n_params:,} parameters; data: {samples} samples in batches of "
+        f"{batch}; trials: {trials} (median)"
+    )
+    print()
+    only = set(args.only or ("eigenvalue", "trace", "density", "landscape"))
+    sections = []
+    if "eigenvalue" in only:
+        sections.append(bench_eigenvalue(model, data, trials, peer))
+    if "trace" in only:
+        sections.append(bench_trace(model, data, trials, peer, trace_samples))
+    if "density" in only:
+        sections.append(bench_density(model, data, trials, peer, density_steps))
+    if "landscape" in only:
+        sections.append(bench_landscape(model, data, trials, ll, metrics, grid))
+    for lines in sections:
+        print("\n".join(lines))
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,782 @@
+r"""Sharpness of a model's loss: Hessian eigenvalues, trace and spectral density, SAM sharpness.
+
+Every function here is a pure function of ``(model, loss_fn, data, ...)``:
+
+* ``data`` is an iterable of ``(inputs, targets)`` batches that can be read more than once (a
+  list or a ``DataLoader``); ``loss_fn(outputs, targets)`` returns the mean loss of a batch; the
+  loss measured is the sample-weighted mean over all batches of ``data``,
+
+  .. math:: L(w) = \frac{1}{N} \sum_b n_b\, \mathrm{loss\_fn}(f_w(x_b), y_b).
+
+* The loss is deterministic: every module is put in evaluation mode for the measurement
+  (dropout off). ``batch_norm="eval"`` (the default, as PyHessian does) normalises with the
+  running statistics; ``batch_norm="train"`` normalises with the statistics of each batch, and
+  the running statistics are left untouched.
+* The model comes back exactly as it came: weights and buffers bit-identical, ``.grad``
+  untouched (the functions use ``torch.autograd.grad``, never ``backward()``), every module's
+  train/eval flag, and torch's global RNG state.
+* Random vectors come from ``generator`` (a ``torch.Generator``); without one, a new generator
+  seeded with 0 is used, so the results are reproducible and the global RNG is never drawn from.
+* ``params`` restricts the Hessian to a subset of the parameters (the others held fixed): a
+  submodule, a parameter or submodule name, a parameter, or a list of those; by default every
+  parameter that requires a gradient. This answers "which layer is sharp?".
+
+Hessian-vector products are double-backward products
+:math:`Hv = \nabla_w (\nabla_w L \cdot v)`. With ``keep_graphs=True`` (the default) the gradient
+graph of every batch is built once and kept, so each product costs one backward pass through
+the kept graphs; ``keep_graphs=False`` rebuilds them at every product (what PyHessian does) and
+needs memory for one batch only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from torchsam._measure import (
+    Data,
+    LossFn,
+    ParamSpec,
+    batch_loss,
+    batches,
+    check_data,
+    mean_loss,
+    measuring,
+    model_device,
+    select_params,
+)
+
+__all__ = [
+    "Eigenvalues",
+    "HessianSpectrum",
+    "TraceEstimate",
+    "hessian_eigenvalues",
+    "hessian_spectrum",
+    "hessian_trace",
+    "plot_spectrum",
+    "sam_sharpness",
+]
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_DEFAULT_SEED = 0
+
+
+# --------------------------------------------------------------------------- results
+class Eigenvalues(list[float]):
+    """The top-k eigenvalues, largest first: a ``list[float]`` with how they were obtained.
+
+    Attributes:
+        products (int): the number of Hessian-vector products used
+        converged (bool): whether every eigenvalue met the tolerance before ``max_iter``
+        eigenvectors (list[list[Tensor]] | None): with ``return_eigenvectors=True``, one
+            unit-norm eigenvector per eigenvalue, as tensors shaped like the parameters
+    """
+
+    products: int
+    converged: bool
+    eigenvectors: list[list[Tensor]] | None
+
+
+class TraceEstimate(float):
+    """Hutchinson's estimate of the Hessian trace: a ``float`` that also carries its error.
+
+    Attributes:
+        value (float): the estimate, the mean of ``v^T H v`` over the samples
+        stderr (float): its standard error, the sample standard deviation over ``sqrt(samples)``
+        samples (int): the number of random vectors
+    """
+
+    stderr: float
+    samples: int
+
+    def __new__(cls, value: float, stderr: float, samples: int) -> TraceEstimate:
+        self = super().__new__(cls, value)
+        self.stderr = float(stderr)
+        self.samples = int(samples)
+        return self
+
+    @property
+    def value(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"TraceEstimate({float(self)!r}, stderr={self.stderr!r}, samples={self.samples})"
+
+
+@dataclass(frozen=True)
+class HessianSpectrum:
+    """The Hessian's spectral density from stochastic Lanczos quadrature.
+
+    Attributes:
+        nodes (Tensor): ``(runs, steps)`` Ritz values of each Lanczos run (the quadrature nodes)
+        weights (Tensor): ``(runs, steps)`` their weights (each row sums to 1)
+        grid (Tensor): ``(points,)`` eigenvalue axis, ready to plot
+        density (Tensor): ``(points,)`` the density on ``grid``: each node spread as a Gaussian
+            of variance ``sigma_squared``, averaged over runs, integrating to 1 over ``grid``
+
+    All tensors are float64 on the CPU.
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    grid: Tensor
+    density: Tensor
+
+
+# --------------------------------------------------------------------------- the operator
+class _Hessian:
+    """Hessian-vector products of the loss over ``data`` with respect to ``params``.
+
+    Vectors are flat float64 tensors over the concatenated parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Data,
+        params: list[Tensor],
+        keep_graphs: bool,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.params = params
+        self.device = params[0].device
+        self.numels = [p.numel() for p in params]
+        self.size = sum(self.numels)
+        self.products = 0
+        self._grads: list[Tensor] | None = None
+        if keep_graphs:
+            total: Tensor | None = None
+            count = 0
+            for inputs, targets, n in batches(data, model_device(model)):
+                loss = batch_loss(model, loss_fn, inputs, targets) * n
+                total = loss if total is None else total + loss
+                count += n
+            if total is None:  # pragma: no cover - batches() raises first
+                raise ValueError("data yielded no non-empty batch")
+            self._grads = self._gradient(total / count)
+
+    def _gradient(self, loss: Tensor) -> list[Tensor]:
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        return _fill(grads, self.params)
+
+    def _split(self, v: Tensor) -> list[Tensor]:
+        return [
+            piece.view_as(p).to(p.dtype)
+            for piece, p in zip(v.split(self.numels), self.params, strict=True)
+        ]
+
+    def _product(self, grads: list[Tensor], vs: list[Tensor], retain: bool) -> list[Tensor]:
+        pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g.requires_grad]
+        if not pairs:
+            return [torch.zeros_like(p) for p in self.params]
+        hv = torch.autograd.grad(
+            [g for g, _ in pairs],
+            self.params,
+            grad_outputs=[v for _, v in pairs],
+            retain_graph=retain,
+            allow_unused=True,
+        )
+        return _fill(hv, self.params)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.products += 1
+        vs = self._split(v)
+        if self._grads is not None:
+            hv = self._product(self._grads, vs, retain=True)
+        else:
+            acc: list[Tensor] | None = None
+            count = 0
+            for inputs, targets, n in batches(self.data, model_device(self.model)):
+                loss = batch_loss(self.model, self.loss_fn, inputs, targets)
+                part = self._product(self._gradient(loss), vs, retain=False)
+                if acc is None:
+                    acc = [h * n for h in part]
+                else:
+                    for a, h in zip(acc, part, strict=True):
+                        a.add_(h, alpha=n)
+                count += n
+            if acc is None:  # pragma: no cover - batches() raises first
+                raise ValueError("data yielded no non-empty batch")
+            hv = [a / count for a in acc]
+        return torch.cat([h.reshape(-1) for h in hv]).to(torch.float64)
+
+
+# --------------------------------------------------------------------------- helpers
+def _fill(tensors: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
+    """Zeros for the parameters autograd reports as unused."""
+    return [torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like, strict=True)]
+
+
+def _generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        return torch.Generator().manual_seed(_DEFAULT_SEED)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
+    return generator
+
+
+def _normal(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    v = torch.randn(size, generator=generator, device=generator.device, dtype=torch.float64)
+    return v.to(device)
+
+
+def _rademacher(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    bits = torch.randint(0, 2, (size,), generator=generator, device=generator.device)
+    return (bits.to(torch.float64) * 2 - 1).to(device)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_tol(tol: object) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    return float(tol)
+
+
+def _prepare(model: nn.Module, loss_fn: LossFn, data: Data, params: ParamSpec) -> list[Tensor]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+    check_data(data)
+    return select_params(model, params)
+
+
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove from ``w`` its components along the rows of ``basis`` (twice, for stability)."""
+    if basis.shape[0] == 0:
+        return w
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
+
+
+def _lanczos(
+    op: Callable[[Tensor], Tensor],
+    start: Tensor,
+    steps: int,
+    *,
+    restart: Callable[[], Tensor] | None,
+    done: Callable[[Tensor, float], bool] | None,
+) -> tuple[Tensor, Tensor]:
+    """Lanczos with full reorthogonalisation from ``start``, at most ``steps`` steps.
+
+    Returns the tridiagonal matrix ``T`` (float64, CPU) and the basis (rows). After each step
+    ``done(T, beta)`` may stop the iteration. When the Krylov space is exhausted (``beta`` ~ 0)
+    it stops, or continues from ``restart()`` orthogonalised against the basis.
+    """
+    n = start.numel()
+    steps = min(steps, n)
+    basis = torch.empty(steps, n, dtype=torch.float64, device=start.device)
+    q = start / start.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    beta = 0.0
+    scale = 0.0
+    j = 0
+    for j in range(steps):
+        basis[j] = q
+        w = op(q)
+        alpha = float(w @ q)
+        w = w - alpha * q
+        if j > 0:
+            w = w - beta * basis[j - 1]
+        w = _orthogonalize(w, basis[: j + 1])
+        beta = float(w.norm())
+        alphas.append(alpha)
+        scale = max(scale, abs(alpha), beta)
+        t = _tridiagonal(alphas, betas)
+        if j + 1 == steps or (done is not None and done(t, beta)):
+            break
+        if beta <= 1e-10 * max(scale, 1e-30):
+            if restart is None:
+                break
+            w = _orthogonalize(restart(), basis[: j + 1])
+            q = w / w.norm()
+            beta = 0.0
+        else:
+            q = w / beta
+        betas.append(beta)
+    return _tridiagonal(alphas, betas), basis[: j + 1]
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    m = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
+
+# --------------------------------------------------------------------------- eigenvalues
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    k: int = 1,
+    *,
+    params: ParamSpec = None,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    method: str = "lanczos",
+    batch_norm: str = "eval",
+    keep_graphs: bool = True,
+    return_eigenvectors: bool = False,
+    generator: torch.Generator | None = None,
+) -> Eigenvalues:
+    r"""The ``k`` largest eigenvalues of the Hessian of the loss over ``data``, largest first.
+
+    ``method="lanczos"`` (the default) runs the Lanczos iteration with full reorthogonalisation
+    from a random Gaussian start. After each Hessian-vector product it computes the Ritz pairs
+    :math:`(\theta_i, y_i)` of the tridiagonal matrix; it stops when each of the top ``k`` has
+    residual :math:`\lVert H y_i - \theta_i y_i \rVert = \beta\, |s_{m,i}| \le` ``tol`` times
+    the largest :math:`|\theta|`, which bounds each eigenvalue's error by the same amount
+    (Parlett, "The Symmetric Eigenvalue Problem", Thm. 11.5.1 with full reorthogonalisation).
+    The eigenvalues are the largest *algebraic* ones.
+
+    ``method="power"`` is power iteration with deflation, as PyHessian does it: one eigenvalue
+    at a time, each iterate projected off the eigenvectors already found, stopping when the
+    Rayleigh quotient changes by less than ``tol`` (relative) from one product to the next, at
+    most ``max_iter`` products per eigenvalue. It finds the eigenvalues of largest *magnitude*.
+
+    Args:
+        model (nn.Module): the model
+        loss_fn (callable): ``loss_fn(outputs, targets)``, the mean loss of a batch
+        data (iterable): ``(inputs, targets)`` batches, read as often as needed
+        k (int, optional): how many eigenvalues (default: 1)
+        params (optional): the parameters to differentiate (see the module docs; default: all
+            that require a gradient)
+        tol (float, optional): relative tolerance, see above (default: 1e-3)
+        max_iter (int, optional): at most this many Hessian-vector products (Lanczos) or this
+            many per eigenvalue (power) (default: 100)
+        method (str, optional): ``"lanczos"`` or ``"power"`` (default: ``"lanczos"``)
+        batch_norm (str, optional): ``"eval"`` or ``"train"`` (default: ``"eval"``)
+        keep_graphs (bool, optional): keep each batch's gradient graph between products
+            (faster; memory for the whole of ``data``) (default: True)
+        return_eigenvectors (bool, optional): also compute the eigenvectors, in
+            ``result.eigenvectors`` (default: False)
+        generator (torch.Generator, optional): source of the random start (default: a
+            generator seeded with 0)
+
+    Returns:
+        Eigenvalues: a ``list[float]``, largest first, with ``.products``, ``.converged`` and
+        ``.eigenvectors``.
+
+    Example:
+        >>> top = torchsam.sharpness.hessian_eigenvalues(model, loss_fn, loader, k=3)
+        >>> fc = torchsam.sharpness.hessian_eigenvalues(model, loss_fn, loader, params="fc")
+    """
+    k = _check_positive_int("k", k)
+    max_iter = _check_positive_int("max_iter", max_iter)
+    tol = _check_tol(tol)
+    if method not in ("lanczos", "power"):
+        raise ValueError(f'method must be "lanczos" or "power", got {method!r}')
+    chosen = _prepare(model, loss_fn, data, params)
+    gen = _generator(generator)
+    with measuring(model, batch_norm):
+        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
+        if k > op.size:
+            raise ValueError(f"k={k} exceeds the number of parameters measured ({op.size})")
+        if method == "lanczos":
+            values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen)
+        else:
+            values, vectors, converged = _top_power(op, k, tol, max_iter, gen)
+    result = Eigenvalues(values)
+    result.products = op.products
+    result.converged = converged
+    result.eigenvectors = (
+        [[t.detach().clone() for t in op._split(v)] for v in vectors]
+        if return_eigenvectors
+        else None
+    )
+    return result
+
+
+def _top_lanczos(
+    op: _Hessian, k: int, tol: float, max_iter: int, gen: torch.Generator
+) -> tuple[list[float], list[Tensor], bool]:
+    converged = False
+
+    def done(t: Tensor, beta: float) -> bool:
+        nonlocal converged
+        if t.shape[0] < k:
+            return False
+        theta, s = torch.linalg.eigh(t)
+        scale = max(float(theta.abs().max()), 1e-30)
+        residuals = beta * s[-1, -k:].abs()
+        converged = bool((residuals <= tol * scale).all())
+        return converged
+
+    start = _normal(op.size, gen, op.device)
+    t, basis = _lanczos(
+        op, start, max_iter, restart=lambda: _normal(op.size, gen, op.device), done=done
+    )
+    theta, s = torch.linalg.eigh(t)
+    if t.shape[0] == op.size:
+        converged = True  # the whole space: T is similar to H
+    order = torch.argsort(theta, descending=True)[:k]
+    values = [float(theta[i]) for i in order]
+    vectors = [basis.T @ s[:, i].to(basis.device) for i in order]
+    return values, vectors, converged
+
+
+def _top_power(
+    op: _Hessian, k: int, tol: float, max_iter: int, gen: torch.Generator
+) -> tuple[list[float], list[Tensor], bool]:
+    values: list[float] = []
+    vectors: list[Tensor] = []
+    all_converged = True
+    for _ in range(k):
+        found = torch.stack(vectors) if vectors else torch.empty(0, op.size, device=op.device)
+        v = _orthogonalize(_normal(op.size, gen, op.device), found.to(torch.float64))
+        v = v / v.norm()
+        value: float | None = None
+        converged = False
+        for _ in range(max_iter):
+            w = _orthogonalize(op(v), found.to(torch.float64))
+            current = float(w @ v)
+            norm = w.norm()
+            if value is not None and abs(current - value) <= tol * (abs(value) + 1e-12):
+                value = current
+                converged = True
+                break
+            value = current
+            if float(norm) == 0.0:
+                converged = True
+                break
+            v = w / norm
+        all_converged = all_converged and converged
+        values.append(float(value if value is not None else 0.0))
+        vectors.append(v)
+    order = sorted(range(k), key=lambda i: -values[i])
+    return [values[i] for i in order], [vectors[i] for i in order], all_converged
+
+
+# --------------------------------------------------------------------------- trace
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    samples: int = 100,
+    *,
+    params: ParamSpec = None,
+    batch_norm: str = "eval",
+    keep_graphs: bool = True,
+    generator: torch.Generator | None = None,
+) -> TraceEstimate:
+    r"""Hutchinson's estimate of the trace of the Hessian of the loss over ``data``.
+
+    :math:`\operatorname{tr} H \approx \frac{1}{S}\sum_{s=1}^{S} v_s^\top H v_s` with Rademacher
+    vectors :math:`v_s` (entries :math:`\pm 1`; Hutchinson, 1990), one Hessian-vector product
+    each. The standard error is the sample standard deviation of the :math:`v_s^\top H v_s` over
+    :math:`\sqrt{S}`.
+
+    Args:
+        model, loss_fn, data: as for :func:`hessian_eigenvalues`
+        samples (int, optional): the number of random vectors, at least 2 (default: 100)
+        params, batch_norm, keep_graphs, generator: as for :func:`hessian_eigenvalues`
+
+    Returns:
+        TraceEstimate: a ``float`` with ``.stderr`` and ``.samples``.
+
+    Example:
+        >>> trace = torchsam.sharpness.hessian_trace(model, loss_fn, loader, samples=50)
+        >>> print(f"{trace:.2f} ± {trace.stderr:.2f}")
+    """
+    samples = _check_positive_int("samples", samples)
+    if samples < 2:
+        raise ValueError("samples must be at least 2 to estimate a standard error")
+    chosen = _prepare(model, loss_fn, data, params)
+    gen = _generator(generator)
+    with measuring(model, batch_norm):
+        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
+        draws = []
+        for _ in range(samples):
+            v = _rademacher(op.size, gen, op.device)
+            draws.append(float(op(v) @ v))
+    values = torch.tensor(draws, dtype=torch.float64)
+    stderr = float(values.std(unbiased=True)) / math.sqrt(samples)
+    return TraceEstimate(float(values.mean()), stderr, samples)
+
+
+# --------------------------------------------------------------------------- spectrum
+def hessian_spectrum(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    steps: int = 100,
+    runs: int = 1,
+    points: int = 10_000,
+    sigma_squared: float = 1e-5,
+    margin: float = 0.01,
+    params: ParamSpec = None,
+    batch_norm: str = "eval",
+    keep_graphs: bool = True,
+    generator: torch.Generator | None = None,
+) -> HessianSpectrum:
+    r"""The spectral density of the Hessian by stochastic Lanczos quadrature.
+
+    Ghorbani, Krishnan and Xiao, "An Investigation into Neural Net Optimization via Hessian
+    Eigenvalue Density", ICML 2019, Sec. 3 and Algorithm 1: for each of ``runs`` Rademacher
+    start vectors :math:`v`, ``steps`` Lanczos steps (with full reorthogonalisation) give a
+    tridiagonal :math:`T = U \Theta U^\top`; the Ritz values :math:`\theta_i` are the nodes
+    and :math:`\tau_i = U_{1i}^2` the weights of a Gauss quadrature for the spectral measure of
+    :math:`v`. The density on ``grid`` is
+
+    .. math:: \phi(t) = \frac{1}{R}\sum_{r}\sum_i \tau^{(r)}_i\,
+        \mathcal{N}(t;\, \theta^{(r)}_i,\, \sigma^2),
+
+    with :math:`\sigma^2` = ``sigma_squared`` times ``max(1, width of the spectrum)``, on
+    ``points`` equally spaced points from the smallest node minus ``margin`` to the largest
+    plus ``margin``, normalised to integrate to 1 there (the conventions of PyHessian's
+    example). A run stops early if its Krylov space is exhausted (then the quadrature is exact).
+
+    Args:
+        model, loss_fn, data: as for :func:`hessian_eigenvalues`
+        steps (int, optional): Lanczos steps per run (default: 100)
+        runs (int, optional): number of random start vectors (default: 1)
+        points (int, optional): number of grid points (default: 10000)
+        sigma_squared (float, optional): relative variance of the Gaussian kernel
+            (default: 1e-5)
+        margin (float, optional): extension of the grid beyond the nodes (default: 0.01)
+        params, batch_norm, keep_graphs, generator: as for :func:`hessian_eigenvalues`
+
+    Returns:
+        HessianSpectrum: ``nodes`` and ``weights`` per run, ``grid`` and ``density``.
+
+    Example:
+        >>> spectrum = torchsam.sharpness.hessian_spectrum(model, loss_fn, loader, steps=80)
+        >>> plt.semilogy(spectrum.grid, spectrum.density + 1e-7)
+    """
+    steps = _check_positive_int("steps", steps)
+    runs = _check_positive_int("runs", runs)
+    points = _check_positive_int("points", points)
+    if points < 2:
+        raise ValueError("points must be at least 2")
+    for name, value in (("sigma_squared", sigma_squared), ("margin", margin)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if not sigma_squared > 0:
+        raise ValueError("sigma_squared must be positive")
+    chosen = _prepare(model, loss_fn, data, params)
+    gen = _generator(generator)
+    all_nodes: list[Tensor] = []
+    all_weights: list[Tensor] = []
+    with measuring(model, batch_norm):
+        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
+        for _ in range(runs):
+            start = _rademacher(op.size, gen, op.device)
+            t, _ = _lanczos(op, start, steps, restart=None, done=None)
+            theta, s = torch.linalg.eigh(t)
+            all_nodes.append(theta)
+            all_weights.append(s[0] ** 2)
+    width = max(len(n) for n in all_nodes)
+    nodes = torch.full((runs, width), float("nan"), dtype=torch.float64)
+    weights = torch.zeros(runs, width, dtype=torch.float64)
+    for r, (theta, tau) in enumerate(zip(all_nodes, all_weights, strict=True)):
+        nodes[r, : len(theta)] = theta
+        weights[r, : len(tau)] = tau
+    grid, density = _smooth(all_nodes, all_weights, points, sigma_squared, margin)
+    return HessianSpectrum(nodes=nodes, weights=weights, grid=grid, density=density)
+
+
+def plot_spectrum(
+    spectrum: HessianSpectrum,
+    *,
+    path: str | Path | None = None,
+    title: str | None = None,
+    log: bool = True,
+) -> Figure:
+    """Plot a :class:`HessianSpectrum`'s density (needs ``pip install "torchsam[plot]"``).
+
+    ``log=True`` (the default, as in Ghorbani et al.) draws the density on a logarithmic axis,
+    with 1e-7 added so that empty stretches stay on the plot. ``path`` saves a PNG.
+
+    Returns:
+        matplotlib.figure.Figure
+    """
+    from torchsam import _landscape_plot
+
+    return _landscape_plot.plot_spectrum(spectrum, path=path, title=title, log=log)
+
+
+def _smooth(
+    nodes: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    points: int,
+    sigma_squared: float,
+    margin: float,
+) -> tuple[Tensor, Tensor]:
+    low = min(float(n.min()) for n in nodes) - margin
+    high = max(float(n.max()) for n in nodes) + margin
+    grid = torch.linspace(low, high, points, dtype=torch.float64)
+    var = sigma_squared * max(1.0, high - low)
+    density = torch.zeros(points, dtype=torch.float64)
+    for theta, tau in zip(nodes, weights, strict=True):
+        diff = grid[:, None] - theta[None, :]
+        kernel = torch.exp(-(diff**2) / (2 * var)) / math.sqrt(2 * math.pi * var)
+        density += kernel @ tau
+    density /= len(nodes)
+    total = float(density.sum()) * float(grid[1] - grid[0])
+    if total > 0:
+        density /= total
+    return grid, density
+
+
+# --------------------------------------------------------------------------- SAM sharpness
+def sam_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    rho: float = 0.05,
+    adaptive: bool = False,
+    steps: int = 1,
+    *,
+    m: int | None = None,
+    eta: float = 0.0,
+    params: ParamSpec = None,
+    batch_norm: str = "eval",
+    generator: torch.Generator | None = None,
+) -> float:
+    r"""The loss increase at SAM's worst point of the ``rho``-ball: :math:`L(w + e) - L(w)`.
+
+    With ``steps=1`` the perturbation is exactly SAM's first-order one over the whole of
+    ``data`` (Foret et al., ICLR 2021, Eq. 2), :math:`e = \rho\, g / (\lVert g \rVert + 10^{-12})`
+    with :math:`g = \nabla L(w)`, and with ``adaptive=True`` ASAM's (Kwon et al., ICML 2021,
+    Eq. 12), :math:`e = \rho\, T^2 g / (\lVert T g \rVert + 10^{-12})`, :math:`T = |w| + \eta`:
+    the same :math:`e` that ``torchsam.SAM`` applies.
+
+    More ``steps`` refine :math:`e` by projected normalised gradient ascent in the ball
+    :math:`\lVert T^{-1} e \rVert \le \rho` (:math:`T = 1` without ``adaptive``): in the
+    coordinates :math:`u = T^{-1} e`, each step is
+    :math:`u \leftarrow \Pi_\rho(u + \rho\, \hat{d})` with :math:`d = T \nabla L(w + T u)` and
+    :math:`\Pi_\rho` the projection on the ball; step 1 from :math:`u = 0` is SAM's. The result
+    is the largest loss increase among the iterates, so it never decreases with ``steps``.
+    Each step costs one forward and backward pass over ``data``, plus one forward pass at the
+    end.
+
+    With ``m`` (m-sharpness, Foret et al. Sec. 4.1), every batch is cut into chunks of ``m``
+    samples (the last may be smaller); each chunk gets its own perturbation from its own
+    gradient and the result is the sample-weighted mean of the chunks' sharpness. This needs
+    ``inputs`` and ``targets`` to be tensors.
+
+    Args:
+        model, loss_fn, data: as for :func:`hessian_eigenvalues`
+        rho (float, optional): radius of the ball (default: 0.05)
+        adaptive (bool, optional): ASAM's scale-invariant ball (default: False)
+        steps (int, optional): ascent steps (default: 1)
+        m (int, optional): chunk size for m-sharpness (default: None, the whole of ``data``)
+        eta (float, optional): ASAM's offset in :math:`T = |w| + \eta` (default: 0.0)
+        params (optional): the parameters to perturb (default: all that require a gradient)
+        batch_norm (str, optional): ``"eval"`` or ``"train"`` (default: ``"eval"``)
+        generator (torch.Generator, optional): accepted for a uniform signature; the measure
+            is deterministic
+
+    Returns:
+        float: :math:`\max_t L(w + e_t) - L(w)`.
+
+    Example:
+        >>> torchsam.sharpness.sam_sharpness(model, loss_fn, loader, rho=0.05)
+    """
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+        raise ValueError(f"Invalid rho value: {rho}")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive must be True or False, got {adaptive!r}")
+    steps = _check_positive_int("steps", steps)
+    if m is not None:
+        m = _check_positive_int("m", m)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"Invalid eta value: {eta}")
+    if generator is not None:
+        _generator(generator)
+    chosen = _prepare(model, loss_fn, data, params)
+    with measuring(model, batch_norm):
+        if m is None:
+            return _sharpness(model, loss_fn, data, chosen, float(rho), adaptive, steps, eta)
+        total = 0.0
+        count = 0
+        device = model_device(model)
+        for inputs, targets, _ in batches(data, device):
+            if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+                raise TypeError(
+                    "m-sharpness cuts batches into chunks: inputs and targets must be tensors"
+                )
+            for x, y in zip(inputs.split(m), targets.split(m), strict=True):
+                n = int(y.shape[0])
+                total += n * _sharpness(
+                    model, loss_fn, [(x, y)], chosen, float(rho), adaptive, steps, eta
+                )
+                count += n
+        return total / count
+
+
+def _loss_and_grad(
+    model: nn.Module, loss_fn: LossFn, data: Data, params: list[Tensor]
+) -> tuple[float, list[Tensor]]:
+    grads = [torch.zeros_like(p) for p in params]
+    total = 0.0
+    count = 0
+    for inputs, targets, n in batches(data, model_device(model)):
+        loss = batch_loss(model, loss_fn, inputs, targets)
+        parts = torch.autograd.grad(loss, params, allow_unused=True)
+        for acc, g in zip(grads, parts, strict=True):
+            if g is not None:
+                acc.add_(g, alpha=n)
+        total += float(loss.detach()) * n
+        count += n
+    return total / count, [g / count for g in grads]
+
+
+def _sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    params: list[Tensor],
+    rho: float,
+    adaptive: bool,
+    steps: int,
+    eta: float,
+) -> float:
+    base = [p.detach().clone() for p in params]
+    scale = [b.abs().add_(eta) for b in base] if adaptive else None
+    try:
+        loss0, grads = _loss_and_grad(model, loss_fn, data, params)
+        u = [torch.zeros_like(b) for b in base]
+        best = -math.inf
+        for step in range(steps):
+            d = [g * t for g, t in zip(grads, scale, strict=True)] if scale is not None else grads
+            norm = float(torch.linalg.vector_norm(torch.stack([x.norm() for x in d])))
+            u = [ui + (rho / (norm + 1e-12)) * di for ui, di in zip(u, d, strict=True)]
+            u_norm = float(torch.linalg.vector_norm(torch.stack([x.norm() for x in u])))
+            if u_norm > rho:
+                u = [ui * (rho / u_norm) for ui in u]
+            with torch.no_grad():
+                for i, (p, b) in enumerate(zip(params, base, strict=True)):
+                    p.copy_(b + (u[i] * scale[i] if scale is not None else u[i]))
+            if step + 1 < steps:
+                loss, grads = _loss_and_grad(model, loss_fn, data, params)
+            else:
+                loss = mean_loss(model, loss_fn, data)
+            best = max(best, loss - loss0)
+        return best
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, base, strict=True):
+                p.copy_(b)
