@@ -1,10 +1,10 @@
 """Sensitivity of SAM, ASAM, LookSAM and ESAM to their hyper-parameters, over several tasks (CPU).
 
-Run it as ``python benchmarks/sweep_defaults.py`` (about 30-40 CPU-minutes; ``--quick`` for a
-smoke run of a few seconds). It is the evidence behind the default values of
-``LookSAM.hyperparameters``/``options`` and ``ESAM.options``: defaults are judged on tasks
-nobody tuned them for, so they are chosen where accuracy holds on every task here, not where
-it peaks on one.
+Run it as ``python benchmarks/sweep_defaults.py`` (432 training runs, about an hour on a busy
+2-core machine; ``--quick`` for a smoke run of a few seconds). It is the evidence behind the
+default values of ``LookSAM.hyperparameters``/``options`` and ``ESAM.options``: defaults are
+judged on tasks nobody tuned them for, so they are chosen where accuracy holds on every task
+here, not where it peaks on one.
 
 The tasks (``TASKS``) cross the axes that change a method's behaviour: an MLP and a CNN with
 BatchNorm, SGD with momentum and AdamW, with and without label noise, the embedded digits and a
@@ -38,8 +38,10 @@ variant runs at the class's default ``rho`` (0.05) unless the knob is ``rho``:
 
 Results go to a JSON-lines file (``--out``, one line per run, appended; a run already there is
 not repeated, so an interrupted sweep resumes) and a Markdown report (``--report``): one table
-per knob, a column per task, mean ± standard deviation over seeds of the test accuracy, and the
-wall time relative to SGD on the same task and seed (median over seeds). ``torch`` runs on one
+per knob (a column per task: mean ± standard deviation over seeds of the test accuracy; then
+the model forward passes per step and the wall time relative to SGD on the same task and seed,
+median over tasks and seeds), then one table across tasks (gain over SGD on the worst task and
+on average, and the runs that collapsed). ``torch`` runs on one
 thread unless ``--threads`` says otherwise. The script always exits with status 0 unless its
 arguments are wrong: it is a report, not a test.
 """
