@@ -12,6 +12,7 @@ import copy
 import inspect
 import io
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,14 +174,42 @@ def test_lr_zero_never_changes_weights(name: str, base: str) -> None:
         assert torch.equal(a, b)
 
 
+_FOREACH_KERNELS = [name for name in dir(torch) if name.startswith("_foreach_")]
+
+
+def _watch_foreach_kernels(mp: pytest.MonkeyPatch, allowed: bool, calls: list[str]) -> None:
+    """Count torchsam's calls of ``torch._foreach_*`` kernels, or forbid every call of them."""
+
+    def wrap(name: str) -> Any:
+        kernel = getattr(torch, name)
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            if not allowed:
+                raise AssertionError(f"torch.{name} was called with foreach=False")
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("torchsam"):
+                calls.append(name)
+            return kernel(*args, **kwargs)
+
+        return watched
+
+    for name in _FOREACH_KERNELS:
+        mp.setattr(torch, name, wrap(name))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
-def test_foreach_equals_for_loop(name: str) -> None:
+def test_foreach_equals_for_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each arm really runs its kernels: no torch._foreach_* call at all with foreach=False
+    # (torchsam's and the base optimizer's), and torchsam's own multi-tensor kernels with True.
     results = []
     for foreach in (True, False):
         model, data = setup()
         opt = build(name, model, foreach=foreach)
-        for x, y in data[:4]:
-            step(name, opt, model, x, y)
+        calls: list[str] = []
+        with monkeypatch.context() as mp:
+            _watch_foreach_kernels(mp, foreach, calls)
+            for x, y in data[:4]:
+                step(name, opt, model, x, y)
+        assert bool(calls) == foreach
         results.append(weights(model))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from torchsam import _kernels
+
 __all__ = ["GroupView", "SharpnessAwareOptimizer"]
 
 # Phases of a step: at w; at w + e (second pass due); first gradient not finite (step skipped);
@@ -201,7 +203,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._workspace: dict[str, dict[Tensor, Tensor]] = {}
         self._layouts: dict[int, _Layout] = {}
         self._finite_flags: _Flags = {}
-        self._saved: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._saved: list[tuple[list[Tensor], list[Tensor], bool]] = []
 
     # ------------------------------------------------------------------ copies and pickling
     #: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks
@@ -376,7 +378,7 @@ class SharpnessAwareOptimizer(Optimizer):
             perturbed = not views or self._perturb(views)
             if perturbed and self._needs_first_grads:
                 for v in views:
-                    torch._foreach_copy_(self._scratch(v, "first_grad"), v.grads)
+                    _kernels.copy_(self._scratch(v, "first_grad"), v.grads, group_foreach(v.group))
         except BaseException:
             self._abort()
             raise
@@ -752,31 +754,37 @@ class SharpnessAwareOptimizer(Optimizer):
     def _save_weights(self, view: GroupView, foreach: bool) -> None:
         """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact."""
         backups = self._scratch(view, "backup")
-        if foreach:
-            torch._foreach_copy_(backups, view.params)
-        else:
-            for buf, p in zip(backups, view.params, strict=True):
-                buf.copy_(p)
-        self._saved.append((view.params, backups))
+        _kernels.copy_(backups, view.params, foreach)
+        self._saved.append((view.params, backups, foreach))
 
     def _restore(self) -> None:
-        for params, backups in self._saved:
-            torch._foreach_copy_(params, backups)
+        for params, backups, foreach in self._saved:
+            _kernels.copy_(params, backups, foreach)
         self._saved = []
 
     def _global_norm(self, views: list[GroupView], tensor_lists: list[list[Tensor]]) -> float:
         """The 2-norm of all tensors in ``tensor_lists`` (each aligned with a view) together.
 
-        Per-tensor norms are taken in at least float32, gathered on the first tensor's device,
-        and combined in one norm (as the seed does). The result comes to the host as a Python
-        float: this one synchronisation per step is what lets a non-finite norm be caught
-        before it reaches the weights. Distributed training overrides :meth:`_reduce_norm`.
+        Per-tensor norms are taken in at least float32 (with ``torch._foreach_norm``, or one
+        ``torch.linalg.vector_norm`` per tensor where the group's ``foreach`` is False),
+        gathered on the first tensor's device, and combined in one norm (as the seed does).
+        The result comes to the host as a Python float: this one synchronisation per step is
+        what lets a non-finite norm be caught before it reaches the weights. Distributed
+        training overrides :meth:`_reduce_norm`.
         """
         stacks: list[Tensor] = []
         for view, tensors in zip(views, tensor_lists, strict=True):
+            foreach = group_foreach(view.group)
             for part in view.split(tensors):
-                acc = torch.promote_types(part[0].dtype, torch.float32)
-                stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
+                if foreach:
+                    acc = torch.promote_types(part[0].dtype, torch.float32)
+                    stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
+                else:
+                    part = [real_view(t) for t in part]
+                    acc = torch.promote_types(part[0].dtype, torch.float32)
+                    stacks.append(
+                        torch.stack([torch.linalg.vector_norm(t, dtype=acc) for t in part])
+                    )
         if not stacks:
             return 0.0
         if len(stacks) == 1:
@@ -793,12 +801,15 @@ class SharpnessAwareOptimizer(Optimizer):
     ) -> float:
         """The inner product of all tensors in ``xs`` with those in ``ys`` (aligned with views).
 
-        Accumulated in at least float32 (float64 across tensors). Distributed training
-        overrides :meth:`_reduce_sum`.
+        One ``torch.dot`` per tensor whatever ``foreach`` says (there is no multi-tensor inner
+        product), accumulated in at least float32 (float64 across tensors). A complex tensor
+        counts as its real view (``torch.view_as_real``): the real inner product
+        ``Re <x, conj(y)>``. Distributed training overrides :meth:`_reduce_sum`.
         """
         parts: list[Tensor] = []
         for x_list, y_list in zip(xs, ys, strict=True):
             for x, y in zip(x_list, y_list, strict=True):
+                x, y = real_view(x), real_view(y)
                 acc = torch.promote_types(x.dtype, torch.float32)
                 dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                 parts.append(dot.to(parts[0].device) if parts else dot)
@@ -1019,6 +1030,11 @@ def _frames() -> Iterable[Any]:
     while frame is not None:
         yield frame
         frame = frame.f_back  # type: ignore[assignment]
+
+
+def real_view(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, or its real view (``torch.view_as_real``) if it is complex."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def _to_param(value: Any, param: Tensor) -> Any:

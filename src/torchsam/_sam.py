@@ -10,7 +10,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer, group_foreach
+from torchsam import _kernels
+from torchsam._engine import (
+    BaseOptimizerArg,
+    GroupView,
+    SharpnessAwareOptimizer,
+    group_foreach,
+    real_view,
+)
 
 __all__ = ["SAM"]
 
@@ -60,7 +67,9 @@ class SAM(SharpnessAwareOptimizer):
     .. math::
         e(w) = \rho \, \frac{T_w^2\, g}{\lVert T_w\, g \rVert_2 + 10^{-12}}.
 
-    With ``eta=0`` this is the formulation of the widely used PyTorch implementation
+    The operator acts on each real number of the weights: a complex weight counts as its
+    real and imaginary parts (``torch.view_as_real``), as ``torch.optim`` treats it. With
+    ``eta=0`` this is the formulation of the widely used PyTorch implementation
     (perturbation :math:`\rho\, w^2 g / \lVert |w| g \rVert`); the ASAM paper suggests
     ``rho`` about 10x larger than SAM's (e.g. 0.5 or 2.0).
 
@@ -242,14 +251,23 @@ class SAM(SharpnessAwareOptimizer):
                     emas.append(m)
                     grads.append(g)
             if emas:
-                torch._foreach_lerp_(emas, grads, new_weight(v.group))
+                _kernels.lerp_(emas, grads, new_weight(v.group), group_foreach(v.group))
 
 
 # --------------------------------------------------------------------- kernels
 def _adaptive(
     params: list[Tensor], direction: list[Tensor], eta: float, foreach: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """ASAM's ``T d`` and ``T = |w| + eta``, elementwise."""
+    """ASAM's ``T d`` and ``T = |w| + eta``, elementwise on the real views."""
+    if any(p.is_complex() for p in params):
+        real_td, real_t = _adaptive(
+            [real_view(p) for p in params], [real_view(d) for d in direction], eta, foreach
+        )
+        # T d as the parameters' type; T stays real (see _mul_)
+        return [
+            torch.view_as_complex(x) if p.is_complex() else x
+            for x, p in zip(real_td, params, strict=True)
+        ], real_t
     if foreach:
         t = torch._foreach_abs(params)
         if eta:
@@ -260,6 +278,7 @@ def _adaptive(
 
 
 def _mul_(tensors: list[Tensor], others: list[Tensor], foreach: bool) -> None:
+    tensors = [real_view(a) for a in tensors]  # ASAM's T acts on a complex d's real numbers
     if foreach:
         torch._foreach_mul_(tensors, others)
     else:
