@@ -23,6 +23,7 @@ from torchsam.experiments import (
     get_method,
     mlp,
     noisy_digits,
+    noisy_signals,
     register_method,
     sharpness_aware,
     small_cnn,
@@ -162,6 +163,73 @@ def test_missing_scikit_learn_says_what_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r'pip install "torchsam\[data\]"'):
         noisy_digits()
+
+
+def test_noisy_signals_is_deterministic_sized_and_split_per_class() -> None:
+    split = noisy_signals(0.3, samples_per_class=50, length=32, seed=4)
+    again = _fields(noisy_signals(0.3, samples_per_class=50, length=32, seed=4))
+    for name, value in _fields(split).items():
+        if isinstance(value, Tensor):
+            assert torch.equal(value, again[name]), name
+        else:
+            assert value == again[name], name
+    other = noisy_signals(0.3, samples_per_class=50, length=32, seed=5)
+    assert not torch.equal(other.x_train, split.x_train)
+    assert split.num_classes == 6
+    assert split.num_features == 32
+    assert split.x_train.dtype == split.x_test.dtype == torch.float32
+    assert split.x_train.shape[0] + split.x_test.shape[0] == 300
+    everything = torch.cat([split.train_index, split.test_index]).sort().values
+    assert torch.equal(everything, torch.arange(300))
+    # samples are generated class by class, 50 each; 15 of each go to the test set
+    assert torch.equal(split.y_train_clean, split.train_index // 50)
+    assert torch.equal(split.y_test, split.test_index // 50)
+    assert torch.equal(torch.bincount(split.y_test), torch.full((6,), 15))
+    flipped = torch.nonzero(split.y_train != split.y_train_clean).flatten()
+    assert torch.equal(flipped, split.noisy_index)
+    assert flipped.numel() == round(0.3 * 210)
+
+
+def test_noisy_signals_classes_are_a_frequency_and_a_burst_half() -> None:
+    # without additive noise, each class's mean spectrum peaks at its frequency (3, 4, 5
+    # cycles per window) and its mean signal (the phase averages the sine out) is the burst,
+    # in the first half of the window for even classes and in the second for odd ones
+    split = noisy_signals(0.0, samples_per_class=200, length=64, signal_noise=0.0, seed=0)
+    x = torch.cat([split.x_train, split.x_test]).double()
+    y = torch.cat([split.y_train_clean, split.y_test])
+    assert x.abs().max() <= 1.5 + 2.0 + 1e-6  # amplitude <= 1.5, burst height <= 2
+    spectrum = torch.fft.rfft(x, dim=1).abs()
+    for c in range(6):
+        rows = y == c
+        assert spectrum[rows, 1:10].mean(dim=0).argmax().item() + 1 == 3 + c // 2
+        mean = x[rows].mean(dim=0)
+        first, second = mean[:32].sum().item(), mean[32:].sum().item()
+        assert (first > second + 1.0) if c % 2 == 0 else (second > first + 1.0)
+    noisy = noisy_signals(0.0, samples_per_class=200, length=64, signal_noise=2.0, seed=0)
+    residual = torch.cat([noisy.x_train, noisy.x_test]) - torch.cat([split.x_train, split.x_test])
+    assert residual.std().item() == pytest.approx(2.0, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"noise": 1.0}, r"Invalid noise value: 1\.0; noise must lie in \[0, 1\)"),
+        ({"samples_per_class": 1}, r"Invalid samples_per_class value: 1; .* >= 2"),
+        ({"length": 4}, r"Invalid length value: 4; length must be an int >= 8"),
+        ({"signal_noise": -1.0}, r"Invalid signal_noise value: -1\.0; .* >= 0"),
+        ({"signal_noise": float("inf")}, r"Invalid signal_noise value: inf"),
+        ({"test_fraction": 0.0}, r"Invalid test_fraction value: 0\.0"),
+        ({"seed": "0"}, r"Invalid seed value: '0'; seed must be an int"),
+    ],
+)
+def test_noisy_signals_rejects_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        noisy_signals(**kwargs)
+
+
+def test_noisy_signals_rejects_an_empty_test_set() -> None:
+    with pytest.raises(ValueError, match="leaves the test set empty"):
+        noisy_signals(samples_per_class=2, test_fraction=0.1)
 
 
 # --------------------------------------------------------------------------- model

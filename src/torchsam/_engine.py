@@ -65,6 +65,9 @@ class GroupView:
     params: list[Tensor]
     grads: list[Tensor]
     layout: _Layout
+    #: what the base optimizer sees as the gradients on this step, when not ``grads`` (set by
+    #: :meth:`SharpnessAwareOptimizer._base_grads`)
+    base_grads: list[Tensor] | None = None
 
     def split(self, tensors: list[Tensor]) -> list[list[Tensor]]:
         """``tensors`` (aligned with ``params``) in lists of one device and dtype each."""
@@ -312,7 +315,7 @@ class SharpnessAwareOptimizer(Optimizer):
             self._prepare_base_grads(views)
         else:
             self._prepare_one_pass_grads(views)
-        self.base_optimizer.step()
+        self._base_optimizer_step(views)
         self._after_base_step(views)
 
     def _check_kept_grads(self, views: list[GroupView]) -> None:
@@ -468,6 +471,37 @@ class SharpnessAwareOptimizer(Optimizer):
             view.layout.buffers[name] = buffers
         return buffers
 
+    def _base_grads(self, view: GroupView, name: str = "base_grad") -> list[Tensor]:
+        """The gradients the base optimizer will see for ``view`` on this step.
+
+        Persistent scratch buffers called ``name`` (aligned with ``view.params``): a policy
+        writes the gradient it wants the base optimizer to step with into them, and ``p.grad``
+        stays exactly as backward left it (torch.optim never writes ``p.grad``).
+        """
+        buffers = self._scratch(view, name)
+        view.base_grads = buffers
+        return buffers
+
+    def _base_optimizer_step(self, views: list[GroupView]) -> None:
+        """Run the base optimizer's step with each view's ``base_grads`` in place of ``p.grad``.
+
+        ``p.grad`` points at the scratch buffers only for the duration of the base step and is
+        put back to the user's gradient tensors afterwards, also when the step raises.
+        """
+        swapped = [v for v in views if v.base_grads is not None]
+        if not swapped:
+            self.base_optimizer.step()
+            return
+        try:
+            for v in swapped:
+                for p, g in zip(v.params, cast(list[Tensor], v.base_grads), strict=True):
+                    p.grad = g
+            self.base_optimizer.step()
+        finally:
+            for v in swapped:
+                for p, g in zip(v.params, v.grads, strict=True):
+                    p.grad = g
+
     def _save_weights(self, view: GroupView, foreach: bool) -> None:
         """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact."""
         backups = self._scratch(view, "backup")
@@ -516,12 +550,12 @@ class SharpnessAwareOptimizer(Optimizer):
         overrides :meth:`_reduce_sum`.
         """
         parts: list[Tensor] = []
-        device = views[0].params[0].device
         for x_list, y_list in zip(xs, ys, strict=True):
             for x, y in zip(x_list, y_list, strict=True):
                 acc = torch.promote_types(x.dtype, torch.float32)
-                parts.append(torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)).to(device))
-        if not parts:
+                dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
+                parts.append(dot.to(parts[0].device) if parts else dot)
+        if not parts:  # no parameter has a gradient on this step
             return 0.0
         return float(self._reduce_sum(torch.stack(parts).to(torch.float64).sum()))
 

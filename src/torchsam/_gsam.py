@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
-from torchsam._engine import GroupView
+from torchsam import _kernels
+from torchsam._engine import GroupView, group_foreach
 from torchsam._sam import SAM, check_real
 
 __all__ = ["GSAM"]
@@ -97,5 +96,11 @@ class GSAM(SAM):
         # g_s - alpha * (g - coef * g_s) = (1 + alpha * coef) * g_s - alpha * g
         for v, first in zip(views, g, strict=True):
             alpha = float(v.group["alpha"])
-            torch._foreach_mul_(v.grads, 1.0 + alpha * coef)
-            torch._foreach_add_(v.grads, first, alpha=-alpha)
+            _kernels.combine_(
+                self._base_grads(v),
+                v.grads,
+                1.0 + alpha * coef,
+                first,
+                -alpha,
+                group_foreach(v.group),
+            )

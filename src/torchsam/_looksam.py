@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam._engine import GroupView
+from torchsam import _kernels
+from torchsam._engine import GroupView, group_foreach
 from torchsam._sam import SAM, check_int, check_real
 
 __all__ = ["LookSAM"]
@@ -77,8 +78,7 @@ class LookSAM(SAM):
                     buf = torch.empty_like(gs)
                     self.state[p]["gv"] = buf
                 bufs.append(buf)
-            torch._foreach_copy_(bufs, v.grads)
-            torch._foreach_add_(bufs, first, alpha=-coef)
+            _kernels.combine_(bufs, v.grads, 1.0, first, -coef, group_foreach(v.group))
             gv.append(bufs)
             v.layout.buffers["gv"] = bufs  # the same tensors as the state, found faster
         # ||g_v|| is fixed until the next sharpness step: kept (and saved) with the state
@@ -99,4 +99,7 @@ class LookSAM(SAM):
             return  # no sharpness step has been seen for these parameters yet: plain step
         ratio = self._one_pass_norm / (float(gv_norm) + _EPS)
         for v, bufs in zip(views, gv, strict=True):
-            torch._foreach_add_(v.grads, bufs, alpha=float(v.group["alpha"]) * ratio)
+            alpha = float(v.group["alpha"]) * ratio
+            _kernels.combine_(
+                self._base_grads(v), v.grads, 1.0, bufs, alpha, group_foreach(v.group)
+            )

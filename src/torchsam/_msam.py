@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from torchsam import _kernels
+from torchsam._engine import GroupView, group_foreach
 from torchsam._esam import PerSampleClosure, _per_sample
 from torchsam._sam import SAM, check_int
 
@@ -32,7 +34,9 @@ class MSAM(SAM):
 
     MSAM uses the per-sample closure protocol of :class:`torchsam.ESAM`: ``closure(indices)``
     returns the per-sample losses of the rows ``indices`` of the current batch, without
-    clearing gradients or calling ``backward()``; :meth:`step` takes the batch size.
+    clearing gradients or calling ``backward()``; :meth:`step` takes the batch size. After a
+    step, ``p.grad`` holds the last micro-batch's perturbed gradient (weighted by
+    :math:`|S_J|/n`), as its backward pass made it; the base optimizer steps with the sum.
 
     Args:
         params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
@@ -47,6 +51,8 @@ class MSAM(SAM):
 
     options: ClassVar[dict[str, Any]] = {"m": 32}
     m: int
+    #: micro-batches of the step in progress (the first J - 1 are summed in "accumulated")
+    _micro_batches = 1
 
     _no_two_call_style = (
         "it perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
@@ -74,7 +80,7 @@ class MSAM(SAM):
         self._require_idle("step()")
         chunks = torch.arange(batch_size).split(self.m)
         total = torch.zeros(())
-        accumulated: list[list[Tensor]] = []
+        self._micro_batches = len(chunks)
         for j, rows in enumerate(chunks):
             self.zero_grad()
             with torch.enable_grad():
@@ -84,22 +90,29 @@ class MSAM(SAM):
             if not self._first_step(zero_grad=True):
                 break  # non-finite: second_step() below skips the whole step
             self._closure_at_perturbed_point(_backward_of(closure, rows, batch_size))
-            last = j == len(chunks) - 1
-            views = self._views()
-            if j == 0 and not last:
-                accumulated = [self._scratch(v, "accumulated") for v in views]
-                for buf, v in zip(accumulated, views, strict=True):
-                    torch._foreach_copy_(buf, v.grads)
-            elif j > 0:
-                for buf, v in zip(accumulated, views, strict=True):
-                    if last:
-                        torch._foreach_add_(v.grads, buf)
+            if j < len(chunks) - 1:
+                for v in self._views():
+                    buf, foreach = self._scratch(v, "accumulated"), group_foreach(v.group)
+                    if j == 0:
+                        _kernels.copy_(buf, v.grads, foreach)
                     else:
-                        torch._foreach_add_(buf, v.grads)
-            if not last:
+                        _kernels.add_(buf, v.grads, 1.0, foreach)
                 self._abort()  # back to w for the next micro-batch (its gradient is kept)
         self._second_step()
         return total / batch_size
+
+    def _prepare_base_grads(self, views: list[GroupView]) -> None:
+        # the last micro-batch's perturbed gradient (in p.grad) plus the others' (accumulated)
+        if self._micro_batches > 1:
+            for v in views:
+                _kernels.combine_(
+                    self._base_grads(v),
+                    v.grads,
+                    1.0,
+                    self._scratch(v, "accumulated"),
+                    1.0,
+                    group_foreach(v.group),
+                )
 
 
 def _backward_of(closure: PerSampleClosure, rows: Tensor, batch_size: int) -> Callable[[], None]:

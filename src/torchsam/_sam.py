@@ -128,8 +128,17 @@ class SAM(SharpnessAwareOptimizer):
         super().__init__(params, base_optimizer, own, kwargs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Give each variant the true signature: SAM's plus its own keyword-only arguments."""
+        """Give each variant the true signature: SAM's plus its own keyword-only arguments.
+
+        A class whose constructor is not SAM's (a user's subclass that writes ``__init__``, or a
+        subclass of one) keeps the signature of that constructor.
+        """
         super().__init_subclass__(**kwargs)
+        constructor = next(c for c in cls.__mro__ if "__init__" in vars(c))
+        if constructor is not SAM:
+            # None (not inherited from the parent) makes inspect read the constructor itself.
+            cls.__signature__ = None  # type: ignore[attr-defined]
+            return
         base = list(inspect.signature(SAM.__init__).parameters.values())[1:]  # without self
         extra = [
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
-from torchsam._engine import GroupView
+from torchsam import _kernels
+from torchsam._engine import GroupView, group_foreach
 from torchsam._sam import SAM, check_fraction
 
 __all__ = ["WSAM"]
@@ -58,17 +57,15 @@ class WSAM(SAM):
 
     def _prepare_base_grads(self, views: list[GroupView]) -> None:
         for v in views:
-            beta = _beta(v.group)
+            beta, foreach = _beta(v.group), group_foreach(v.group)
             first = self._scratch(v, "first_grad")
             if v.group["decouple"]:
                 # keep g_s - g for after the base step, which takes g alone
                 sharp = self._scratch(v, "sharpness")
-                torch._foreach_copy_(sharp, v.grads)
-                torch._foreach_sub_(sharp, first)
-                torch._foreach_copy_(v.grads, first)
+                _kernels.combine_(sharp, v.grads, 1.0, first, -1.0, foreach)
+                self._base_grads(v, "first_grad")
             else:
-                torch._foreach_mul_(v.grads, beta)
-                torch._foreach_add_(v.grads, first, alpha=1.0 - beta)
+                _kernels.combine_(self._base_grads(v), v.grads, beta, first, 1.0 - beta, foreach)
 
     def _after_base_step(self, views: list[GroupView]) -> None:
         for v in views:
@@ -76,7 +73,7 @@ class WSAM(SAM):
                 step = -float(v.group["lr"]) * _beta(v.group)
                 if v.group.get("maximize", False):
                     step = -step  # WSAM of -L: the sharpness term changes sign with the loss
-                torch._foreach_add_(v.params, self._scratch(v, "sharpness"), alpha=step)
+                _kernels.add_(v.params, self._scratch(v, "sharpness"), step, group_foreach(v.group))
 
 
 def _beta(group: dict[str, Any]) -> float:

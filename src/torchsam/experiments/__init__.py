@@ -1,6 +1,6 @@
 """Experiments: embedded data, small models and a training loop for comparing SAM variants.
 
-Nothing here is imported by ``import torchsam``. The data need scikit-learn
+Nothing here is imported by ``import torchsam``. The digits need scikit-learn
 (``pip install "torchsam[data]"``), imported only when a dataset is built.
 
 Example:
@@ -11,7 +11,7 @@ Example:
 """
 
 from torchsam.experiments import methods as _methods  # noqa: F401 (registers the SAM family)
-from torchsam.experiments.data import Split, noisy_digits
+from torchsam.experiments.data import Split, noisy_digits, noisy_signals
 from torchsam.experiments.models import mlp, small_cnn
 from torchsam.experiments.train import (
     METHODS,
@@ -43,6 +43,7 @@ __all__ = [
     "get_method",
     "mlp",
     "noisy_digits",
+    "noisy_signals",
     "register_method",
     "sharpness_aware",
     "small_cnn",
