@@ -285,8 +285,7 @@ def _walk(
             center = grid.loss()
             losses = []
             for coeffs in points:
-                for p, b in zip(params, base, strict=True):
-                    p.copy_(b)
+                torch._foreach_copy_(params, base)
                 for c, d in zip(coeffs, directions, strict=True):
                     if c != 0.0:
                         torch._foreach_add_(params, d, alpha=c)

@@ -172,7 +172,7 @@ class _Hessian:
 
     def _split(self, v: Tensor) -> list[Tensor]:
         return [
-            piece.view_as(p).to(p.dtype)
+            piece.view_as(p).to(device=p.device, dtype=p.dtype)
             for piece, p in zip(v.split(self.numels), self.params, strict=True)
         ]
 
@@ -209,7 +209,7 @@ class _Hessian:
             if acc is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
             hv = [a / count for a in acc]
-        return torch.cat([h.reshape(-1) for h in hv]).to(torch.float64)
+        return torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
 
 
 # --------------------------------------------------------------------------- helpers
