@@ -141,6 +141,16 @@ def test_surface_2d_along_given_directions_and_coordinates() -> None:
         landscape.surface_2d(net, ce, data, directions=({"fc.nope": torch.zeros(4)}, dy))
 
 
+def test_symmetric_odd_grids_pass_through_the_model_exactly() -> None:
+    net, data = _net(), _data()
+    for span in (0.3, 0.7, 1.1):
+        curve = landscape.surface_1d(net, ce, data, steps=7, span=span)
+        assert curve.x[3].item() == 0.0
+        assert curve.x[0].item() == -span
+        assert curve.x[-1].item() == span
+        assert curve.loss[3].item() == curve.center
+
+
 def test_surface_1d_and_seeded_directions() -> None:
     net, data = _net(), _data()
     a = landscape.surface_1d(net, ce, data, steps=3, generator=torch.Generator().manual_seed(7))

@@ -434,6 +434,8 @@ def test_bad_input_is_rejected_with_a_message() -> None:
         sharpness.sam_sharpness(model, ce, data, rho=-1.0)
     with pytest.raises(ValueError, match="samples must be at least 2"):
         sharpness.hessian_trace(model, ce, data, samples=1)
+    with pytest.raises(ValueError, match="max_iter=2 is less than k=3"):
+        sharpness.hessian_eigenvalues(model, ce, data, k=3, max_iter=2)
     with pytest.raises(ValueError, match="method"):
         sharpness.hessian_eigenvalues(model, ce, data, method="arnoldi")
     with pytest.raises(ValueError, match="tol"):

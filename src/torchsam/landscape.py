@@ -229,8 +229,11 @@ def _axis(steps: int, span: Span, name: str) -> list[float]:
             raise ValueError(f"{name} must be (low, high) with low < high, got {span!r}")
     else:
         raise TypeError(f"{name} must be a number or a (low, high) pair, got {span!r}")
-    # exact end points, and exactly 0 at the centre of a symmetric odd grid
-    return [low + (high - low) * i / (steps - 1) if i < steps - 1 else high for i in range(steps)]
+    values = [low + (high - low) * i / (steps - 1) for i in range(steps)]
+    values[-1] = high  # exact end points, and exactly 0 at the centre of a symmetric odd grid
+    if low == -high and steps % 2 == 1:
+        values[steps // 2] = 0.0
+    return values
 
 
 def _coords(values: Sequence[float] | Tensor, name: str) -> list[float]:

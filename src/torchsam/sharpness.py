@@ -387,6 +387,8 @@ def hessian_eigenvalues(
     tol = _check_tol(tol)
     if method not in ("lanczos", "power"):
         raise ValueError(f'method must be "lanczos" or "power", got {method!r}')
+    if method == "lanczos" and max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is less than k={k}: Lanczos needs at least k steps")
     chosen = _prepare(model, loss_fn, data, params)
     gen = _generator(generator)
     with measuring(model, batch_norm):
