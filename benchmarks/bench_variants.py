@@ -3,8 +3,10 @@
 Run it as ``python benchmarks/bench_variants.py`` (``--quick`` for a short smoke run). It
 trains each method registered in ``torchsam.experiments.METHODS`` (or those named with
 ``--methods``; ``sgd``, the baseline, always runs) on ``noisy_digits(noise=0.2)`` with the same
-recipe — the default MLP (2 x 128, BatchNorm), batch 64, SGD lr 0.05 with a cosine schedule,
-momentum 0.9, weight decay 5e-4 — for each seed, in one process, and prints one row per method:
+recipe — a model with BatchNorm (``--model mlp``, the default: the MLP 2 x ``--hidden``;
+``--model cnn``: ``small_cnn`` with ``--channels`` and twice as many channels in its two conv
+layers), batch 64, SGD lr 0.05 with a cosine schedule, momentum 0.9, weight decay 5e-4 — for
+each seed, in one process, and prints one row per method:
 
 * test accuracy (clean test labels), mean ± standard deviation over seeds;
 * train accuracy against the *clean* training labels (how little of the noise was learnt);
@@ -38,13 +40,16 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 import torchsam
-from torchsam.experiments import METHODS, Result, Split, mlp, noisy_digits, train
+from torchsam.experiments import METHODS, Result, Split, mlp, noisy_digits, small_cnn, train
+
+ModelFn = Callable[[Split], nn.Module]
 
 BASELINE = "sgd"
 REFERENCE = "sam"
@@ -96,26 +101,38 @@ def _options(method: str, rho: float) -> dict[str, float]:
 
 
 HIDDEN = 128
+CHANNELS = 32
+MODELS = ("mlp", "cnn")
 
 
-def _run(method: str, split: Split, seed: int, epochs: int, rho: float, hidden: int) -> Result:
+def model_fn(model: str = "mlp", hidden: int = HIDDEN, channels: int = CHANNELS) -> ModelFn:
+    """The benchmark's model builder: the MLP (``hidden`` wide) or the small CNN (``channels``),
+    both with BatchNorm."""
+    if model == "mlp":
+        return lambda s: mlp(s.num_features, s.num_classes, hidden=hidden)
+    if model == "cnn":
+        return lambda s: small_cnn(num_classes=s.num_classes, channels=channels)
+    raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}")
+
+
+def _run(method: str, split: Split, seed: int, epochs: int, rho: float, build: ModelFn) -> Result:
     gc.collect()
     gc.disable()
     try:
         return train(
-            method,
-            split,
-            epochs=epochs,
-            seed=seed,
-            model_fn=lambda s: mlp(s.num_features, s.num_classes, hidden=hidden),
-            **_options(method, rho),
+            method, split, epochs=epochs, seed=seed, model_fn=build, **_options(method, rho)
         )
     finally:
         gc.enable()
 
 
 def run(
-    methods: list[str], seeds: int, epochs: int, rho: float, repeats: int, hidden: int = HIDDEN
+    methods: list[str],
+    seeds: int,
+    epochs: int,
+    rho: float,
+    repeats: int,
+    build: ModelFn | None = None,
 ) -> dict[str, list[Result]]:
     """Train every method for every seed; results per method, in seed order.
 
@@ -123,16 +140,17 @@ def run(
     the methods; training is deterministic, so the repeats only refine the timing: the result
     kept is the first run's with the fastest of the wall times.
     """
+    build = build if build is not None else model_fn()
     splits = [noisy_digits(NOISE, seed=seed) for seed in range(seeds)]
     for method in methods:  # warm-up: one-time costs (kernels, allocator) outside the timing
-        _run(method, splits[0], 0, 1, rho, hidden)
+        _run(method, splits[0], 0, 1, rho, build)
     results: dict[str, list[Result]] = {m: [] for m in methods}
     for seed, split in enumerate(splits):
         runs: dict[str, list[Result]] = {m: [] for m in methods}
         for rep in range(repeats):
             shift = (seed * repeats + rep) % len(methods)
             for method in methods[shift:] + methods[:shift]:
-                runs[method].append(_run(method, split, seed, epochs, rho, hidden))
+                runs[method].append(_run(method, split, seed, epochs, rho, build))
         for method, rs in runs.items():
             if any(r.test_accuracy != rs[0].test_accuracy for r in rs):
                 print(f"warning: {method} is not deterministic (seed {seed})")
@@ -253,14 +271,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"timed repeats of each run, fastest kept (default: {REPEATS}, 1 with --quick)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--model", choices=MODELS, default="mlp", help="model, both with BatchNorm (default: mlp)"
+    )
     parser.add_argument("--hidden", type=int, default=HIDDEN, help=f"MLP width (default: {HIDDEN})")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=CHANNELS,
+        help=f"channels of the CNN's first conv layer (default: {CHANNELS})",
+    )
     args = parser.parse_args(argv)
 
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else SEEDS)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else EPOCHS)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else REPEATS)
-    if min(seeds, epochs, repeats, args.threads, args.hidden) < 1:
-        parser.error("--seeds, --epochs, --repeats, --threads and --hidden must be >= 1")
+    if min(seeds, epochs, repeats, args.threads, args.hidden, args.channels) < 1:
+        parser.error(
+            "--seeds, --epochs, --repeats, --threads, --hidden and --channels must be >= 1"
+        )
     names = list(METHODS) if args.methods is None else [m for m in args.methods.split(",") if m]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -278,13 +307,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"mode: {'quick' if args.quick else 'full'}; label noise {NOISE}, {epochs} epochs, "
         f"seeds 0..{seeds - 1}, {repeats} timed repeat(s), rho {args.rho} (methods with a rho)"
     )
-    print(
-        f"model: MLP 2x{args.hidden} + BatchNorm; batch 64, SGD lr 0.05 cosine, momentum 0.9, "
-        "wd 5e-4"
+    model = (
+        f"MLP 2x{args.hidden} + BatchNorm"
+        if args.model == "mlp"
+        else f"CNN {args.channels}/{2 * args.channels} channels + BatchNorm"
     )
+    print(f"model: {model}; batch 64, SGD lr 0.05 cosine, momentum 0.9, wd 5e-4")
     print()
     start = time.perf_counter()
-    results = run(methods, seeds, epochs, args.rho, repeats, args.hidden)
+    build = model_fn(args.model, args.hidden, args.channels)
+    results = run(methods, seeds, epochs, args.rho, repeats, build)
     rows = summarise(results)
     base_time = statistics.median(r.wall_time for r in results[BASELINE])
     print_table(rows, base_time)

@@ -120,7 +120,8 @@ class ReferenceGSAM(_Reference):
     groups, ``alpha`` per group). With ``rho_min`` set,
     ``rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) / (lr_max - lr_min)`` where ``lr_t``
     is the group's current learning rate and ``lr_max`` defaults to its learning rate when this
-    object is built. ``self.radii`` records ``rho_t`` per step and group.
+    object is built; the fraction ``(lr_t - lr_min) / (lr_max - lr_min)`` is clamped to [0, 1].
+    ``self.radii`` records ``rho_t`` per step and group.
     """
 
     group_defaults: ClassVar[dict[str, Any]] = {
@@ -143,7 +144,8 @@ class ReferenceGSAM(_Reference):
             return float(group["rho"])
         rho, rho_min = group["rho"], group["rho_min"]
         lr_t, lr_max, lr_min = group["lr"], group["lr_max"], group["lr_min"]
-        return rho_min + (rho - rho_min) * (lr_t - lr_min) / (lr_max - lr_min)
+        fraction = min(max((lr_t - lr_min) / (lr_max - lr_min), 0.0), 1.0)
+        return rho_min + (rho - rho_min) * fraction
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         loss = closure()

@@ -1,8 +1,13 @@
 """The benchmark scripts run (a smoke run; their numbers are not asserted here)."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,3 +24,58 @@ def test_overhead_benchmark_smoke_run() -> None:
         assert scenario in out
     # the allocation count is deterministic: none after the first step
     assert "torchsam: 0 parameter-sized allocations" in out
+
+
+def test_variants_benchmark_runs_the_cnn_with_batchnorm() -> None:
+    pytest.importorskip("sklearn")
+    script = ROOT / "benchmarks" / "bench_variants.py"
+    args = ["--model", "cnn", "--channels", "4", "--epochs", "1", "--seeds", "1"]
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", *args, "--methods", "looksam"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert "model: CNN 4/8 channels + BatchNorm" in out
+    table = out.split("(SGD trains")[0]
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
+    assert rows["sgd"][-1] == "1.00"  # forward passes per step
+    assert rows["looksam"][-1] == "1.21"  # 19 steps in one epoch, 4 with a second pass (k=5)
+
+
+def test_sweep_defaults_smoke_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sklearn")
+    # in-process (the script's main), to spare a second interpreter start
+    spec = importlib.util.spec_from_file_location(
+        "sweep_defaults", ROOT / "benchmarks" / "sweep_defaults.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "sweep_defaults", sweep)  # dataclasses look it up
+    spec.loader.exec_module(sweep)
+    out_file, report = tmp_path / "runs.jsonl", tmp_path / "report.md"
+    argv = ["--quick", "--tasks", "signals/mlp/adamw", "--out", str(out_file)]
+    threads = torch.get_num_threads()
+    try:
+        assert sweep.main([*argv, "--report", str(report)]) == 0
+        rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+        assert {r["task"] for r in rows} == {"signals/mlp/adamw"}
+        knobs = {r["knob"] for r in rows}
+        assert {"SGD", "SAM rho", "ASAM rho", "LookSAM alpha", "LookSAM k", "ESAM gamma"} <= knobs
+        passes = {r["config"]: r["forwards_per_step"] for r in rows}
+        assert passes["sgd()"] == 1.0
+        assert passes["sam(rho=0.05)"] == 2.0
+        assert (
+            "| LookSAM alpha | signals/mlp/adamw | fwd/step | time vs SGD |" in report.read_text()
+        )
+        # a second call finds every run in the file and repeats none
+        capsys.readouterr()
+        assert sweep.main(argv) == 0
+        assert "seed 0" not in capsys.readouterr().out  # no run was logged
+        assert len(out_file.read_text().splitlines()) == len(rows)
+    finally:
+        torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import copy
 import inspect
 import io
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +153,8 @@ def test_state_dict_is_one_plain_dict(name: str) -> None:
         step(name, opt, model, x, y)
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    assert sd["state"]["sam"]["step"] == 3
+    assert set(sd["state"]) == {0, 1, 2, 3}  # per-parameter entries only (DCP maps them)
+    assert [g["sam_step"] for g in sd["param_groups"]] == [3, 3]  # the optimizer-wide counter
     assert "momentum_buffer" in sd["state"][0]
     assert len(sd["param_groups"]) == 2
 
@@ -172,14 +174,42 @@ def test_lr_zero_never_changes_weights(name: str, base: str) -> None:
         assert torch.equal(a, b)
 
 
+_FOREACH_KERNELS = [name for name in dir(torch) if name.startswith("_foreach_")]
+
+
+def _watch_foreach_kernels(mp: pytest.MonkeyPatch, allowed: bool, calls: list[str]) -> None:
+    """Count torchsam's calls of ``torch._foreach_*`` kernels, or forbid every call of them."""
+
+    def wrap(name: str) -> Any:
+        kernel = getattr(torch, name)
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            if not allowed:
+                raise AssertionError(f"torch.{name} was called with foreach=False")
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("torchsam"):
+                calls.append(name)
+            return kernel(*args, **kwargs)
+
+        return watched
+
+    for name in _FOREACH_KERNELS:
+        mp.setattr(torch, name, wrap(name))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
-def test_foreach_equals_for_loop(name: str) -> None:
+def test_foreach_equals_for_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each arm really runs its kernels: no torch._foreach_* call at all with foreach=False
+    # (torchsam's and the base optimizer's), and torchsam's own multi-tensor kernels with True.
     results = []
     for foreach in (True, False):
         model, data = setup()
         opt = build(name, model, foreach=foreach)
-        for x, y in data[:4]:
-            step(name, opt, model, x, y)
+        calls: list[str] = []
+        with monkeypatch.context() as mp:
+            _watch_foreach_kernels(mp, foreach, calls)
+            for x, y in data[:4]:
+                step(name, opt, model, x, y)
+        assert bool(calls) == foreach
         results.append(weights(model))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
@@ -211,7 +241,21 @@ def test_scheduler_and_hooks(name: str) -> None:
             step(name, opt, model, x, y)
             sched.step()
     assert calls == ["pre", "post"] * 3
-    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 8)
+    # the scheduler's learning rates reach the base step: the same as setting them by hand
+    by_hand_model, _ = setup()
+    by_hand = build(name, by_hand_model)
+    initial = [g["lr"] for g in by_hand.param_groups]
+    for i, (x, y) in enumerate(data[:3]):
+        for g, lr in zip(by_hand.base_optimizer.param_groups, initial, strict=True):
+            g["lr"] = lr * 0.5**i
+        step(name, by_hand, by_hand_model, x, y)
+    for a, b in zip(weights(model), weights(by_hand_model), strict=True):
+        assert torch.equal(a, b)
+    unscheduled_model, _ = setup()
+    unscheduled = build(name, unscheduled_model)
+    for x, y in data[:3]:
+        step(name, unscheduled, unscheduled_model, x, y)
+    assert not torch.equal(model.l1.weight, unscheduled_model.l1.weight)
 
 
 @pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.two_call])

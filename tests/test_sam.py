@@ -331,7 +331,8 @@ def test_state_dict_holds_base_state_and_is_deterministic() -> None:
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}  # Adam's moments
     assert sd["param_groups"][1]["rho"] == 0.1
     assert "backup" not in str(sd)  # scratch buffers are not saved
-    assert sd["state"]["sam"] == {"step": 1}  # the optimizer-wide entry: steps taken
+    assert set(sd["state"]) == {0, 1, 2, 3}  # per-parameter entries only
+    assert [g["sam_step"] for g in sd["param_groups"]] == [1, 1]  # steps taken, in every group
     again = opt.state_dict()
     assert again["param_groups"] == sd["param_groups"]
     assert again["state"].keys() == sd["state"].keys()

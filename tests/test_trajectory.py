@@ -60,8 +60,10 @@ def grad_by_hand(
 
 
 def ema_by_hand(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
-    for name, w in model.named_parameters():
-        ema[name] = decay * ema[name] + (1 - decay) * w.detach()
+    """Average the entries of ``model.state_dict()`` that ``ema`` holds."""
+    for name, w in model.state_dict().items():
+        if name in ema:
+            ema[name] = decay * ema[name] + (1 - decay) * w.detach()
 
 
 class Net(nn.Module):
@@ -266,12 +268,15 @@ def test_saf_state_dict_resumes_bit_exactly() -> None:
 
 
 # --------------------------------------------------------------------------- MESA
-def test_mesa_ema_update_matches_transcription() -> None:
+@pytest.mark.parametrize("average_buffers", [True, False])
+def test_mesa_ema_update_matches_transcription(average_buffers: bool) -> None:
+    # The authors (timm's ModelEmaV2) average the whole state_dict, BatchNorm statistics too.
     torch.manual_seed(4)
     model = Net()
     decay = 0.9
-    mesa = MESA(model, decay=decay)
+    mesa = MESA(model, decay=decay, average_buffers=average_buffers)
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ema_buffers = {name: b.clone() for name, b in model.named_buffers()}
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     for _ in range(5):
         x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
@@ -286,7 +291,12 @@ def test_mesa_ema_update_matches_transcription() -> None:
         for (name, b), (_, src) in zip(
             mesa.ema.named_buffers(), model.named_buffers(), strict=True
         ):
-            assert torch.equal(b, src), name
+            if average_buffers and b.is_floating_point():
+                ema_buffers[name] = decay * ema_buffers[name] + (1 - decay) * src
+                torch.testing.assert_close(b, ema_buffers[name], rtol=1e-13, atol=1e-15)
+                assert not torch.equal(b, src), name
+            else:  # integer buffers (num_batches_tracked) are copied
+                assert torch.equal(b, src), name
             assert b.data_ptr() != src.data_ptr()
     # the average lags behind the weights: it is not a copy
     assert not torch.equal(mesa.ema.l1.weight, model.l1.weight)
@@ -308,7 +318,8 @@ def test_mesa_term_uses_the_ema_model_output(ema_train_mode: bool) -> None:
     model = Net(dropout=0.0)
     decay, lam, tau = 0.8, 0.5, 3.0
     mesa = MESA(model, decay=decay, lam=lam, tau=tau, start_epoch=2, ema_train_mode=ema_train_mode)
-    ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # the weights and the BatchNorm statistics are averaged (num_batches_tracked is copied)
+    ema = {name: t.clone() for name, t in model.state_dict().items() if t.is_floating_point()}
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     for _ in range(4):
         x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
@@ -320,7 +331,7 @@ def test_mesa_term_uses_the_ema_model_output(ema_train_mode: bool) -> None:
     mesa.train()  # must not switch the EMA's mode
     assert mesa.ema.training is ema_train_mode
 
-    # the reference model: the hand-made average with the model's BatchNorm statistics
+    # the reference model: the hand-made average
     reference = copy.deepcopy(model)
     reference.load_state_dict({**model.state_dict(), **ema})
     reference.train(ema_train_mode)

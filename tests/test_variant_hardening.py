@@ -7,6 +7,7 @@ selection without ``requires_grad`` switches.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from typing import Any, ClassVar
@@ -18,7 +19,15 @@ from torch import Tensor, nn
 import torchsam
 from torchsam._engine import GroupView
 
-from .test_family import VARIANTS, build, setup, step, weights
+from .test_family import BASES, VARIANTS, build, setup, step, weights
+from .test_sam import _ParamSizedAllocations
+
+
+def build_on(name: str, groups: list[dict[str, Any]], base: str = "sgd", **extra: Any) -> Any:
+    """The family table's optimizer ``name`` on the given param groups."""
+    variant = VARIANTS[name]
+    cls, base_kw = BASES[base]
+    return variant.cls(groups, cls, **{**variant.kwargs, **base_kw, **extra})
 
 
 # --------------------------------------------------------------------------- gradient swap
@@ -141,3 +150,99 @@ def test_a_users_subclass_keeps_its_own_signature() -> None:
     opt = Scaled([nn.Parameter(torch.ones(2))], torch.optim.SGD, scale=3.0, lr=0.1, alpha=0.1)
     assert opt.scale == 3.0
     assert opt.param_groups[0]["alpha"] == 0.1
+
+
+# --------------------------------------------------------------------------- complex parameters
+class _ComplexNet(nn.Module):
+    """A complex weight, held either as complex or as its ``view_as_real`` (a real twin)."""
+
+    def __init__(self, as_real: bool) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        w = torch.randn(4, 3, dtype=torch.complex128, generator=gen)
+        self.as_real = as_real
+        self.w = nn.Parameter(torch.view_as_real(w).clone() if as_real else w)
+        self.b = nn.Parameter(torch.randn(3, dtype=torch.float64, generator=gen))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = torch.view_as_complex(self.w) if self.as_real else self.w
+        h = x.to(w.dtype) @ w
+        return h.abs() + torch.tanh(h.real) * h.imag + self.b
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_complex_parameters_step_as_their_real_view(name: str) -> None:
+    # GSAM's and LookSAM's inner product is Re <x, conj y>; ASAM's |w| acts per real number.
+    _, data = setup()
+    results = []
+    for as_real in (False, True):
+        model = _ComplexNet(as_real)
+        opt = build_on(name, [{"params": [model.w]}, {"params": [model.b], "rho": 0.1}])
+        for x, y in data[:4]:
+            step(name, opt, model, x, y)
+        results.append(model.w.detach() if as_real else torch.view_as_real(model.w.detach()))
+    torch.testing.assert_close(results[0], results[1])
+
+
+# --------------------------------------------------------------------------- ESAM under DDP
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+def test_esam_trains_a_distributed_data_parallel_model() -> None:
+    # DDP's reducer needs every parameter's gradient in each backward pass: ESAM's weight
+    # selection must not switch requires_grad (one process; the same steps as without DDP).
+    dist = torch.distributed
+    _, data = setup()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    plain = copy.deepcopy(model)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = build_on("esam", [{"params": ddp.parameters()}])
+        for x, y in data[:4]:
+            step("esam", opt, ddp, x, y)
+    finally:
+        dist.destroy_process_group()
+    plain_opt = build_on("esam", [{"params": plain.parameters()}])
+    for x, y in data[:4]:
+        step("esam", plain_opt, plain, x, y)
+    for a, b in zip(weights(model), weights(plain), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("name", ["gsam", "wsam", "wsam_coupled", "looksam", "msam"])
+def test_gradient_for_the_base_step_allocates_nothing_after_a_first_cycle(
+    name: str, foreach: bool
+) -> None:
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32, requires_grad=True) for _ in range(3)]
+    opt = build_on(
+        name, [{"params": params}], foreach=foreach, weight_decay=0.0
+    )  # SGD allocates with weight decay
+    x = torch.randn(12, 64)
+
+    def two_passes() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)  # outside the counter: the "backward pass"
+
+    def per_sample(rows: Tensor | None) -> Tensor:
+        xb = x if rows is None else x[rows]
+        return sum((xb @ p).square().mean(1) for p in params)  # type: ignore[return-value]
+
+    counts = []
+    for _ in range(2 * 3):  # two LookSAM cycles (k=3): a sharpness step and two reuse steps
+        if name == "msam":
+            with _ParamSizedAllocations(64 * 32) as mode:
+                opt.step(per_sample, batch_size=len(x))
+        else:
+            two_passes()
+            with _ParamSizedAllocations(64 * 32) as mode:
+                opt.first_step()
+                opt.second_step()
+        # MSAM's closure runs its backward passes here: their weight gradients (mm) are not ours
+        counts.append([op for op in mode.ops if not (name == "msam" and "aten.mm" in op)])
+    assert any(counts[:3]), "the first cycle allocates the scratch buffers (the counter sees them)"
+    assert counts[3:] == [[], [], []]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -449,6 +450,34 @@ def test_gsam_perturbation_has_the_scheduled_radius(lr_max: float | None) -> Non
         sched.step()
 
 
+def test_gsam_radius_never_exceeds_rho_when_the_lr_rises_above_lr_max() -> None:
+    """OneCycleLR built after GSAM: lr_max (the lr at construction) is below the peak."""
+    model, data = make(steps=8)
+    opt = torchsam.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.02, lr=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=len(data))
+    radii = []
+    for x, y in data:
+        lr_t = opt.param_groups[0]["lr"]
+        start = weights(model)
+        F.mse_loss(model(x), y).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert opt.first_step(zero_grad=True)
+        moved = torch.sqrt(
+            sum(((p - w) ** 2).sum() for p, w in zip(model.parameters(), start, strict=True))
+        )
+        radii.append(moved.item())
+        expected = 0.02 + 0.08 * min(lr_t / 0.01, 1.0)
+        assert moved.item() == pytest.approx(expected, rel=1e-9)
+        assert any("pass the schedule's peak as lr_max" in str(w.message) for w in caught) == (
+            lr_t > 0.01
+        )
+        F.mse_loss(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert max(radii) == pytest.approx(0.1, rel=1e-9)  # the peak was above lr_max: capped
+
+
 # --------------------------------------------------------------------------- LookSAM
 def test_looksam_closure_evaluations() -> None:
     model, data = make(steps=10)
@@ -535,6 +564,10 @@ def _decisions(steps: int, **kw: Any) -> list[bool]:
 
 def test_intermittent_every_k_closure_evaluations() -> None:
     assert _decisions(9, every=3) == [True, False, False] * 3
+    # Composer's SAM(interval=3) runs SAM on steps 2, 5, 8 (its (step + 1) % interval == 0)
+    composer = [(step + 1) % 3 == 0 for step in range(9)]
+    assert _decisions(9, every=3, offset=2) == composer == [False, False, True] * 3
+    assert _decisions(4, every=1, offset=0) == [True] * 4
 
 
 def test_intermittent_probability_is_seeded_and_has_the_right_frequency() -> None:
@@ -627,9 +660,10 @@ def test_own_state_is_saved(name: str, key: str) -> None:
     opt.step(closure_for(model, opt, *data[0]))
     state = opt.state_dict()["state"]
     assert key in state[0]
-    assert state["sam"]["step"] == 1
+    groups = opt.state_dict()["param_groups"]
+    assert all(g["sam_step"] == 1 for g in groups)
     if name == "looksam":  # the norm of g_v, kept from the sharpness step for the next ones
-        assert state["sam"]["gv_norm"] > 0
+        assert all(g["sam_gv_norm"] > 0 for g in groups)
 
 
 # --------------------------------------------------------------------------- ESAM
@@ -670,24 +704,35 @@ def test_esam_returns_the_mean_loss_at_w() -> None:
         assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
-def test_esam_freezes_exactly_the_unselected_tensors() -> None:
+def test_esam_first_pass_takes_exactly_the_selected_gradients() -> None:
     model, ref_model, opt, ref, data = _esam_pair(beta=0.6, gamma=0.5)
     ref_names = {id(p): n for n, p in ref_model.named_parameters()}
     trainable = {"l1.weight", "l1.bias", "l2.weight", "l2.bias", "unused"}
+    events: list[str] = []  # "call" per closure call, a name per gradient accumulated
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda _, name=name: events.append(name))
     for i, (x, y) in enumerate(data):
-        seen: list[set[str]] = []
+        events.clear()
         closure = per_sample_for(model, x, y)
 
-        def recording(indices: Tensor | None, closure: Any = closure, seen: Any = seen) -> Tensor:
-            seen.append({n for n, p in model.named_parameters() if p.requires_grad})
+        def recording(indices: Tensor | None, closure: Any = closure) -> Tensor:
+            # requires_grad is never switched (DistributedDataParallel relies on it)
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+            events.append("call")
             return closure(indices)
 
         opt.step(recording)
         ref.step(per_sample_for(ref_model, x, y))
         selected = {ref_names[id(p)] for p in ref.selected[i]}
-        assert seen[0] == selected  # first pass: only the selected tensors take gradients
-        assert seen[1] == seen[2] == trainable  # every trainable tensor again at w + e
-        assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+        calls = [k for k, event in enumerate(events) if event == "call"]
+        assert len(calls) == 3
+        first = events[calls[0] + 1 : calls[1]]  # the backward pass after the first call
+        assert set(first) == selected - {"unused"}  # no gradient work for the others
+        assert len(first) == len(set(first))
+        second = events[calls[2] + 1 :]
+        assert set(second) == trainable - {"unused"}  # every tensor at w + e
+    assert_weights_close(model, ref_model)
     # the draw did leave tensors out on every step (otherwise this test would check little)
     assert all(len(s) < len(trainable) for s in ref.selected)
 
@@ -795,7 +840,7 @@ def test_msam_chunks_and_closure_calls() -> None:
         assert torch.equal(calls[2 * i], rows)
         assert torch.equal(calls[2 * i + 1], rows)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
-    assert opt.state_dict()["state"]["sam"] == {"step": 1}
+    assert [g["sam_step"] for g in opt.state_dict()["param_groups"]] == [1, 1, 1]
 
 
 def test_msam_api_errors() -> None:
@@ -893,6 +938,10 @@ BAD_ARGUMENTS = [
     (torchsam.IntermittentSAM, dict(every=0), ValueError, "Invalid every"),
     (torchsam.IntermittentSAM, dict(probability=1.5), ValueError, "Invalid probability"),
     (torchsam.IntermittentSAM, dict(every=2, seed="a"), TypeError, "seed must be an int"),
+    (torchsam.IntermittentSAM, dict(every=2, offset=2), ValueError, "offset must be below"),
+    (torchsam.IntermittentSAM, dict(every=2, offset=-1), ValueError, "Invalid offset"),
+    (torchsam.IntermittentSAM, dict(every=2, offset=1.0), TypeError, "offset must be an int"),
+    (torchsam.IntermittentSAM, dict(probability=0.5, offset=1), ValueError, "every=k only"),
     (torchsam.ESAM, dict(beta=0.0), ValueError, "Invalid beta"),
     (torchsam.ESAM, dict(beta=1.5), ValueError, "Invalid beta"),
     (torchsam.ESAM, dict(gamma=0.0), ValueError, "Invalid gamma"),

@@ -1,5 +1,13 @@
 """torchsam: Sharpness-Aware Minimization for PyTorch."""
 
+import warnings
+
+# torch warns "Failed to initialize NumPy" on import when NumPy is missing; torchsam does not
+# use NumPy, so a fresh install (torch is the only dependency) should not print that.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from torchsam import landscape, sharpness
 from torchsam._batchnorm import freeze_running_stats
 from torchsam._engine import SharpnessAwareOptimizer

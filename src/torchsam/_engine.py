@@ -17,6 +17,8 @@ sees (:meth:`SharpnessAwareOptimizer._prepare_base_grads` after a second pass,
 from __future__ import annotations
 
 import operator
+import re
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -24,8 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from torchsam import _kernels
 
 __all__ = ["GroupView", "SharpnessAwareOptimizer"]
 
@@ -33,8 +37,12 @@ __all__ = ["GroupView", "SharpnessAwareOptimizer"]
 # no second pass on this step (the gradients at w are kept for second_step).
 _IDLE, _PERTURBED, _SKIPPED, _ONE_PASS = "idle", "perturbed", "skipped", "one pass"
 
-# Key of the optimizer-wide entry (step counter, ...) in ``self.state`` and ``state_dict()``.
-_GLOBAL = "sam"
+# Optimizer-wide state (the step counter, LookSAM's ||g_v||, ...) is kept in every param group
+# under keys with this prefix (``"sam_step"``), where torch.optim keeps what every checkpoint
+# format must carry. Checkpoints written before kept it in ``state["sam"]``; they still load.
+WIDE_PREFIX = "sam_"
+_STEP = WIDE_PREFIX + "step"
+_LEGACY_GLOBAL = "sam"
 
 # Keys of torchsam's own per-parameter state are stored under this prefix in ``state_dict()``
 # so that they never collide with the base optimizer's keys ("momentum_buffer", "exp_avg", ...).
@@ -54,7 +62,22 @@ class _Layout:
 
     params: list[Tensor]
     splits: list[list[int]] | None
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    device: torch.device | None = None
     buffers: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def matches(self, params: list[Tensor]) -> bool:
+        """Whether ``params`` are this layout's tensors, still of the same dtypes and device.
+
+        ``model.double()`` or ``model.to(device)`` keep the parameter objects but change their
+        dtype or device; the cached splits and scratch buffers must then be rebuilt. (The device
+        of the first parameter stands for all: moving part of a model is not detected.)
+        """
+        return (
+            _same_objects(self.params, params)
+            and [p.dtype for p in params] == self.dtypes
+            and params[0].device == self.device
+        )
 
 
 @dataclass
@@ -96,44 +119,62 @@ class SharpnessAwareOptimizer(Optimizer):
         own_defaults: dict[str, Any],
         base_kwargs: dict[str, Any],
     ) -> None:
+        if isinstance(params, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} got the module {type(params).__name__} as params; pass "
+                "its parameters instead: model.parameters() (or a list of param group dicts)"
+            )
         self._own_defaults = dict(own_defaults)
-        self._phase = _IDLE
-        self._kept_grads: list[tuple[Tensor, int]] = []
-        self._kept_views: list[GroupView] = []
-        self._first_layouts: list[_Layout] = []
-        # Workspace, not state: scratch buffers per parameter (never saved, reallocated after a
-        # load), the cached layouts per group, and the (params, backups) pairs of this step.
-        self._workspace: dict[str, dict[Tensor, Tensor]] = {}
-        self._layouts: dict[int, _Layout] = {}
-        self._finite_flags: _Flags = {}
-        self._saved: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._reset_workspace()
 
+        name = type(self).__name__
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise TypeError(
-                    f"{type(self).__name__} got keyword arguments {sorted(base_kwargs)} together "
+                    f"{name} got keyword arguments {sorted(base_kwargs)} together "
                     "with an already built base optimizer; pass the optimizer class instead, or "
                     "set those options when you build the base optimizer"
                 )
+            _check_base_optimizer(name, base_optimizer)
             super().__init__(params, self._own_defaults)
             _check_same_partition(self.param_groups, base_optimizer.param_groups)
             for own_group, base_group in zip(
                 self.param_groups, base_optimizer.param_groups, strict=True
             ):
-                for key in self._own_defaults:
+                for key in (*self._own_defaults, _STEP):
                     base_group[key] = own_group[key]
             self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD), "
+                "a callable that returns an optimizer, or an optimizer instance; got the class "
+                f"{base_optimizer.__module__}.{base_optimizer.__qualname__}, which is not an "
+                "optimizer"
+            )
         elif callable(base_optimizer):
             # The seed's contract: the keyword arguments go to the base optimizer and are also
             # recorded in this optimizer's defaults.
             super().__init__(params, {**self._own_defaults, **base_kwargs})
-            built = base_optimizer(self.param_groups, **base_kwargs)
+            try:
+                built = base_optimizer(self.param_groups, **base_kwargs)
+            except TypeError as error:
+                unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+                if unknown is None:
+                    raise
+                own = ", ".join(k for k in self._own_defaults if not k.startswith("_"))
+                base_name = getattr(base_optimizer, "__name__", repr(base_optimizer))
+                raise TypeError(
+                    f"{name} got an unexpected keyword argument '{unknown.group(1)}': it is "
+                    f"neither an argument of {name} ({own}) nor of the base optimizer "
+                    f"{base_name}, which received the other keyword arguments"
+                ) from None
             if not isinstance(built, Optimizer):
                 raise TypeError(
                     "base_optimizer must be a torch.optim.Optimizer subclass, a callable that "
                     "returns an optimizer, or an optimizer instance; calling it gave "
                     f"{type(built)!r}"
                 )
+            _check_base_optimizer(name, built)
             self.base_optimizer = built
         else:
             raise TypeError(
@@ -143,20 +184,81 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         # One list of group dicts, shared: what a scheduler writes, the base optimizer reads.
         self.param_groups = self.base_optimizer.param_groups
+        self.state = _OwnState(self.base_optimizer)
         self.defaults = {**self.base_optimizer.defaults, **self.defaults}
         for group in self.param_groups:
             self._init_group(group)
+        self._check_groups(self.param_groups)
+
+    def _reset_workspace(self) -> None:
+        """Forget everything that is not state: phase, caches and scratch buffers."""
+        self._phase = _IDLE
+        self._kept_grads: list[tuple[Tensor, int]] = []
+        self._kept_views: list[GroupView] = []
+        self._first_layouts: list[_Layout] = []
+        self._backward_watch: Any = None
+        self._backward_seen = False
+        # Workspace, not state: scratch buffers per parameter (never saved, reallocated after a
+        # load), the cached layouts per group, and the (params, backups) pairs of this step.
+        self._workspace: dict[str, dict[Tensor, Tensor]] = {}
+        self._layouts: dict[int, _Layout] = {}
+        self._finite_flags: _Flags = {}
+        self._saved: list[tuple[list[Tensor], list[Tensor], bool]] = []
+
+    # ------------------------------------------------------------------ copies and pickling
+    #: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks
+    #: (as for torch.optim) and a scheduler's wrapper of ``step`` (bound to the original)
+    _NOT_COPIED = frozenset(
+        {
+            "step",
+            "_opt_called",
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+            "_phase",
+            "_kept_grads",
+            "_kept_views",
+            "_first_layouts",
+            "_backward_watch",
+            "_backward_seen",
+            "_workspace",
+            "_layouts",
+            "_finite_flags",
+            "_saved",
+        }
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything a copy needs to step exactly like this optimizer (``copy.deepcopy``,
+        pickling, ``torch.save`` of the whole object), unlike ``Optimizer.__getstate__``, which
+        keeps only ``defaults``, ``state`` and ``param_groups``."""
+        self._require_idle("copying or pickling the optimizer")
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_workspace()
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to this optimizer and to its base optimizer (they share groups)."""
         for key, default in self._own_defaults.items():
             param_group.setdefault(key, default)
+        groups = self.__dict__.get("param_groups") or []
+        if groups:  # the optimizer-wide state, as the other groups hold it
+            for key, value in groups[0].items():
+                if key.startswith(WIDE_PREFIX):
+                    param_group.setdefault(key, value)
+        param_group.setdefault(_STEP, 0)
         self._check_group(param_group)
         base = getattr(self, "base_optimizer", None)
         if base is None:  # still inside __init__: build our own list first
             super().add_param_group(param_group)
         else:
+            self._check_groups([*groups, param_group])
             base.add_param_group(param_group)
             self._init_group(param_group)
 
@@ -165,6 +267,9 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Complete a group once the base optimizer's defaults are in it; nothing by default."""
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Raise for what only the groups together can get wrong; nothing by default."""
 
     # ------------------------------------------------------------------ phase
     @property
@@ -181,13 +286,13 @@ class SharpnessAwareOptimizer(Optimizer):
             )
 
     @property
-    def _global_state(self) -> dict[str, Any]:
-        """The optimizer-wide entry of the state (saved in ``state_dict()`` under ``"sam"``)."""
-        return cast(dict[str, Any], self.state[cast(Tensor, _GLOBAL)])
+    def _global_state(self) -> _WideState:
+        """The optimizer-wide state: kept in every param group under ``"sam_<key>"``."""
+        return _WideState(self.param_groups)
 
     def _step_count(self) -> int:
         """Optimisation steps finished so far."""
-        return int(self._global_state.get("step", 0))
+        return int(self.param_groups[0].get(_STEP, 0))
 
     # ------------------------------------------------------------------ the two steps
     def _views(self) -> list[GroupView]:
@@ -203,7 +308,7 @@ class SharpnessAwareOptimizer(Optimizer):
             if not params:
                 continue
             layout = self._layouts.get(id(group))
-            if layout is None or not _same_objects(layout.params, params):
+            if layout is None or not layout.matches(params):
                 # A parameter's gradient layout is fixed by its module (``sparse=True``), so
                 # checking when the set of parameters changes is enough.
                 if any(g.is_sparse for g in grads):
@@ -211,11 +316,17 @@ class SharpnessAwareOptimizer(Optimizer):
                         f"{type(self).__name__} does not support sparse gradients; use a dense "
                         "embedding or a different optimizer for sparse parameters"
                     )
-                layout = _Layout(params, _split_by_device_and_dtype(params))
+                layout = _Layout(
+                    params,
+                    _split_by_device_and_dtype(params),
+                    [p.dtype for p in params],
+                    params[0].device,
+                )
                 self._layouts[id(group)] = layout
             views.append(GroupView(group, params, grads, layout))
         return views
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
         """Move the weights to the (approximate) worst point ``w + e(w)`` of the neighbourhood.
@@ -229,25 +340,49 @@ class SharpnessAwareOptimizer(Optimizer):
           skips an overflowing iteration;
         * the variant takes no second pass on this step (LookSAM between its sharpness steps,
           intermittent SAM): the gradients are kept, whatever ``zero_grad`` says, and
-          :meth:`second_step` steps with them.
+          :meth:`second_step` steps with them (after any in-place change such as clipping).
+
+        Under ``torch.compile`` it runs eagerly (a graph break), like the other steps.
 
         Args:
             zero_grad (bool, optional): clear the gradients afterwards when a second pass
                 follows (default: False)
         """
         self._require_two_call_style()
-        return self._first_step(zero_grad)
+        return self._first_step(zero_grad, two_call=True)
 
-    def _first_step(self, zero_grad: bool) -> bool:
+    def _first_step(
+        self, zero_grad: bool, *, two_call: bool = False, user_backward: bool = False
+    ) -> bool:
+        """``two_call``: called by :meth:`first_step`; ``user_backward``: the user's code ran
+        the backward (so no gradient at all is worth a warning)."""
         self._require_idle("first_step()")
         views = self._views()
+        if not views and (two_call or user_backward):
+            warnings.warn(
+                f"{type(self).__name__}: no parameter has a gradient at w, so this step does "
+                "nothing. Call loss.backward() before first_step(); with step(closure), the "
+                "closure must call loss.backward().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if not self._wants_second_pass():
             self._phase = _ONE_PASS
             self._kept_views = views
             self._kept_grads = [(g, g._version) for v in views for g in v.grads]
+            if two_call and views:
+                self._watch_backward(views[0].params[0])
             return False
         self._saved = []
-        if views and not self._perturb(views):
+        try:
+            perturbed = not views or self._perturb(views)
+            if perturbed and self._needs_first_grads:
+                for v in views:
+                    _kernels.copy_(self._scratch(v, "first_grad"), v.grads, group_foreach(v.group))
+        except BaseException:
+            self._abort()
+            raise
+        if not perturbed:
             self._restore()
             self._phase = _SKIPPED
             warnings.warn(
@@ -261,12 +396,31 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             self._phase = _PERTURBED
             self._first_layouts = [v.layout for v in views]
-            if self._needs_first_grads:
-                for v in views:
-                    torch._foreach_copy_(self._scratch(v, "first_grad"), v.grads)
         if zero_grad:
             self.zero_grad()
         return self._phase == _PERTURBED
+
+    def _watch_backward(self, param: Tensor) -> None:
+        """Notice a backward pass that accumulates into ``param.grad`` before second_step().
+
+        On a step without second pass the kept gradients may be changed in place (clipping,
+        unscaling), but not added to by another backward; one hook on one parameter tells the
+        two apart (any backward through the model reaches it).
+        """
+        self._backward_seen = False
+
+        def seen(_: Tensor) -> None:
+            self._backward_seen = True
+
+        self._backward_watch = param.register_post_accumulate_grad_hook(seen)
+
+    def _unwatch_backward(self) -> bool:
+        """Remove the hook of :meth:`_watch_backward`; whether a backward was seen."""
+        if self._backward_watch is not None:
+            self._backward_watch.remove()
+            self._backward_watch = None
+        seen, self._backward_seen = self._backward_seen, False
+        return seen
 
     def _second_step(self, grad_scaler: Any = None, *, own_closure: bool = False) -> None:
         """Finish the step. ``own_closure``: called by :meth:`step`, which knows that nothing
@@ -280,27 +434,46 @@ class SharpnessAwareOptimizer(Optimizer):
         self._restore()
         self._phase = _IDLE
         kept, self._kept_views = self._kept_views, []
+        backward_seen = self._unwatch_backward()
         if phase == _ONE_PASS and own_closure:
             self._kept_grads = []
             self._finish(kept, grad_scaler, two_pass=False)
         elif phase != _SKIPPED:
             views = self._views()
             if phase == _ONE_PASS:
-                self._check_kept_grads(views)
-            elif self._needs_first_grads:
-                self._check_same_layouts(views)
+                self._check_kept_grads(views, backward_seen)
+            else:
+                self._check_second_pass(views)
+                if self._needs_first_grads:
+                    self._check_same_layouts(views)
             self._finish(views, grad_scaler, two_pass=phase == _PERTURBED)
-        self._global_state["step"] = self._step_count() + 1
+        for group in self.param_groups:
+            group[_STEP] = group.get(_STEP, 0) + 1
         # Tell LR schedulers built on this optimizer that it has stepped (what their own
         # wrapper of ``step`` records), so two-call users get no ordering warning.
         self._opt_called = True
+
+    def _check_second_pass(self, views: list[GroupView]) -> None:
+        """Raise if the second pass left no gradient at all (no backward at ``w + e``)."""
+        if not views and self._first_layouts:
+            raise RuntimeError(
+                f"{type(self).__name__}.second_step(): no parameter has a gradient at the "
+                "perturbed weights; run the second forward/backward pass (loss.backward() at "
+                "w + e(w)) between first_step() and second_step() (with step(closure), the "
+                "closure must call loss.backward()). The weights are back at w and no step was "
+                "taken."
+            )
 
     def _finish(self, views: list[GroupView], grad_scaler: Any, *, two_pass: bool) -> None:
         """Check the gradients at ``w``'s step, let the policy shape them, take the base step."""
         if grad_scaler is not None:
             # Unscale for the base optimizer: true gradients for the policy, and the scaler
-            # records any inf/NaN it finds here for its update().
-            grad_scaler.unscale_(self.base_optimizer)
+            # records any inf/NaN it finds here for its update(). On a step without second pass
+            # the gradients are the first pass's, which the recipe has already unscaled.
+            if two_pass:
+                grad_scaler.unscale_(self.base_optimizer)
+            else:
+                _unscale_once(grad_scaler, self)
         finite = self._grads_finite(views) if two_pass else self._one_pass_grads_finite(views)
         if not finite:
             if grad_scaler is None:  # with a scaler, skipping on overflow is routine
@@ -318,18 +491,39 @@ class SharpnessAwareOptimizer(Optimizer):
         self._base_optimizer_step(views)
         self._after_base_step(views)
 
-    def _check_kept_grads(self, views: list[GroupView]) -> None:
+    def _base_step(self) -> None:
+        """The base optimizer's step, as part of this optimizer's step.
+
+        It runs the hooks registered on the base optimizer itself, but not the global step
+        hooks nor a second profiler ``Optimizer.step#`` event: those belong to this optimizer's
+        step, which wraps it (one step, one pair of hook calls, one event).
+        """
+        base = self.base_optimizer
+        hooked = type(base).step
+        inner = getattr(hooked, "__wrapped__", None)
+        if inner is None or not getattr(hooked, "hooked", False) or "step" in base.__dict__:
+            base.step()  # not the wrapper torch.optim installs (or patched on the instance)
+            return
+        for pre_hook in base._optimizer_step_pre_hooks.values():
+            pre_hook(base, (), {})
+        inner(base)
+        for post_hook in base._optimizer_step_post_hooks.values():
+            post_hook(base, (), {})
+
+    def _check_kept_grads(self, views: list[GroupView], backward_seen: bool) -> None:
         now = [g for v in views for g in v.grads]
         kept = self._kept_grads
         self._kept_grads = []
-        if len(now) != len(kept) or any(
-            g is not k or g._version != version for g, (k, version) in zip(now, kept, strict=True)
+        if (
+            backward_seen
+            or len(now) != len(kept)
+            or any(g is not k for g, (k, _) in zip(now, kept, strict=True))
         ):
             raise RuntimeError(
                 f"{type(self).__name__} takes no second pass on this step (first_step() "
-                "returned False), but the gradients changed before second_step(); run the "
+                "returned False), but a backward pass ran before second_step(); run the "
                 "second forward/backward pass only when first_step() returns True, or use "
-                "step(closure)"
+                "step(closure). (Changing the gradients in place, e.g. clipping, is fine.)"
             )
 
     def _check_same_layouts(self, views: list[GroupView]) -> None:
@@ -339,6 +533,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 "but the second pass produced gradients for a different set of parameters"
             )
 
+    @torch._disable_dynamo
     @Optimizer.profile_hook_step
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
@@ -347,14 +542,17 @@ class SharpnessAwareOptimizer(Optimizer):
         Call it after the second backward pass (or, when :meth:`first_step` returned False,
         right after it). Registered step pre/post hooks run around it, as they do around
         :meth:`step`. Gradients that are not finite skip the base step (with a warning) and
-        leave the weights exactly at ``w``.
+        leave the weights exactly at ``w``. Without a second backward since
+        :meth:`first_step` (when it returned True) it raises, with the weights back at ``w``.
 
         Args:
             zero_grad (bool, optional): clear the gradients afterwards (default: False)
             grad_scaler (torch.amp.GradScaler, optional): for mixed precision: the gradients
-                are unscaled with ``grad_scaler.unscale_(self.base_optimizer)`` first, and an
-                overflow skips the base step silently, as ``grad_scaler.step`` would; call
-                ``grad_scaler.update()`` afterwards (default: None)
+                are unscaled with ``grad_scaler.unscale_(self.base_optimizer)`` first (on a
+                step without second pass, ``grad_scaler.unscale_(self)`` unless that was
+                already called), and an overflow skips the base step silently, as
+                ``grad_scaler.step`` would; call ``grad_scaler.update()`` afterwards
+                (default: None)
         """
         self._require_two_call_style()
         self._second_step(grad_scaler)
@@ -371,6 +569,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 f"{self._no_two_call_style}"
             )
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one full sharpness-aware step with two evaluations of ``closure``.
@@ -380,6 +579,11 @@ class SharpnessAwareOptimizer(Optimizer):
         (with gradients enabled), then the weights return to ``w`` and the base optimizer steps.
         Variants that skip the second pass on some steps evaluate it once on those steps.
 
+        Without a closure it takes a step only when every gradient present is zero (the
+        perturbation is then zero and the second pass would give the same gradients), which is
+        how ``torch.distributed.checkpoint`` initialises an optimizer's state; otherwise it
+        raises.
+
         Args:
             closure (Callable): re-evaluates the model and returns the loss
 
@@ -387,18 +591,62 @@ class SharpnessAwareOptimizer(Optimizer):
             the loss returned by the closure at ``w``.
         """
         if closure is None:
-            raise RuntimeError(
+            return self._step_without_closure(
                 f"{type(self).__name__}.step() needs a closure that clears the gradients, "
                 "computes the loss and calls backward(): step(closure). Without a closure, call "
                 "first_step() after the first backward pass and second_step() after the second."
             )
         self._require_idle("step()")
+        probe = _first_grad(self.param_groups)
         with torch.enable_grad():
             loss = closure()
-        if self._first_step(zero_grad=True):
+        if probe is not None and probe[0] is probe[1].grad:
+            self._check_closure_backward(probe[0]._version - probe[2])
+        if self._first_step(zero_grad=True, user_backward=True):
             self._closure_at_perturbed_point(closure)
         self._second_step(own_closure=True)
         return loss
+
+    def _check_closure_backward(self, versions: int) -> None:
+        """The closure left the first gradient object in place and changed it ``versions``
+        times: 0 means no backward reached it, 1 that backward added to it without clearing."""
+        if versions == 0:
+            warnings.warn(
+                f"{type(self).__name__}.step(closure): the closure did not change the gradients "
+                "(did it call loss.backward()?); the step uses the gradients that were there.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif versions == 1:
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure): the closure added its gradients to "
+                "gradients that were already there. step() evaluates the closure at w and at "
+                "w + e(w), so the closure must clear the gradients first (optimizer.zero_grad() "
+                "before loss.backward()). If you ported the reference implementation's loop "
+                "(loss.backward() before optimizer.step(closure)), remove that backward and add "
+                "optimizer.zero_grad() to the closure, or keep it and call first_step() and "
+                "second_step() instead of step(closure)."
+            )
+
+    def _step_without_closure(self, message: str) -> Any:
+        """``step()`` without closure: the all-zero-gradient step, or an error."""
+        self._require_idle("step()")
+        views = self._views()
+        if views and not any(
+            bool(torch.stack(torch._foreach_norm(v.grads, float("inf"))).any()) for v in views
+        ):
+            self._first_step(zero_grad=False)
+            self._second_step(own_closure=True)
+            return None
+        if any("grad_scaler" in frame.f_code.co_filename for frame in _frames()):
+            message = (
+                f"GradScaler.step() cannot drive {type(self).__name__}: it would step with the "
+                "second gradients still scaled and without the sharpness-aware update. Call "
+                "scaler.unscale_(optimizer) before first_step() and "
+                "optimizer.second_step(grad_scaler=scaler) instead of scaler.step(optimizer), "
+                "then scaler.update()."
+            )
+        raise RuntimeError(message)
 
     def _closure_at_perturbed_point(self, closure: Callable[[], Any], *, grad: bool = True) -> Any:
         """Evaluate ``closure`` at ``w + e`` (with gradients enabled unless ``grad`` is False);
@@ -413,6 +661,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def _abort(self) -> None:
         """Put the weights back at ``w`` and forget the unfinished step."""
         self._restore()
+        self._unwatch_backward()
         self._phase = _IDLE
 
     # ------------------------------------------------------------------ policies
@@ -490,13 +739,13 @@ class SharpnessAwareOptimizer(Optimizer):
         """
         swapped = [v for v in views if v.base_grads is not None]
         if not swapped:
-            self.base_optimizer.step()
+            self._base_step()
             return
         try:
             for v in swapped:
                 for p, g in zip(v.params, cast(list[Tensor], v.base_grads), strict=True):
                     p.grad = g
-            self.base_optimizer.step()
+            self._base_step()
         finally:
             for v in swapped:
                 for p, g in zip(v.params, v.grads, strict=True):
@@ -505,31 +754,37 @@ class SharpnessAwareOptimizer(Optimizer):
     def _save_weights(self, view: GroupView, foreach: bool) -> None:
         """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact."""
         backups = self._scratch(view, "backup")
-        if foreach:
-            torch._foreach_copy_(backups, view.params)
-        else:
-            for buf, p in zip(backups, view.params, strict=True):
-                buf.copy_(p)
-        self._saved.append((view.params, backups))
+        _kernels.copy_(backups, view.params, foreach)
+        self._saved.append((view.params, backups, foreach))
 
     def _restore(self) -> None:
-        for params, backups in self._saved:
-            torch._foreach_copy_(params, backups)
+        for params, backups, foreach in self._saved:
+            _kernels.copy_(params, backups, foreach)
         self._saved = []
 
     def _global_norm(self, views: list[GroupView], tensor_lists: list[list[Tensor]]) -> float:
         """The 2-norm of all tensors in ``tensor_lists`` (each aligned with a view) together.
 
-        Per-tensor norms are taken in at least float32, gathered on the first tensor's device,
-        and combined in one norm (as the seed does). The result comes to the host as a Python
-        float: this one synchronisation per step is what lets a non-finite norm be caught
-        before it reaches the weights. Distributed training overrides :meth:`_reduce_norm`.
+        Per-tensor norms are taken in at least float32 (with ``torch._foreach_norm``, or one
+        ``torch.linalg.vector_norm`` per tensor where the group's ``foreach`` is False),
+        gathered on the first tensor's device, and combined in one norm (as the seed does).
+        The result comes to the host as a Python float: this one synchronisation per step is
+        what lets a non-finite norm be caught before it reaches the weights. Distributed
+        training overrides :meth:`_reduce_norm`.
         """
         stacks: list[Tensor] = []
         for view, tensors in zip(views, tensor_lists, strict=True):
+            foreach = group_foreach(view.group)
             for part in view.split(tensors):
-                acc = torch.promote_types(part[0].dtype, torch.float32)
-                stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
+                if foreach:
+                    acc = torch.promote_types(part[0].dtype, torch.float32)
+                    stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
+                else:
+                    part = [real_view(t) for t in part]
+                    acc = torch.promote_types(part[0].dtype, torch.float32)
+                    stacks.append(
+                        torch.stack([torch.linalg.vector_norm(t, dtype=acc) for t in part])
+                    )
         if not stacks:
             return 0.0
         if len(stacks) == 1:
@@ -546,12 +801,15 @@ class SharpnessAwareOptimizer(Optimizer):
     ) -> float:
         """The inner product of all tensors in ``xs`` with those in ``ys`` (aligned with views).
 
-        Accumulated in at least float32 (float64 across tensors). Distributed training
-        overrides :meth:`_reduce_sum`.
+        One ``torch.dot`` per tensor whatever ``foreach`` says (there is no multi-tensor inner
+        product), accumulated in at least float32 (float64 across tensors). A complex tensor
+        counts as its real view (``torch.view_as_real``): the real inner product
+        ``Re <x, conj(y)>``. Distributed training overrides :meth:`_reduce_sum`.
         """
         parts: list[Tensor] = []
         for x_list, y_list in zip(xs, ys, strict=True):
             for x, y in zip(x_list, y_list, strict=True):
+                x, y = real_view(x), real_view(y)
                 acc = torch.promote_types(x.dtype, torch.float32)
                 dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                 parts.append(dot.to(parts[0].device) if parts else dot)
@@ -568,13 +826,18 @@ class SharpnessAwareOptimizer(Optimizer):
         return local_norm
 
     # ------------------------------------------------------------------ state dict
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """One optimizer state dict holding the base optimizer's state and torchsam's own.
 
         Per-parameter entries hold the base optimizer's keys unchanged and torchsam's keys
-        prefixed with ``"sam."``. The param groups carry both sets of hyper-parameters.
+        prefixed with ``"sam."``. The param groups carry both sets of hyper-parameters, the
+        variant's options and the optimizer-wide state (``"sam_step"``, ...). State-dict hooks
+        registered on this optimizer run as for any ``torch.optim`` optimizer.
         """
         self._require_idle("state_dict()")
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         packed = self.base_optimizer.state_dict()
         index: dict[int, int] = {}
         for group in self.param_groups:
@@ -582,28 +845,60 @@ class SharpnessAwareOptimizer(Optimizer):
                 index.setdefault(id(p), len(index))
         state: dict[Any, dict[str, Any]] = dict(packed["state"])
         for key, own in self.state.items():
-            if not own:
-                continue
-            if isinstance(key, Tensor):
+            if own and isinstance(key, Tensor):
                 i = index[id(key)]
                 state[i] = {**state.get(i, {}), **{STATE_PREFIX + k: v for k, v in own.items()}}
-            else:  # the optimizer-wide entry (step counter, ...)
-                state[key] = dict(own)
         packed["state"] = state
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, packed)
+            if result is not None:
+                packed = result
         return packed
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict made by :meth:`state_dict` into this optimizer and its base optimizer."""
+        """Load a dict made by :meth:`state_dict` into this optimizer and its base optimizer.
+
+        The param groups are validated as the constructor validates its arguments (nothing is
+        changed when that fails); hyper-parameters and options missing from a checkpoint of an
+        older torchsam are taken from this optimizer's current groups; a state dict saved by a
+        different variant (one with hyper-parameters this one does not have) is refused.
+        State-dict hooks registered on this optimizer run as for any ``torch.optim`` optimizer.
+        """
         self._require_idle("load_state_dict()")
-        if not isinstance(state_dict, dict) or "state" not in state_dict:
-            raise TypeError("load_state_dict() expects a dict made by state_dict()")
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise TypeError(
+                "load_state_dict() expects a dict made by state_dict(), with 'state' and "
+                f"'param_groups'; got {type(state_dict).__name__}"
+            )
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        entries = dict(state_dict["state"])
+        legacy = entries.pop(_LEGACY_GLOBAL, None) or {}  # older checkpoints' wide state
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}; build the optimizer with the same groups as the one "
+                "that was saved"
+            )
+        for group, current in zip(groups, self.param_groups, strict=True):
+            self._check_foreign_keys(group, current)
+            for key, value in legacy.items():
+                group.setdefault(WIDE_PREFIX + key, value)
+            group.setdefault(_STEP, 0)
+            for key in self._own_defaults:
+                if key not in group:
+                    group[key] = current[key]
+            self._check_group(group)
+        self._check_groups(groups)
+
         base_state: dict[Any, dict[str, Any]] = {}
         own_state: dict[Any, dict[str, Any]] = {}
-        restored: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
-        for key, entry in state_dict["state"].items():
-            if key == _GLOBAL:
-                restored[_GLOBAL] = dict(entry)
-                continue
+        for key, entry in entries.items():
             base_entry = {k: v for k, v in entry.items() if not k.startswith(STATE_PREFIX)}
             own_entry = {
                 k[len(STATE_PREFIX) :]: v for k, v in entry.items() if k.startswith(STATE_PREFIX)
@@ -612,15 +907,134 @@ class SharpnessAwareOptimizer(Optimizer):
                 base_state[key] = base_entry
             if own_entry:
                 own_state[key] = own_entry
-        groups = state_dict["param_groups"]
         self.base_optimizer.load_state_dict({"state": base_state, "param_groups": groups})
         self.param_groups = self.base_optimizer.param_groups
-        params = [p for group in self.param_groups for p in group["params"]]
+        # The saved groups name their parameters by index (or, through DCP, by their fully
+        # qualified names); positions match the current groups, as torch.optim assumes.
+        id_map = dict(
+            zip(
+                (i for group in groups for i in group["params"]),
+                (p for group in self.param_groups for p in group["params"]),
+                strict=True,
+            )
+        )
+        restored = _OwnState(self.base_optimizer)
         for key, entry in own_state.items():
-            p = params[int(key)]
+            p = id_map[key]
             restored[p] = {k: _to_param(v, p) for k, v in entry.items()}
         self.state = restored
         self._layouts = {}  # the group dicts are new
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_foreign_keys(self, saved: dict[str, Any], current: dict[str, Any]) -> None:
+        """Refuse a group saved by another torchsam optimizer (it has that one's arguments)."""
+        classes = _all_subclasses(SharpnessAwareOptimizer)
+        known = set().union(*(_declared(c) for c in classes))
+        foreign = (known & saved.keys()) - self._own_defaults.keys() - current.keys()
+        if foreign:
+            owners = sorted({c.__name__ for c in classes if foreign & _declared(c)})
+            raise ValueError(
+                f"this state dict was saved by a different optimizer: its param groups have "
+                f"{', '.join(sorted(foreign))}, which {type(self).__name__} does not take (they "
+                f"belong to {', '.join(owners)}); load it into the optimizer class that saved it"
+            )
+
+
+class _OwnState(defaultdict[Any, dict[str, Any]]):
+    """torchsam's own per-parameter state; true when it or the base optimizer's state holds
+    anything (``torch.distributed.checkpoint`` tests ``optimizer.state`` to decide whether the
+    state still has to be created by a step)."""
+
+    def __init__(self, base: Optimizer) -> None:
+        super().__init__(dict)
+        self.base = base
+
+    def __bool__(self) -> bool:
+        return len(self) > 0 or bool(self.base.state)
+
+    def __reduce__(self) -> Any:
+        return (_OwnState, (self.base,), None, None, iter(self.items()))
+
+
+class _WideState:
+    """The optimizer-wide state, kept under ``"sam_<key>"`` in every param group (read from the
+    first; each group holds the same value, so any one group carries it)."""
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self._groups = groups
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._groups[0].get(WIDE_PREFIX + key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._groups[0][WIDE_PREFIX + key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        for group in self._groups:
+            group[WIDE_PREFIX + key] = value
+
+
+def _declared(cls: type) -> set[str]:
+    """The hyper-parameters and options a torchsam optimizer class declares."""
+    return set(getattr(cls, "hyperparameters", {})) | set(getattr(cls, "options", {}))
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found: list[type] = []
+    for sub in cast(list[type], cls.__subclasses__()):
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def _check_base_optimizer(name: str, base: Optimizer) -> None:
+    """Refuse base optimizers that cannot take a sharpness-aware step."""
+    if isinstance(base, torch.optim.LBFGS):
+        raise TypeError(
+            f"{name} cannot wrap torch.optim.LBFGS: LBFGS re-evaluates its own closure many "
+            "times per step, while the base step here must use the one gradient at w + e(w); "
+            "use a first-order optimizer (SGD, Adam, AdamW, ...)"
+        )
+    if base.defaults.get("differentiable") or any(
+        g.get("differentiable") for g in base.param_groups
+    ):
+        raise ValueError(
+            f"{name} does not support differentiable=True: its steps run under no_grad and "
+            "restore the weights in place, so no graph through the step exists; build the "
+            "base optimizer without differentiable=True"
+        )
+
+
+def _unscale_once(grad_scaler: Any, optimizer: Optimizer) -> None:
+    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration."""
+    try:
+        grad_scaler.unscale_(optimizer)
+    except RuntimeError as error:
+        if "already been called" not in str(error):
+            raise
+
+
+def _first_grad(groups: list[dict[str, Any]]) -> tuple[Tensor, Tensor, int] | None:
+    """(gradient, parameter, version) of the first parameter that has a gradient."""
+    for group in groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                return g, p, g._version
+    return None
+
+
+def _frames() -> Iterable[Any]:
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back  # type: ignore[assignment]
+
+
+def real_view(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, or its real view (``torch.view_as_real``) if it is complex."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
 def _to_param(value: Any, param: Tensor) -> Any:

@@ -27,16 +27,24 @@ class ESAM(SAM):
 
     * **Stochastic weight perturbation** (SWP): on each step every parameter tensor is selected
       with probability :math:`\beta`. Unselected tensors take no gradient in the first pass
-      (``requires_grad`` is switched off for it, which saves their weight-gradient work) and
-      are not perturbed; the selected ones get
+      (``backward(inputs=selected)``, which skips their weight-gradient work; ``requires_grad``
+      is never switched) and are not perturbed; the selected ones get
       :math:`e = (\rho / \beta)\, g / \lVert g \rVert` over the selected gradients. All tensors
       take the second pass and the base step.
     * **Sharpness-sensitive data selection** (SDS): after the perturbation one forward pass
       without gradients gives the per-sample losses at :math:`w + e`; the second
       forward/backward pass runs only on the :math:`\lceil\gamma n\rceil` samples whose loss
-      rose the most (:math:`L_i(w + e) - L_i(w)`), with the mean loss over them.
+      rose the most (:math:`L_i(w + e) - L_i(w)`), with the mean loss over them. (The authors'
+      code keeps the rows whose rise is strictly above the :math:`\lfloor\gamma n\rfloor`-th
+      largest, which is :math:`\lfloor\gamma n\rfloor - 1` rows when the rises are distinct,
+      and every row for :math:`\gamma \ge 0.99`; torchsam keeps the paper's fraction.)
 
     ``beta = gamma = 1`` is SAM (no extra forward pass is made then).
+
+    In a process group (``torch.distributed`` initialised, as under
+    ``DistributedDataParallel``, whose reducer expects a gradient for every parameter in each
+    backward pass), the first pass computes every gradient and the unselected ones are dropped:
+    the selection and the result are the same, but SWP saves no gradient work there.
 
     ESAM needs per-sample losses, so it has its own closure protocol:
     ``closure(indices)`` returns the per-sample losses (``reduction="none"``) of the rows
@@ -100,29 +108,43 @@ class ESAM(SAM):
             the mean loss of the batch at ``w`` (detached).
         """
         if closure is None:
-            raise RuntimeError(
+            return self._step_without_closure(
                 "ESAM.step() needs a closure(indices) that returns the per-sample losses of the "
                 "batch rows `indices` (all rows when None) at the current weights"
             )
         self._require_idle("step()")
         self.zero_grad()
-        frozen = self._unselected()
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            with torch.enable_grad():
-                losses = _per_sample(closure(None), "closure(None)")
-                if losses.requires_grad:  # False when no selected tensor reaches the loss
-                    losses.mean().backward()
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        left_out = self._unselected()
+        with torch.enable_grad():
+            losses = _per_sample(closure(None), "closure(None)")
+            if losses.requires_grad:  # False when no trainable tensor reaches the loss
+                self._first_backward(losses.mean(), left_out)
         before = losses.detach()
         if self._first_step(zero_grad=True):
             chosen = self._select(closure, before)
             self._closure_at_perturbed_point(lambda: closure(chosen).mean().backward())
         self._second_step()
         return before.mean()
+
+    def _first_backward(self, loss: Tensor, left_out: list[Tensor]) -> None:
+        """The gradients at ``w`` of the tensors selected for the perturbation only."""
+        if not left_out:
+            loss.backward()
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            # DDP's reducer waits for every parameter's gradient: compute all, drop the others
+            loss.backward()
+            for p in left_out:
+                p.grad = None
+        else:
+            skipped = set(left_out)
+            selected = [
+                p
+                for group in self.param_groups
+                for p in group["params"]
+                if p.requires_grad and p not in skipped
+            ]
+            if selected:
+                loss.backward(inputs=selected)
 
     def _select(self, closure: PerSampleClosure, before: Tensor) -> Tensor | None:
         """SDS: the rows whose loss rose the most under the perturbation (None: all rows)."""

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam._engine import GroupView
+from torchsam._engine import GroupView, group_foreach
 from torchsam._sam import SAM, check_fraction, check_real
 
 __all__ = ["FriendlySAM"]
@@ -55,9 +55,12 @@ class FriendlySAM(SAM):
         if all(m is None for m in emas):  # first step: plain SAM
             return view.grads
         sigma = float(view.group["sigma"])
-        if all(m is not None for m in emas):
+        if group_foreach(view.group) and all(m is not None for m in emas):
             return list(torch._foreach_add(view.grads, emas, alpha=-sigma))  # type: ignore[arg-type]
-        return [g if m is None else g - sigma * m for g, m in zip(view.grads, emas, strict=True)]
+        return [
+            g if m is None else torch.add(g, m, alpha=-sigma)
+            for g, m in zip(view.grads, emas, strict=True)
+        ]
 
     def _on_perturbed(self, views: list[GroupView]) -> None:
         self._update_gradient_ema(views, "grad_ema", lambda group: 1.0 - float(group["lmbda"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 from torchsam import _kernels
@@ -31,6 +32,11 @@ class GSAM(SAM):
     The radius may follow the learning rate, as in the paper:
     :math:`\rho_t = \rho_{min} + (\rho - \rho_{min})\,(lr_t - lr_{min}) / (lr_{max} - lr_{min})`,
     where :math:`lr_t` is the group's current learning rate (so it follows any LR scheduler).
+    The fraction :math:`(lr_t - lr_{min}) / (lr_{max} - lr_{min})` is clamped to :math:`[0, 1]`,
+    so the radius stays in :math:`[\rho_{min}, \rho]`, with a warning when the learning rate
+    leaves :math:`[lr_{min}, lr_{max}]` (the authors' code extrapolates there). By default
+    :math:`lr_{max}` is the learning rate when the optimizer is built: with a schedule that
+    rises above it (warm-up, ``OneCycleLR``), pass its peak as ``lr_max``.
 
     Args:
         params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
@@ -84,9 +90,19 @@ class GSAM(SAM):
         lr_max, lr_min = float(group["lr_max"]), float(group["lr_min"])
         if lr_max == lr_min:
             return rho
-        return float(rho_min) + (rho - float(rho_min)) * (float(group["lr"]) - lr_min) / (
-            lr_max - lr_min
-        )
+        lr = float(group["lr"])
+        fraction = (lr - lr_min) / (lr_max - lr_min)
+        if not 0.0 <= fraction <= 1.0:
+            warnings.warn(
+                f"GSAM: the learning rate {lr} is outside [lr_min, lr_max] = [{lr_min}, "
+                f"{lr_max}], so the radius is held at the end of [rho_min, rho]; lr_max defaults "
+                "to the learning rate when the optimizer is built: with a warm-up or OneCycleLR, "
+                "pass the schedule's peak as lr_max",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            fraction = min(max(fraction, 0.0), 1.0)
+        return float(rho_min) + (rho - float(rho_min)) * fraction
 
     def _prepare_base_grads(self, views: list[GroupView]) -> None:
         g = [self._scratch(v, "first_grad") for v in views]

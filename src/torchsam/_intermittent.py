@@ -13,8 +13,10 @@ __all__ = ["IntermittentSAM"]
 class IntermittentSAM(SAM):
     r"""SAM on some steps only; plain base-optimizer steps (one pass) on the others.
 
-    * ``every=k``: a SAM step on steps ``0, k, 2k, ...`` (the periodic baseline of Liu et al.,
-      CVPR 2022);
+    * ``every=k``: a SAM step on steps ``offset, offset + k, offset + 2k, ...`` (steps counted
+      from 0; the periodic baseline of Liu et al., CVPR 2022). ``offset=0`` starts with a SAM
+      step; ``offset=k - 1`` is the schedule of MosaicML Composer's ``SAM(interval=k)``, whose
+      SAM steps are ``k - 1, 2k - 1, ...``;
     * ``probability=p``: a SAM step with probability ``p``, independently on each step
       (randomized switching, Zhao et al., "Randomized Sharpness-Aware Training for Boosting
       Computational Efficiency in Deep Learning", 2022, the constant schedule :math:`p_t = p`).
@@ -27,6 +29,8 @@ class IntermittentSAM(SAM):
     Args:
         params, base_optimizer, rho, adaptive, eta, **kwargs: as for :class:`torchsam.SAM`
         every (int, optional): period of the SAM steps
+        offset (int, optional): the first SAM step with ``every``, in ``[0, every)``
+            (default: 0)
         probability (float, optional): probability of a SAM step, in [0, 1]
         seed (int, optional): seed of the random choices (default: 0)
 
@@ -38,16 +42,30 @@ class IntermittentSAM(SAM):
         >>> loss = optimizer.step(closure)
     """
 
-    options: ClassVar[dict[str, Any]] = {"every": None, "probability": None, "seed": 0}
+    options: ClassVar[dict[str, Any]] = {
+        "every": None,
+        "offset": 0,
+        "probability": None,
+        "seed": 0,
+    }
     every: int | None
+    offset: int
     probability: float | None
     seed: int
 
     def _check_options(self) -> None:
         if (self.every is None) == (self.probability is None):
             raise ValueError("IntermittentSAM needs exactly one of every=k or probability=p")
+        check_int("offset", self.offset, low=0)
         if self.every is not None:
             check_int("every", self.every)
+            if self.offset >= self.every:
+                raise ValueError(
+                    f"Invalid offset value: {self.offset}; offset must be below every "
+                    f"({self.every})"
+                )
+        elif self.offset:
+            raise ValueError("offset applies to every=k only, not to probability=p")
         if self.probability is not None:
             check_fraction("probability", self.probability, zero_ok=True, one_ok=True)
         check_int("seed", self.seed, low=None)
@@ -55,7 +73,7 @@ class IntermittentSAM(SAM):
     def _wants_second_pass(self) -> bool:
         step = self._step_count()
         if self.every is not None:
-            return step % self.every == 0
+            return step % self.every == self.offset
         return _uniform(self.seed, step) < float(self.probability or 0.0)
 
 

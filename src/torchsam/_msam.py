@@ -71,11 +71,14 @@ class MSAM(SAM):
         Returns:
             the mean loss of the batch at ``w`` (detached).
         """
-        if closure is None or batch_size is None:
-            raise RuntimeError(
-                "MSAM.step() needs closure(indices) returning per-sample losses and the batch "
-                "size: step(closure, batch_size=n)"
-            )
+        message = (
+            "MSAM.step() needs closure(indices) returning per-sample losses and the batch "
+            "size: step(closure, batch_size=n)"
+        )
+        if closure is None:
+            return self._step_without_closure(message)
+        if batch_size is None:
+            raise RuntimeError(message)
         check_int("batch_size", batch_size)
         self._require_idle("step()")
         chunks = torch.arange(batch_size).split(self.m)

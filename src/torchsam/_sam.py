@@ -10,7 +10,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam._engine import BaseOptimizerArg, GroupView, SharpnessAwareOptimizer, group_foreach
+from torchsam import _kernels
+from torchsam._engine import (
+    BaseOptimizerArg,
+    GroupView,
+    SharpnessAwareOptimizer,
+    group_foreach,
+    real_view,
+)
 
 __all__ = ["SAM"]
 
@@ -60,7 +67,9 @@ class SAM(SharpnessAwareOptimizer):
     .. math::
         e(w) = \rho \, \frac{T_w^2\, g}{\lVert T_w\, g \rVert_2 + 10^{-12}}.
 
-    With ``eta=0`` this is the formulation of the widely used PyTorch implementation
+    The operator acts on each real number of the weights: a complex weight counts as its
+    real and imaginary parts (``torch.view_as_real``), as ``torch.optim`` treats it. With
+    ``eta=0`` this is the formulation of the widely used PyTorch implementation
     (perturbation :math:`\rho\, w^2 g / \lVert |w| g \rVert`); the ASAM paper suggests
     ``rho`` about 10x larger than SAM's (e.g. 0.5 or 2.0).
 
@@ -105,8 +114,9 @@ class SAM(SharpnessAwareOptimizer):
     #: A variant's own per-group hyper-parameters (saved in the param groups, may differ per
     #: group and be scheduled), with their defaults; keyword-only arguments of its constructor.
     hyperparameters: ClassVar[dict[str, Any]] = {}
-    #: A variant's optimizer-wide options (attributes of the optimizer), with their defaults;
-    #: keyword-only arguments of its constructor, validated in :meth:`_check_options`.
+    #: A variant's optimizer-wide options (read as attributes of the optimizer, kept in every
+    #: param group), with their defaults; keyword-only arguments of its constructor, validated
+    #: in :meth:`_check_options`.
     options: ClassVar[dict[str, Any]] = {}
 
     def __init__(
@@ -120,12 +130,42 @@ class SAM(SharpnessAwareOptimizer):
         **kwargs: Any,
     ) -> None:
         own = dict(rho=rho, adaptive=adaptive, eta=eta)
-        for name, default in self.hyperparameters.items():
+        for name, default in {**self.hyperparameters, **self.options}.items():
             own[name] = kwargs.pop(name, default)
-        for name, default in self.options.items():
-            setattr(self, name, kwargs.pop(name, default))
-        self._check_options()
         super().__init__(params, base_optimizer, own, kwargs)
+
+    # Options are optimizer-wide but kept, like the hyper-parameters, in every param group (the
+    # same value in each), so that every checkpoint format carries them; ``self.k`` reads them.
+    def __getattr__(self, name: str) -> Any:
+        if name in type(self).options:
+            source = self.__dict__.get("_option_source")
+            if source is None:
+                source = self.__dict__["param_groups"][0]
+            return source[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self).options and "param_groups" in self.__dict__:
+            groups = self.param_groups
+            self._check_groups([{**g, name: value} for g in groups])
+            for group in groups:
+                group[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        for name in type(self).options:
+            values = [g[name] for g in groups]
+            if any(v != values[0] or type(v) is not type(values[0]) for v in values):
+                raise ValueError(
+                    f"{name} is an option of the whole {type(self).__name__} optimizer; it "
+                    f"cannot differ between param groups (got {values})"
+                )
+        self.__dict__["_option_source"] = groups[0]
+        try:
+            self._check_options()
+        finally:
+            del self.__dict__["_option_source"]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Give each variant the true signature: SAM's plus its own keyword-only arguments.
@@ -211,14 +251,23 @@ class SAM(SharpnessAwareOptimizer):
                     emas.append(m)
                     grads.append(g)
             if emas:
-                torch._foreach_lerp_(emas, grads, new_weight(v.group))
+                _kernels.lerp_(emas, grads, new_weight(v.group), group_foreach(v.group))
 
 
 # --------------------------------------------------------------------- kernels
 def _adaptive(
     params: list[Tensor], direction: list[Tensor], eta: float, foreach: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """ASAM's ``T d`` and ``T = |w| + eta``, elementwise."""
+    """ASAM's ``T d`` and ``T = |w| + eta``, elementwise on the real views."""
+    if any(p.is_complex() for p in params):
+        real_td, real_t = _adaptive(
+            [real_view(p) for p in params], [real_view(d) for d in direction], eta, foreach
+        )
+        # T d as the parameters' type; T stays real (see _mul_)
+        return [
+            torch.view_as_complex(x) if p.is_complex() else x
+            for x, p in zip(real_td, params, strict=True)
+        ], real_t
     if foreach:
         t = torch._foreach_abs(params)
         if eta:
@@ -229,6 +278,7 @@ def _adaptive(
 
 
 def _mul_(tensors: list[Tensor], others: list[Tensor], foreach: bool) -> None:
+    tensors = [real_view(a) for a in tensors]  # ASAM's T acts on a complex d's real numbers
     if foreach:
         torch._foreach_mul_(tensors, others)
     else:

@@ -286,11 +286,15 @@ class MESA(_TrajectoryLoss):
 
     where ``z = model(x)`` are the current logits; before ``start_epoch`` it returns a constant
     zero and skips the EMA forward pass. Call :meth:`update` after every ``optimizer.step()``
-    (from the first epoch on), which sets, for every floating-point parameter,
+    (from the first epoch on), which sets, for every floating-point parameter and buffer
+    (BatchNorm running statistics),
 
         ``ema = decay · ema + (1 - decay) · w``
 
-    and copies the buffers (BatchNorm running statistics) and any non-floating parameter.
+    as the authors' code does (timm's ``ModelEmaV2`` over the whole ``state_dict``), and copies
+    integer buffers (BatchNorm's ``num_batches_tracked``, which the authors' float average
+    truncates) and any non-floating parameter. ``average_buffers=False`` copies every buffer
+    instead.
 
     The EMA is a deep copy of the model, made at construction (hooks already registered on the
     model come with it), held as the submodule ``ema``: ``state_dict()`` holds it, ``.to()``
@@ -311,6 +315,8 @@ class MESA(_TrajectoryLoss):
         start_epoch (int, optional): first epoch in which the term is active (default: 5; the
             authors' script activates it for epochs strictly after its ``kl_start_epoch``)
         ema_train_mode (bool, optional): run the EMA model in training mode (default: False)
+        average_buffers (bool, optional): average the floating-point buffers as the weights,
+            as the authors do; False copies them from the model (default: True)
 
     Example:
         >>> mesa = torchsam.MESA(model, decay=0.9998)
@@ -334,6 +340,7 @@ class MESA(_TrajectoryLoss):
         tau: float = 5.0,
         start_epoch: int = 5,
         ema_train_mode: bool = False,
+        average_buffers: bool = True,
     ) -> None:
         super().__init__(lam, tau, start_epoch)
         if not isinstance(model, nn.Module):
@@ -342,6 +349,9 @@ class MESA(_TrajectoryLoss):
             raise ValueError(f"Invalid decay value: {decay} (expected a number in [0, 1])")
         self.decay = float(decay)
         self.ema_train_mode = bool(ema_train_mode)
+        if not isinstance(average_buffers, bool):
+            raise TypeError(f"average_buffers must be True or False, got {average_buffers!r}")
+        self.average_buffers = average_buffers
         ema = copy.deepcopy(_unwrap(model))
         for param in ema.parameters():
             param.requires_grad_(False)
@@ -358,7 +368,8 @@ class MESA(_TrajectoryLoss):
     def update(self, model: nn.Module) -> None:
         """Move the EMA towards ``model``: ``ema = decay · ema + (1 - decay) · w``.
 
-        Floating-point parameters are averaged; buffers and other parameters are copied.
+        Floating-point parameters and (with ``average_buffers``) buffers are averaged; the
+        other tensors are copied.
 
         Args:
             model (nn.Module): the model ``MESA`` was built from, after the optimizer step
@@ -367,6 +378,7 @@ class MESA(_TrajectoryLoss):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         model = _unwrap(model)
         averaged: tuple[list[Tensor], list[Tensor]] = ([], [])
+        average = {"parameters": True, "buffers": self.average_buffers}
         for kind, ema_named, src_named in (
             ("parameters", self.ema.named_parameters(), model.named_parameters()),
             ("buffers", self.ema.named_buffers(), model.named_buffers()),
@@ -382,7 +394,7 @@ class MESA(_TrajectoryLoss):
                         f"update() expects the model MESA was built from: {name} has shape "
                         f"{tuple(src_t.shape)}, the EMA {tuple(ema_t.shape)}"
                     )
-                if kind == "parameters" and ema_t.is_floating_point():
+                if average[kind] and ema_t.is_floating_point():
                     averaged[0].append(ema_t)
                     averaged[1].append(src_t.detach())
                 else:
@@ -418,4 +430,7 @@ class MESA(_TrajectoryLoss):
         return self.lam * _per_sample_kl(logits, reference, self.tau).mean()
 
     def extra_repr(self) -> str:
-        return f"decay={self.decay}, {super().extra_repr()}, ema_train_mode={self.ema_train_mode}"
+        return (
+            f"decay={self.decay}, {super().extra_repr()}, ema_train_mode={self.ema_train_mode}, "
+            f"average_buffers={self.average_buffers}"
+        )

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam._engine import GroupView
+from torchsam._engine import GroupView, group_foreach
 from torchsam._sam import SAM, check_fraction
 
 __all__ = ["VaSSO"]
@@ -49,9 +49,12 @@ class VaSSO(SAM):
     def _ascent_direction(self, view: GroupView) -> list[Tensor]:
         # d_t as a temporary; the state is committed in _on_perturbed (finite steps only)
         theta = float(view.group["theta"])
+        emas = self._gradient_ema(view, "grad_ema")
+        if group_foreach(view.group) and all(d is not None for d in emas):
+            return list(torch._foreach_lerp(emas, view.grads, theta))  # type: ignore[arg-type]
         return [
             g if d is None else torch.lerp(d, g, theta)
-            for g, d in zip(view.grads, self._gradient_ema(view, "grad_ema"), strict=True)
+            for g, d in zip(view.grads, emas, strict=True)
         ]
 
     def _on_perturbed(self, views: list[GroupView]) -> None:

@@ -1,10 +1,15 @@
-"""Small models for the experiments: fast on a CPU, with optional BatchNorm."""
+"""Models for the experiments: small ones that are fast on a CPU (with optional BatchNorm), and
+the CIFAR variants of ResNet-18 and WideResNet-16-8 (3x3 stem, no initial max-pool).
+
+Every model takes flat feature rows (as the :class:`~torchsam.experiments.data.Split` tensors
+hold them) or images.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["mlp", "small_cnn"]
+__all__ = ["mlp", "resnet18", "small_cnn", "wide_resnet"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -115,4 +120,143 @@ def small_cnn(
         width_in = width_out
     layers += [nn.MaxPool2d(2), nn.Flatten()]
     layers.append(nn.Linear(width_in * (height // 2) * (width // 2), num_classes))
+    return nn.Sequential(*layers)
+
+
+def _image_shape(image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (channels, height, width), got {image_shape!r}")
+    c, h, w = (
+        _check_positive_int(n, v)
+        for n, v in zip(("channels", "height", "width"), image_shape, strict=True)
+    )
+    return c, h, w
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv-BN layers and a (projected) shortcut, then ReLU."""
+
+    def __init__(self, width_in: int, width_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width_in, width_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width_out)
+        self.conv2 = nn.Conv2d(width_out, width_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or width_in != width_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(width_in, width_out, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(width_out),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(self.conv1(x)).relu()
+        out = self.bn2(self.conv2(out))
+        return (out + self.shortcut(x)).relu()
+
+
+def resnet18(
+    image_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, width: int = 64
+) -> nn.Sequential:
+    """ResNet-18 (He et al., 2016) in its CIFAR form: a 3x3 stem without max-pooling.
+
+    Stem ``Conv3x3(width) -> BN -> ReLU``, then four stages of two basic blocks with
+    ``width, 2*width, 4*width, 8*width`` channels (the last three start with stride 2), global
+    average pooling and a linear classifier. With the defaults it has 11.2M parameters.
+
+    Args:
+        image_shape (tuple, optional): ``(channels, height, width)`` of one input
+            (default: ``(3, 32, 32)``, CIFAR)
+        num_classes (int, optional): output logits (default: 10)
+        width (int, optional): channels of the stem and the first stage (default: 64)
+
+    Example:
+        >>> resnet18(width=8)(torch.zeros(2, 3 * 32 * 32)).shape
+        torch.Size([2, 10])
+    """
+    shape = _image_shape(image_shape)
+    num_classes = _check_positive_int("num_classes", num_classes)
+    width = _check_positive_int("width", width)
+    layers: list[nn.Module] = [
+        _Unflatten(shape),
+        nn.Conv2d(shape[0], width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+    ]
+    width_in = width
+    for stage in range(4):
+        width_out = width * 2**stage
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(_BasicBlock(width_in, width_out, stride))
+            width_in = width_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class _WideBlock(nn.Module):
+    """WideResNet's pre-activation block: BN-ReLU-Conv3x3 twice, plus a (projected) shortcut."""
+
+    def __init__(self, width_in: int, width_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(width_in)
+        self.conv1 = nn.Conv2d(width_in, width_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width_out)
+        self.conv2 = nn.Conv2d(width_out, width_out, 3, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or width_in != width_out:
+            self.shortcut = nn.Conv2d(width_in, width_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.bn1(x).relu()
+        out = self.conv2(self.bn2(self.conv1(pre)).relu())
+        # the projection reads the pre-activated input, as in the WideResNet paper's code
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+def wide_resnet(
+    image_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    depth: int = 16,
+    widen: int = 8,
+) -> nn.Sequential:
+    """WideResNet-``depth``-``widen`` (Zagoruyko & Komodakis, 2016) for CIFAR; default 16-8.
+
+    Stem ``Conv3x3(16)``, three groups of ``(depth - 4) / 6`` pre-activation blocks with
+    ``16*widen, 32*widen, 64*widen`` channels (the last two start with stride 2), then
+    ``BN -> ReLU``, global average pooling and a linear classifier; no dropout. WRN-16-8 has
+    11.0M parameters.
+
+    Args:
+        image_shape (tuple, optional): ``(channels, height, width)`` of one input
+            (default: ``(3, 32, 32)``)
+        num_classes (int, optional): output logits (default: 10)
+        depth (int, optional): ``6n + 4`` layers (default: 16)
+        widen (int, optional): width multiplier (default: 8)
+
+    Example:
+        >>> wide_resnet(depth=10, widen=1)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    shape = _image_shape(image_shape)
+    num_classes = _check_positive_int("num_classes", num_classes)
+    widen = _check_positive_int("widen", widen)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"Invalid depth value: {depth!r}; depth must be 6n + 4 with n >= 1")
+    blocks = (depth - 4) // 6
+    layers: list[nn.Module] = [_Unflatten(shape), nn.Conv2d(shape[0], 16, 3, padding=1, bias=False)]
+    width_in = 16
+    for group in range(3):
+        width_out = 16 * widen * 2**group
+        for block in range(blocks):
+            stride = 2 if group > 0 and block == 0 else 1
+            layers.append(_WideBlock(width_in, width_out, stride))
+            width_in = width_out
+    layers += [
+        nn.BatchNorm2d(width_in),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width_in, num_classes),
+    ]
     return nn.Sequential(*layers)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -53,12 +53,14 @@ from torchsam.experiments.models import mlp
 __all__ = [
     "METHODS",
     "Batch",
+    "EpochStats",
     "Method",
     "OptimizerFactory",
     "Result",
     "StepBuilder",
     "StepFn",
     "TrainContext",
+    "accuracy",
     "closure_step",
     "get_method",
     "register_method",
@@ -305,6 +307,26 @@ register_method(
 
 
 @dataclass(frozen=True)
+class EpochStats:
+    """What :func:`train` records at the end of each epoch.
+
+    Attributes:
+        epoch (int): the epoch, from 0
+        train_loss (float): mean loss of the epoch's batches on the (noisy) training labels, as
+            the steps returned it (at the weights before each step)
+        wall_time (float): training seconds from the start of the run to the end of this epoch
+            (evaluations excluded)
+        test_accuracy (float | None): accuracy on the test set after this epoch, when
+            ``curves=True``; else None
+    """
+
+    epoch: int
+    train_loss: float
+    wall_time: float
+    test_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
 class Result:
     """The outcome of one training run.
 
@@ -318,6 +340,10 @@ class Result:
         forward_passes (int): calls of the model's ``forward`` during training
         forward_samples (int): samples that went through those calls
         steps (int): optimisation steps taken
+        train_loss (float): mean batch loss of the last epoch (see :class:`EpochStats`)
+        history (tuple[EpochStats, ...]): one record per epoch
+        model (nn.Module | None): the trained model, in evaluation mode (not compared, not
+            shown in the repr)
     """
 
     method: str
@@ -328,6 +354,9 @@ class Result:
     forward_passes: int
     forward_samples: int
     steps: int
+    train_loss: float = float("nan")
+    history: tuple[EpochStats, ...] = ()
+    model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
     def forwards_per_step(self) -> float:
@@ -349,8 +378,18 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Te
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    return (model(x).argmax(dim=1) == y).double().mean().item()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Fraction of rows of ``x`` whose arg-max logit is ``y``, in chunks of ``batch_size``.
+
+    The model is evaluated as it is (call ``model.eval()`` first for inference statistics).
+    """
+    if x.shape[0] == 0:
+        return float("nan")
+    correct = 0
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start : start + batch_size])
+        correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum().item())
+    return correct / x.shape[0]
 
 
 def train(
@@ -364,6 +403,10 @@ def train(
     weight_decay: float = 5e-4,
     seed: int = 0,
     model_fn: Callable[[Split], nn.Module] | None = None,
+    device: str | torch.device | None = None,
+    curves: bool = False,
+    on_step: Callable[[int, int, Tensor], None] | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
     **method_kwargs: Any,
 ) -> Result:
     """Train a fresh model on ``split`` with one method and report its accuracy and cost.
@@ -390,10 +433,19 @@ def train(
         seed (int, optional): seed of the initialisation, the batches and the method's own
             generator (default: 0)
         model_fn (Callable, optional): builds the model from the split (default: ``mlp``)
+        device (str | torch.device, optional): where the model and the data live (default:
+            the CPU); the model is built on the CPU, so initialisation does not depend on it
+        curves (bool, optional): evaluate the test accuracy after every epoch (outside the
+            timed loop) into :attr:`Result.history` (default: False)
+        on_step (Callable, optional): called after every step as ``on_step(epoch, step,
+            loss)`` with the step's loss tensor (default: None)
+        on_epoch (Callable, optional): called with each epoch's :class:`EpochStats` as soon
+            as it is recorded (default: None)
         **method_kwargs: the method's options (``rho=...``), over its registered defaults
 
     Returns:
-        Result: accuracies, training wall time, forward passes and steps.
+        Result: accuracies, training wall time, forward passes, steps, the per-epoch history
+        and the trained model.
 
     Raises:
         ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``.
@@ -410,11 +462,23 @@ def train(
         )
     opt_kwargs, step_kwargs = spec.split_kwargs(method_kwargs)
 
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    if split.x_train.device != target:
+        split = replace(
+            split,
+            x_train=split.x_train.to(target),
+            y_train=split.y_train.to(target),
+            y_train_clean=split.y_train_clean.to(target),
+            x_test=split.x_test.to(target),
+            y_test=split.y_test.to(target),
+        )
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = (
             model_fn(split) if model_fn is not None else mlp(split.num_features, split.num_classes)
         )
+        model.to(target)
         optimizer = spec.make_optimizer(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, **opt_kwargs
         )
@@ -450,21 +514,43 @@ def train(
         handle = model.register_forward_pre_hook(count_forward)
         model.train()
         steps = 0
+        wall_time = 0.0
+        history: list[EpochStats] = []
         try:
-            start = time.perf_counter()
             for epoch in range(epochs):
+                _synchronize(target)
+                start = time.perf_counter()
+                loss_sum = torch.zeros((), device=target)
                 for index in _batches(n_train, batch_size, batch_generator):
+                    index = index.to(target)
                     batch = Batch(split.x_train[index], split.y_train[index], index, epoch, steps)
-                    step_fn(batch)
+                    loss = step_fn(batch)
+                    loss_sum += loss.detach()
                     scheduler.step()
                     steps += 1
-            wall_time = time.perf_counter() - start
+                    if on_step is not None:
+                        on_step(epoch, steps, loss)
+                _synchronize(target)
+                wall_time += time.perf_counter() - start
+                epoch_accuracy = None
+                if curves:
+                    handle.remove()
+                    model.eval()
+                    epoch_accuracy = accuracy(model, split.x_test, split.y_test)
+                    model.train()
+                    handle = model.register_forward_pre_hook(count_forward)
+                stats = EpochStats(
+                    epoch, (loss_sum / steps_per_epoch).item(), wall_time, epoch_accuracy
+                )
+                history.append(stats)
+                if on_epoch is not None:
+                    on_epoch(stats)
         finally:
             handle.remove()
 
         model.eval()
-        test_accuracy = _accuracy(model, split.x_test, split.y_test)
-        train_accuracy = _accuracy(model, split.x_train, split.y_train_clean)
+        test_accuracy = accuracy(model, split.x_test, split.y_test)
+        train_accuracy = accuracy(model, split.x_train, split.y_train_clean)
 
     return Result(
         method=spec.name,
@@ -475,4 +561,13 @@ def train(
         forward_passes=counts[0],
         forward_samples=counts[1],
         steps=steps,
+        train_loss=history[-1].train_loss,
+        history=tuple(history),
+        model=model,
     )
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that host timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,839 @@
+"""The comparison behind ``torchsam compare``: train contenders over seeds, measure, summarise.
+
+:func:`run_compare` trains every contender (an optimizer with its options, at each ``rho`` of
+a sweep) for every seed with :func:`~torchsam.experiments.train.train`, measures each final
+model with :mod:`torchsam.sharpness` (top Hessian eigenvalue, SAM sharpness), summarises the
+runs against the baseline (SGD when it takes part), and writes ``results.json``, the plots
+and the seed-0 checkpoints to the output folder. :func:`format_table` and :func:`verdict`
+turn the summary into the text the command prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import torchsam
+from torchsam.experiments.data import Split, noisy_digits, noisy_signals
+from torchsam.experiments.models import mlp, resnet18, small_cnn, wide_resnet
+from torchsam.experiments.train import METHODS, EpochStats, Result, get_method, train
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "CompareConfig",
+    "Contender",
+    "build_model",
+    "contenders",
+    "load_dataset",
+    "parse_optimizers",
+    "run_compare",
+    "summarise",
+    "verdict",
+]
+
+# --------------------------------------------------------------------------- datasets, models
+DATASETS = ("digits", "toy", "cifar10", "cifar100")
+"""Names accepted by ``--dataset``."""
+
+MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8")
+"""Names accepted by ``--model``."""
+
+# per-dataset defaults of the options that depend on the data
+_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"model": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.05},
+    "toy": {"model": "mlp", "epochs": 30, "batch_size": 64, "lr": 0.05},
+    "cifar10": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
+    "cifar100": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
+}
+_MODEL_WIDTH = {"mlp": 128, "small_cnn": 16, "resnet18": 64, "wrn16_8": 8}
+_IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+
+
+def load_dataset(
+    name: str,
+    *,
+    noise: float,
+    seed: int = 0,
+    data_dir: str | None = None,
+    train_size: int | None = None,
+) -> Split:
+    """The :class:`~torchsam.experiments.data.Split` of a ``--dataset`` name.
+
+    ``digits`` is :func:`~torchsam.experiments.noisy_digits`; ``toy`` the generated
+    :func:`~torchsam.experiments.noisy_signals`; ``cifar10``/``cifar100`` are read from
+    ``data_dir`` by :func:`~torchsam.experiments.cifar.cifar`. ``train_size`` keeps a random
+    subset of the training set.
+
+    Raises:
+        ValueError: for an unknown name, or CIFAR without ``data_dir``.
+        FileNotFoundError: for a missing CIFAR folder or file.
+    """
+    if name == "digits":
+        split = noisy_digits(noise, seed=seed)
+    elif name == "toy":
+        split = _toy(noise, seed)
+    elif name in ("cifar10", "cifar100"):
+        if data_dir is None:
+            raise ValueError(
+                f"--dataset {name} reads the python version of {name} from a local folder: "
+                "pass --data-dir DIR (nothing is downloaded)"
+            )
+        from torchsam.experiments.cifar import cifar
+
+        return cifar(name, data_dir, noise=noise, train_size=train_size, seed=seed)
+    else:
+        raise ValueError(f"Unknown dataset {name!r}; use one of: {', '.join(DATASETS)}")
+    if train_size is not None and train_size < split.x_train.shape[0]:
+        keep = torch.randperm(split.x_train.shape[0], generator=torch.Generator().manual_seed(seed))
+        keep = keep[:train_size].sort().values
+        is_noisy = torch.zeros(split.x_train.shape[0], dtype=torch.bool)
+        is_noisy[split.noisy_index] = True
+        split = dataclasses.replace(
+            split,
+            x_train=split.x_train[keep],
+            y_train=split.y_train[keep],
+            y_train_clean=split.y_train_clean[keep],
+            train_index=split.train_index[keep],
+            noisy_index=torch.nonzero(is_noisy[keep]).flatten(),
+        )
+    return split
+
+
+def _toy(noise: float, seed: int) -> Split:
+    return noisy_signals(noise, seed=seed)
+
+
+def build_model(name: str, dataset: str, split: Split, width: int | None = None) -> nn.Module:
+    """A fresh ``--model`` for the data of ``dataset`` (the global RNG initialises it).
+
+    ``width`` is the MLP's hidden width, the small CNN's channels, ResNet-18's base width or
+    the WideResNet's multiplier (defaults: 128, 16, 64, 8).
+
+    Raises:
+        ValueError: for an unknown model, or an image model on data that are not images.
+    """
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; use one of: {', '.join(MODELS)}")
+    width = _MODEL_WIDTH[name] if width is None else width
+    if name == "mlp":
+        return mlp(split.num_features, split.num_classes, hidden=width)
+    shape = _IMAGE_SHAPE.get(dataset)
+    if shape is None:
+        raise ValueError(
+            f"--model {name} needs images; dataset {dataset!r} is not: use --model mlp"
+        )
+    if name == "small_cnn":
+        return small_cnn(shape, split.num_classes, channels=width)
+    if name == "resnet18":
+        return resnet18(shape, split.num_classes, width=width)
+    return wide_resnet(shape, split.num_classes, depth=16, widen=width)
+
+
+# --------------------------------------------------------------------------- optimizers
+_TRAIN_OPTIONS = ("lr", "momentum", "weight_decay")
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_optimizers(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """``"sgd,sam,looksam:k=5,alpha=0.2"`` as ``[("sgd", {}), ("sam", {}), ("looksam", {...})]``.
+
+    Items are separated by commas; ``name:key=value`` starts an optimizer with an option, and
+    a following ``key=value`` item adds another option to it. Values are read as ints, floats,
+    ``true``/``false``/``none``, or else strings. ``lr``, ``momentum`` and ``weight_decay``
+    override the run's values for that optimizer.
+
+    Raises:
+        ValueError: for an unknown name, an empty item or a malformed option.
+    """
+    out: list[tuple[str, dict[str, Any]]] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"empty item in --optimizers {spec!r}")
+        name, colon, first = item.partition(":")
+        if "=" in name and not colon:  # an option of the previous optimizer
+            if not out:
+                raise ValueError(f"--optimizers {spec!r} starts with an option, not a name")
+            name, first = "", item
+        if name:
+            name = name.strip().lower()
+            if name not in METHODS:
+                raise ValueError(
+                    f"unknown optimizer {name!r}; choose from: {', '.join(METHODS)} "
+                    "(torchsam compare --list-optimizers describes them)"
+                )
+            out.append((name, {}))
+        if first:
+            key, eq, value = first.partition("=")
+            key = key.strip()
+            if not eq or not key.isidentifier():
+                raise ValueError(f"malformed option {first!r} in --optimizers: use key=value")
+            if key in out[-1][1]:
+                raise ValueError(f"option {key!r} given twice for {out[-1][0]}")
+            out[-1][1][key] = _parse_value(value.strip())
+    if not out:
+        raise ValueError("--optimizers names no optimizer")
+    return out
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One line of the comparison: a method with its options and, for a sweep, its ``rho``.
+
+    Attributes:
+        label (str): the name shown in the table and the plots (unique)
+        method (str): the registered method
+        options (dict): method options given by the user, with ``rho`` when swept
+        train_options (dict): ``lr``/``momentum``/``weight_decay`` overrides
+        rho (float | None): the radius the method runs at (None: no radius)
+    """
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    train_options: dict[str, Any] = field(default_factory=dict)
+    rho: float | None = None
+
+
+def _has_rho(method: str) -> bool:
+    return "rho" in get_method(method).defaults
+
+
+def contenders(spec: str, rhos: Sequence[float]) -> list[Contender]:
+    """The contenders of ``--optimizers spec`` with ``--rho rhos`` applied.
+
+    Each method with a radius (a ``rho`` default) that was not given ``rho`` explicitly runs
+    once per value in ``rhos``; others run once.
+    """
+    parsed = parse_optimizers(spec)
+    out: list[Contender] = []
+    for method, given in parsed:
+        train_options = {k: given[k] for k in _TRAIN_OPTIONS if k in given}
+        options = {k: v for k, v in given.items() if k not in _TRAIN_OPTIONS}
+        extra = ",".join(f"{k}={v}" for k, v in given.items() if k != "rho")
+        base = f"{method}({extra})" if extra else method
+        if "rho" in options:
+            rho = options["rho"]
+            if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+                raise ValueError(f"Invalid rho value: {rho!r}; rho must be >= 0")
+            label = f"{base} rho={rho}" if len(rhos) > 1 else base
+            out.append(Contender(label, method, options, train_options, float(rho)))
+        elif _has_rho(method):
+            for rho in rhos:
+                label = f"{base} rho={rho}" if len(rhos) > 1 else base
+                out.append(Contender(label, method, {**options, "rho": rho}, train_options, rho))
+        else:
+            out.append(Contender(base, method, options, train_options, None))
+    labels = [c.label for c in out]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"optimizer {label!r} is listed twice in --optimizers")
+    return out
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class CompareConfig:
+    """Everything a comparison depends on; ``results.json`` stores it under ``"config"``.
+
+    Options left as None take the dataset's default (see ``torchsam compare --help``).
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_size: int | None = None
+    model: str | None = None
+    width: int | None = None
+    optimizers: str = "sgd,sam,periodic"
+    rho: list[float] = field(default_factory=lambda: [0.1])
+    label_noise: float = 0.4
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    data_seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    instruments: bool = True
+    instrument_samples: int = 512
+    hessian_iters: int = 20
+    sharpness_rho: float = 0.05
+    landscape_steps: int = 21
+    landscape_span: float = 1.0
+
+    def resolved(self) -> CompareConfig:
+        """A copy with the dataset's defaults filled in."""
+        defaults = _DATASET_DEFAULTS.get(self.dataset, _DATASET_DEFAULTS["digits"])
+        values = dataclasses.asdict(self)
+        for key, value in defaults.items():
+            if values[key] is None:
+                values[key] = value
+        if values["width"] is None:
+            values["width"] = _MODEL_WIDTH.get(values["model"])
+        return CompareConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CompareConfig:
+        """The config of a ``results.json`` (its ``"config"`` entry) or of a bare mapping.
+
+        Raises:
+            ValueError: for a key that is not an option.
+        """
+        if "config" in values and isinstance(values["config"], Mapping):
+            values = values["config"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} in the configuration file")
+        return cls(**dict(values))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; otherwise ``torch.device(name)``.
+
+    Raises:
+        ValueError: for a device that does not exist here.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"Invalid device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+# --------------------------------------------------------------------------- instruments
+def _instrument_modules() -> tuple[Any, Any] | None:
+    """``(torchsam.sharpness, torchsam.landscape)``, or None when they are not installed."""
+    try:
+        import torchsam.landscape as landscape
+        import torchsam.sharpness as sharpness
+    except ImportError:
+        return None
+    return sharpness, landscape
+
+
+def _batches(x: Tensor, y: Tensor, size: int = 256) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def measure(
+    model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], *, rho: float, iters: int, seed: int
+) -> dict[str, float | None]:
+    """Top Hessian eigenvalue and SAM sharpness of ``model`` on ``data`` (the training loss).
+
+    Both come from :mod:`torchsam.sharpness`, with BatchNorm in evaluation mode; None when the
+    instruments are not installed.
+    """
+    modules = _instrument_modules()
+    if modules is None:
+        return {"hessian_top": None, "sam_sharpness": None}
+    sharpness = modules[0]
+    loss_fn = nn.CrossEntropyLoss()
+    top = sharpness.hessian_eigenvalues(
+        model, loss_fn, data, k=1, max_iter=iters, generator=torch.Generator().manual_seed(seed)
+    )
+    sharp = sharpness.sam_sharpness(
+        model, loss_fn, data, rho=rho, generator=torch.Generator().manual_seed(seed)
+    )
+    return {"hessian_top": float(top[0]), "sam_sharpness": float(sharp)}
+
+
+# --------------------------------------------------------------------------- running
+@dataclass
+class Progress:
+    """Callbacks for the command's progress display; the defaults do nothing."""
+
+    start_run: Callable[[str, int, int], None] = lambda label, seed, total: None
+    step: Callable[[int, int, Tensor], None] = lambda epoch, step, loss: None
+    end_run: Callable[[], None] = lambda: None
+    note: Callable[[str], None] = lambda text: None
+
+
+def _run_record(contender: Contender, seed: int) -> dict[str, Any]:
+    return {
+        "label": contender.label,
+        "method": contender.method,
+        "options": contender.options,
+        "train_options": contender.train_options,
+        "rho": contender.rho,
+        "seed": seed,
+        "complete": False,
+        "history": [],
+    }
+
+
+def run_compare(
+    config: CompareConfig,
+    out: Path,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the comparison of ``config`` and write its results under ``out``.
+
+    Returns the report written to ``out/results.json``: the configuration, the environment,
+    one record per run (with its per-epoch history and instruments), the summary per
+    contender, the verdict and the files written. A ``KeyboardInterrupt`` stops the runs; what
+    was gathered is still summarised and written, with ``"interrupted": true``.
+    """
+    config = config.resolved()
+    progress = progress or Progress()
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    entries = contenders(config.optimizers, config.rho)
+    split = load_dataset(
+        config.dataset,
+        noise=config.label_noise,
+        seed=config.data_seed,
+        data_dir=config.data_dir,
+        train_size=config.train_size,
+    )
+    model_name = str(config.model)
+    build_model(model_name, config.dataset, split, config.width)  # fail early on a bad pair
+    _check_options(entries, split, model_name, config)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    report: dict[str, Any] = {
+        "config": config.to_dict(),
+        "environment": _environment(device),
+        "runs": [],
+        "interrupted": False,
+    }
+    n_train = split.x_train.shape[0]
+    steps_per_run = int(config.epochs or 1) * (n_train // int(config.batch_size or 1))
+    probe = split.x_train[: config.instrument_samples].to(device)
+    probe_data = _batches(probe, split.y_train[: config.instrument_samples].to(device))
+    final_models: dict[str, nn.Module] = {}
+    try:
+        for seed in config.seeds:
+            for contender in entries:
+                record = _run_record(contender, seed)
+                report["runs"].append(record)
+                progress.start_run(contender.label, seed, steps_per_run)
+                try:
+                    result = _train_one(contender, seed, split, config, device, record, progress)
+                finally:
+                    progress.end_run()
+                record.update(_result_fields(result))
+                if result.model is not None:
+                    if seed == config.seeds[0]:
+                        final_models[contender.label] = result.model
+                        _save_checkpoint(out, contender, config, result.model)
+                    if config.instruments:
+                        progress.note(f"measuring {contender.label} (seed {seed})")
+                        record["instruments"] = measure(
+                            result.model,
+                            probe_data,
+                            rho=config.sharpness_rho,
+                            iters=config.hessian_iters,
+                            seed=seed,
+                        )
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        progress.note("interrupted: writing what was gathered")
+
+    report["summary"] = summarise(report["runs"], entries)
+    report["verdict"] = verdict(report["summary"])
+    report["files"] = ["results.json"]
+    try:
+        report["files"] += _plots(report, out, final_models, probe_data, config, progress)
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+    report["files"] += sorted(str(p.relative_to(out)) for p in (out / "checkpoints").glob("*.pt"))
+    (out / "results.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    return report
+
+
+def _check_options(
+    entries: Sequence[Contender], split: Split, model_name: str, config: CompareConfig
+) -> None:
+    """Build every contender's optimizer once on a tiny model, so a bad option fails first."""
+    probe = nn.Linear(2, 2)
+    for contender in entries:
+        method = get_method(contender.method)
+        opt_kwargs, _ = method.split_kwargs(contender.options)
+        kwargs = {
+            "lr": config.lr,
+            "momentum": config.momentum,
+            "weight_decay": config.weight_decay,
+            **contender.train_options,
+        }
+        try:
+            method.make_optimizer(probe.parameters(), **kwargs, **opt_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{contender.label}: {exc}") from exc
+
+
+def _train_one(
+    contender: Contender,
+    seed: int,
+    split: Split,
+    config: CompareConfig,
+    device: torch.device,
+    record: dict[str, Any],
+    progress: Progress,
+) -> Result:
+    def on_epoch(stats: EpochStats) -> None:
+        record["history"].append(dataclasses.asdict(stats))
+
+    kwargs: dict[str, Any] = {
+        "lr": config.lr,
+        "momentum": config.momentum,
+        "weight_decay": config.weight_decay,
+        **contender.train_options,
+    }
+    return train(
+        contender.method,
+        split,
+        epochs=int(config.epochs or 1),
+        batch_size=int(config.batch_size or 1),
+        seed=seed,
+        model_fn=lambda s: build_model(str(config.model), config.dataset, s, config.width),
+        device=device,
+        curves=True,
+        on_step=progress.step,
+        on_epoch=on_epoch,
+        **kwargs,
+        **contender.options,
+    )
+
+
+def _result_fields(result: Result) -> dict[str, Any]:
+    return {
+        "complete": True,
+        "test_accuracy": result.test_accuracy,
+        "train_accuracy_clean": result.train_accuracy,
+        "final_train_loss": result.train_loss,
+        "wall_time": result.wall_time,
+        "steps": result.steps,
+        "forward_passes": result.forward_passes,
+        "forwards_per_step": result.forwards_per_step,
+    }
+
+
+def _save_checkpoint(
+    out: Path, contender: Contender, config: CompareConfig, model: nn.Module
+) -> None:
+    """``checkpoints/<label>.pt``: the state dict with what ``torchsam landscape`` needs."""
+    name = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in contender.label)
+    torch.save(
+        {
+            "format": "torchsam-checkpoint-1",
+            "label": contender.label,
+            "model": config.model,
+            "width": config.width,
+            "dataset": config.dataset,
+            "data_dir": config.data_dir,
+            "label_noise": config.label_noise,
+            "data_seed": config.data_seed,
+            "train_size": config.train_size,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        out / "checkpoints" / f"{name}.pt",
+    )
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchsam": torchsam.__version__,
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "instruments": _instrument_modules() is not None,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- summary
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _baseline(entries: Sequence[Contender]) -> Contender:
+    for contender in entries:
+        if contender.method == "sgd" and not contender.options:
+            return contender
+    return entries[0]
+
+
+def summarise(runs: Sequence[Mapping[str, Any]], entries: Sequence[Contender]) -> list[dict]:
+    """One row per contender over its complete runs, against the baseline (SGD if present).
+
+    Each row holds: ``accuracy`` mean and sample std (in points), ``gain`` over the baseline
+    (mean of the per-seed differences, in points) with ``gain_se`` (its standard error: the
+    std of the differences over the square root of their number), ``final_train_loss`` (mean),
+    ``time_ratio`` (median wall time over the baseline's), ``hessian_top`` and
+    ``sam_sharpness`` (means), ``seeds`` (number of complete runs), ``baseline`` (bool).
+    """
+    if not entries:
+        return []
+    base = _baseline(entries)
+    done = [r for r in runs if r.get("complete")]
+    base_acc = {r["seed"]: r["test_accuracy"] for r in done if r["label"] == base.label}
+    base_times = [r["wall_time"] for r in done if r["label"] == base.label]
+    base_time = statistics.median(base_times) if base_times else None
+    rows = []
+    for contender in entries:
+        mine = [r for r in done if r["label"] == contender.label]
+        acc, acc_std = _mean_std([100 * r["test_accuracy"] for r in mine])
+        diffs = [
+            100 * (r["test_accuracy"] - base_acc[r["seed"]]) for r in mine if r["seed"] in base_acc
+        ]
+        gain, diff_std = _mean_std(diffs)
+        gain_se = diff_std / math.sqrt(len(diffs)) if diff_std is not None else None
+        times = [r["wall_time"] for r in mine]
+        ratio = statistics.median(times) / base_time if times and base_time else None
+
+        def mean_of(key: str, runs: list[Mapping[str, Any]] = mine) -> float | None:
+            values = [
+                r["instruments"][key]
+                for r in runs
+                if r.get("instruments") and r["instruments"].get(key) is not None
+            ]
+            return statistics.fmean(values) if values else None
+
+        losses = [r["final_train_loss"] for r in mine]
+        rows.append(
+            {
+                "label": contender.label,
+                "method": contender.method,
+                "rho": contender.rho,
+                "baseline": contender.label == base.label,
+                "seeds": len(mine),
+                "accuracy": acc,
+                "accuracy_std": acc_std,
+                "gain": None if contender.label == base.label else gain,
+                "gain_se": None if contender.label == base.label else gain_se,
+                "final_train_loss": statistics.fmean(losses) if losses else None,
+                "wall_time": statistics.median(times) if times else None,
+                "time_ratio": ratio,
+                "forwards_per_step": statistics.fmean(r["forwards_per_step"] for r in mine)
+                if mine
+                else None,
+                "hessian_top": mean_of("hessian_top"),
+                "sam_sharpness": mean_of("sam_sharpness"),
+            }
+        )
+    return rows
+
+
+def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The summary as an aligned text table (what ``torchsam compare`` prints)."""
+    header = (
+        "optimizer",
+        "test acc %",
+        "gain vs " + next((r["label"] for r in summary if r["baseline"]), "baseline") + " (pp)",
+        "train loss",
+        "time",
+        "top Hessian eig",
+        "SAM sharpness",
+    )
+    lines = [header]
+    for r in summary:
+        acc = _fmt(r["accuracy"], ".2f")
+        if r["accuracy_std"] is not None:
+            acc += f" ± {r['accuracy_std']:.2f}"
+        if r["baseline"]:
+            gain = "—"
+        else:
+            gain = _fmt(r["gain"], "+.2f")
+            if r["gain_se"] is not None:
+                gain += f" ± {r['gain_se']:.2f}"
+        lines.append(
+            (
+                str(r["label"]),
+                acc,
+                gain,
+                _fmt(r["final_train_loss"], ".3f"),
+                _fmt(r["time_ratio"], ".2f") + ("x" if r["time_ratio"] is not None else ""),
+                _fmt(r["hessian_top"], ".3g"),
+                _fmt(r["sam_sharpness"], ".3g"),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = []
+    for i, line in enumerate(lines):
+        text.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        if i == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _pretty(label: str) -> str:
+    names = {"sam": "SAM", "asam": "ASAM", "gsam": "GSAM", "esam": "ESAM", "msam": "MSAM"}
+    head, _, tail = label.partition(" ")
+    base, paren, rest = head.partition("(")
+    base = names.get(base, {"looksam": "LookSAM", "sgd": "SGD"}.get(base, base))
+    return (base + paren + rest + (" " + tail if tail else "")).strip()
+
+
+def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
+    """One sentence on the summary: the best gain over the baseline, its cost, and the
+    cheapest contender that keeps a real share of it.
+
+    A gain counts when it exceeds twice its standard error (with one seed there is no error
+    estimate, and the sentence says so).
+    """
+    base = next((r for r in summary if r["baseline"]), None)
+    others = [r for r in summary if not r["baseline"] and r["gain"] is not None]
+    if base is None or not others:
+        return (
+            "Nothing to compare: the runs did not complete for the baseline and another optimizer."
+        )
+    base_name = _pretty(base["label"])
+    best = max(others, key=lambda r: r["gain"])
+
+    def cost(r: Mapping[str, Any]) -> str:
+        return f"{r['time_ratio']:.1f}x time" if r["time_ratio"] is not None else "unknown time"
+
+    def points(r: Mapping[str, Any]) -> str:
+        se = f" ± {r['gain_se']:.1f}" if r["gain_se"] is not None else ""
+        return f"{r['gain']:+.1f}{se} points"
+
+    caveat = " (one seed: no error estimate; use more seeds)" if best["gain_se"] is None else ""
+    if best["gain"] <= 0 or (best["gain_se"] is not None and best["gain"] <= 2 * best["gain_se"]):
+        return (
+            f"No optimizer beats {base_name} here beyond the spread between seeds "
+            f"(best: {_pretty(best['label'])}, {points(best)} at {cost(best)}){caveat}."
+        )
+    sentence = f"{_pretty(best['label'])} gains {points(best)} over {base_name} at {cost(best)}"
+    cheaper = [
+        r
+        for r in others
+        if r is not best
+        and r["gain"] > 0
+        and r["time_ratio"] is not None
+        and best["time_ratio"] is not None
+        and r["time_ratio"] < best["time_ratio"]
+    ]
+    if cheaper:
+        pick = max(cheaper, key=lambda r: r["gain"] / max(r["time_ratio"], 1e-9))
+        share = 100 * pick["gain"] / best["gain"]
+        sentence += f"; {_pretty(pick['label'])} keeps {share:.0f}% of it at {cost(pick)}"
+    return sentence + caveat + "."
+
+
+# --------------------------------------------------------------------------- plots
+def _plots(
+    report: dict[str, Any],
+    out: Path,
+    models: Mapping[str, nn.Module],
+    probe_data: Sequence[tuple[Tensor, Tensor]],
+    config: CompareConfig,
+    progress: Progress,
+) -> list[str]:
+    from torchsam.experiments import plots
+
+    written = [
+        plots.learning_curves(report["runs"], out / "learning_curves.png"),
+        plots.accuracy_vs_time(report["summary"], out / "accuracy_vs_time.png"),
+    ]
+    if len(config.rho) > 1:
+        written.append(plots.accuracy_vs_rho(report["summary"], out / "accuracy_vs_rho.png"))
+    pair = _landscape_pair(report["summary"], models)
+    modules = _instrument_modules()
+    if config.instruments and pair is not None and modules is not None:
+        progress.note(f"drawing the loss landscape of {pair[0]} and {pair[1]}")
+        landscape = modules[1]
+        surfaces = [
+            landscape.surface_2d(
+                models[label],
+                nn.CrossEntropyLoss(),
+                probe_data,
+                steps=config.landscape_steps,
+                span=config.landscape_span,
+                generator=torch.Generator().manual_seed(config.data_seed),
+            )
+            for label in pair
+        ]
+        figure = landscape.plot_side_by_side(
+            surfaces[0],
+            surfaces[1],
+            titles=(_pretty(pair[0]), _pretty(pair[1])),
+            path=out / "landscape.png",
+        )
+        plots.close(figure)
+        written.append(out / "landscape.png")
+        report["landscape"] = {
+            "models": list(pair),
+            "seed": config.seeds[0],
+            "center_loss": [_center(s) for s in surfaces],
+        }
+    return [str(p.relative_to(out)) for p in written]
+
+
+def _center(surface: Any) -> float:
+    loss = torch.as_tensor(surface.loss)
+    return float(loss[loss.shape[0] // 2, loss.shape[1] // 2])
+
+
+def _landscape_pair(
+    summary: Sequence[Mapping[str, Any]], models: Mapping[str, nn.Module]
+) -> tuple[str, str] | None:
+    """The baseline against SAM (its best rho), else against the best-gain contender."""
+    base = next((r["label"] for r in summary if r["baseline"]), None)
+    if base is None or base not in models:
+        return None
+    others = [r for r in summary if not r["baseline"] and r["label"] in models]
+    sam = [r for r in others if r["method"] == "sam"] or others
+    if not sam:
+        return None
+    best = max(sam, key=lambda r: r["gain"] if r["gain"] is not None else -math.inf)
+    return base, str(best["label"])

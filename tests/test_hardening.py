@@ -1,0 +1,431 @@
+"""Every documented path works for every variant, and mistakes get clear errors (issue 10).
+
+The rows of the family table (tests/test_family.py) run here over every variant: the AMP and
+clipping recipes, a DCP round trip, the reference-implementation closure port, a dtype change,
+``load_state_dict`` validation, deepcopy and pickle, global hook counts and profiler events,
+exception safety, and the checks of PyTorch's own ``test/test_optim.py`` that apply (state-dict
+and step hooks, deepcopy, compile, no-grad steps, ``differentiable``).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+import torchsam
+from tests.test_family import VARIANTS, Net, build, setup, step, weights
+
+TWO_CALL = [n for n, v in VARIANTS.items() if v.two_call]
+CLOSURE = [n for n, v in VARIANTS.items() if not v.per_sample]
+ONE_PASS = ["looksam", "intermittent"]  # variants with steps without a second pass
+# GSAM and LookSAM crash on a step without any gradient (issue 10, item 16, fixed separately)
+NO_GRAD_OK = [n for n in VARIANTS if n not in ("gsam", "looksam")]
+
+
+def two_call_step(
+    opt: Any,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    max_norm: float | None = None,
+) -> None:
+    """The README's two-call recipe, with the AMP and clipping lines when asked for."""
+
+    def backward() -> None:
+        loss = F.cross_entropy(model(x), y)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    backward()
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if opt.first_step(zero_grad=True):
+        backward()
+    if max_norm is not None:
+        if scaler is not None:
+            raise AssertionError("the recipes clip without a scaler here")
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    if scaler is not None:
+        scaler.update()
+
+
+def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- 1. AMP
+@pytest.mark.parametrize(
+    ("name", "explicit_unscale"),
+    [(n, True) for n in TWO_CALL] + [(n, False) for n in ONE_PASS],
+)
+def test_grad_scaler_recipe_matches_unscaled_training(name: str, explicit_unscale: bool) -> None:
+    model, data = setup()
+    plain = copy.deepcopy(model)
+    opt, ref = build(name, model), build(name, plain)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    for x, y in data[:5]:
+        if explicit_unscale:
+            two_call_step(opt, model, x, y, scaler)
+        else:  # without the unscale_: second_step unscales a one-pass step's gradients itself
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            if opt.first_step(zero_grad=True):
+                scaler.scale(F.cross_entropy(model(x), y)).backward()
+            opt.second_step(zero_grad=True, grad_scaler=scaler)
+            scaler.update()
+        two_call_step(ref, plain, x, y)
+    for a, b in zip(weights(model), weights(plain), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert scaler.get_scale() == 2.0**12  # no overflow was seen
+
+
+# --------------------------------------------------------------------------- 2. clipping
+@pytest.mark.parametrize("name", TWO_CALL)
+def test_clipping_recipe_works_for_every_variant(name: str) -> None:
+    runs = {}
+    for max_norm in (None, 1e9, 0.05):
+        model, data = setup()
+        opt = build(name, model)
+        for x, y in data[:4]:
+            two_call_step(opt, model, x, y, max_norm=max_norm)
+        runs[max_norm] = weights(model)
+    _assert_same(runs[1e9], runs[None])  # clipping that changes nothing changes nothing
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0.05], runs[None], strict=True))
+
+
+@pytest.mark.parametrize("name", ONE_PASS)
+def test_a_second_backward_on_a_one_pass_step_still_raises(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model, **({"k": 2} if name == "looksam" else {"seed": 0}))
+    for x, y in data:
+        F.cross_entropy(model(x), y).backward()
+        if not opt.first_step(zero_grad=True):
+            F.cross_entropy(model(x), y).backward()  # the trap: doubles the kept gradients
+            with pytest.raises(RuntimeError, match="a backward pass ran before second_step"):
+                opt.second_step(zero_grad=True)
+            return
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    pytest.fail("no step without a second pass")
+
+
+# --------------------------------------------------------------------------- 3. DCP
+@pytest.mark.parametrize("name", VARIANTS)
+def test_distributed_checkpoint_round_trip(name: str, tmp_path: Path) -> None:
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, data = setup()
+    opt = build(name, model, "adamw")
+    for x, y in data[:3]:
+        step(name, opt, model, x, y)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+        fresh_model, _ = setup(seed=5)
+        fresh_model.load_state_dict(model.state_dict())
+        fresh = build(name, fresh_model, "adamw")
+        target = {"optim": get_optimizer_state_dict(fresh_model, fresh)}
+        # the fresh optimizer's state also covers the parameter that never had a gradient
+        # (DCP initialises it with a zero-gradient step, as for any torch.optim optimizer)
+        planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+        dcp.load(target, checkpoint_id=tmp_path, planner=planner)
+        set_optimizer_state_dict(fresh_model, fresh, target["optim"])
+    assert fresh.param_groups[0]["sam_step"] == 3
+    for x, y in data[3:6]:
+        step(name, opt, model, x, y)
+        step(name, fresh, fresh_model, x, y)
+    _assert_same(weights(fresh_model), weights(model))
+
+
+# --------------------------------------------------------------------------- user traps
+@pytest.mark.parametrize("name", CLOSURE)
+def test_reference_closure_port_fails_loudly(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model)
+    x, y = data[0]
+
+    def closure() -> torch.Tensor:  # the reference implementation's closure: no zero_grad
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    start = weights(model)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="reference implementation's loop"):
+        opt.step(closure)
+    _assert_same(weights(model), start)
+    assert not opt.perturbed
+
+
+@pytest.mark.parametrize("name", [n for n in TWO_CALL if n in NO_GRAD_OK])
+def test_forgotten_backward_is_named(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model)
+    x, y = data[0]
+    with pytest.warns(RuntimeWarning, match=r"loss\.backward\(\) before first_step"):
+        opt.first_step(zero_grad=True)
+    opt.second_step()
+    start = weights(model)
+    for _ in range(4):  # reach a step with a second pass
+        F.cross_entropy(model(x), y).backward()
+        if opt.first_step(zero_grad=True):
+            with pytest.raises(RuntimeError, match="run the second forward/backward pass"):
+                opt.second_step()  # no second backward: no gradient at w + e
+            _assert_same(weights(model), start)
+            return
+        opt.second_step(zero_grad=True)
+        start = weights(model)
+    pytest.fail("no step with a second pass")
+
+
+def test_closure_without_backward_warns() -> None:
+    model, data = setup()
+    opt = build("sam", model)
+    x, y = data[0]
+    F.cross_entropy(model(x), y).backward()
+    with (
+        pytest.warns(RuntimeWarning, match=r"did it call loss\.backward"),
+        pytest.raises(RuntimeError, match="second forward/backward"),
+    ):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+
+
+def test_messages_name_what_to_change() -> None:
+    model, _ = setup()
+    with pytest.raises(TypeError, match=r"'kk'.*neither an argument of LookSAM.*nor of .*SGD"):
+        torchsam.LookSAM(model.parameters(), torch.optim.SGD, kk=5, lr=0.1)
+    with pytest.raises(TypeError, match=r"torch\.nn\.modules\.linear\.Linear, which is not an"):
+        torchsam.SAM(model.parameters(), nn.Linear, lr=0.1)
+    with pytest.raises(TypeError, match=r"model\.parameters\(\)"):
+        torchsam.SAM(model, torch.optim.SGD, lr=0.1)
+    opt = torchsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = setup()[1][0]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match=r"second_step\(grad_scaler=scaler\) instead of"):
+        scaler.step(opt)
+
+
+def test_import_prints_no_numpy_warning() -> None:
+    code = "import sys; sys.modules['numpy'] = None; import torchsam"
+    result = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "NumPy" not in result.stderr
+
+
+# --------------------------------------------------------------------------- 4. dtype change
+# FriendlySAM's and VaSSO's gradient averages keep the dtype they were created in
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n not in ("friendly", "vasso")])
+def test_dtype_change_keeps_the_restore_exact(name: str) -> None:
+    model, data = setup()
+    model.float()
+    opt = build(name, model)
+    x, y = data[0]
+    step(name, opt, model, x.float(), y)
+    model.double()
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    start = weights(model)
+    for x, y in data[1:4]:
+        step(name, opt, model, x, y)
+    _assert_same(weights(model), start)
+
+
+# --------------------------------------------------------------------------- 6. load_state_dict
+def test_load_state_dict_validates_fills_and_runs_hooks() -> None:
+    model, data = setup()
+    opt = build("gsam", model)
+    step("gsam", opt, model, *data[0])
+    sd = opt.state_dict()
+    bad = {**sd, "param_groups": [{**g, "rho": -5.0} for g in sd["param_groups"]]}
+    fresh = build("gsam", model)
+    with pytest.raises(ValueError, match="Invalid rho"):
+        fresh.load_state_dict(bad)
+    assert fresh.param_groups[0]["sam_step"] == 0  # nothing was loaded
+    old = {  # a checkpoint without alpha, with the step counter in the old place
+        "state": {**sd["state"], "sam": {"step": 7}},
+        "param_groups": [
+            {k: v for k, v in g.items() if k not in ("alpha", "sam_step")}
+            for g in sd["param_groups"]
+        ],
+    }
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["alpha"] == 0.3
+    assert fresh.param_groups[1]["sam_step"] == 7
+    with pytest.raises(ValueError, match=r"alpha.*belong to .*GSAM"):
+        build("sam", model).load_state_dict(sd)
+    looksam = build("looksam", model)
+    lsd = looksam.state_dict()
+    lsd["param_groups"][1]["k"] = 4
+    with pytest.raises(ValueError, match="k is an option of the whole LookSAM"):
+        looksam.load_state_dict(lsd)
+    calls: list[str] = []
+    fresh.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    fresh.register_state_dict_post_hook(lambda o, s: calls.append("sd_post"))
+    fresh.register_load_state_dict_pre_hook(lambda o, s: calls.append("load_pre"))
+    fresh.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    fresh.load_state_dict(fresh.state_dict())
+    assert calls == ["sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_loaded_own_state_takes_the_parameter_dtype() -> None:
+    model, data = setup()
+    opt = build("friendly", model)
+    for x, y in data[:2]:
+        step("friendly", opt, model, x, y)
+    sd = opt.state_dict()
+    model32 = Net().float()
+    opt32 = build("friendly", model32)
+    opt32.load_state_dict(sd)
+    assert opt32.state[model32.l1.weight]["grad_ema"].dtype == torch.float32
+
+
+def test_options_live_in_the_param_groups() -> None:
+    model, _ = setup()
+    opt = build("looksam", model)
+    assert [g["k"] for g in opt.param_groups] == [3, 3]
+    opt.k = 4
+    assert opt.k == 4
+    assert [g["k"] for g in opt.state_dict()["param_groups"]] == [4, 4]
+    with pytest.raises(TypeError, match="Invalid k"):
+        opt.k = 2.5
+    with pytest.raises(ValueError, match="cannot differ between param groups"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "k": 2})
+
+
+# --------------------------------------------------------------------------- 14. copies
+@pytest.mark.parametrize("name", VARIANTS)
+def test_copies_step_like_the_original(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for x, y in data[:2]:
+        step(name, opt, model, x, y)
+        sched.step()
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    model_pickled, opt_pickled = pickle.loads(pickle.dumps((model, opt)))
+    for x, y in data[2:5]:
+        for m, o in [(model, opt), (model_copy, opt_copy), (model_pickled, opt_pickled)]:
+            step(name, o, m, x, y)
+    _assert_same(weights(model_copy), weights(model))
+    _assert_same(weights(model_pickled), weights(model))
+    assert opt_copy.param_groups is opt_copy.base_optimizer.param_groups
+
+
+# --------------------------------------------------------------------------- 15. hooks
+@pytest.mark.parametrize("style", ["closure", "two_call"])
+@pytest.mark.parametrize("name", ["sam", "looksam"])
+def test_global_hooks_and_profiler_see_one_step(name: str, style: str) -> None:
+    model, data = setup()
+    opt = build(name, model)
+    calls: list[str] = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda *_: calls.append("pre")),
+        register_optimizer_step_post_hook(lambda *_: calls.append("post")),
+    ]
+    base_calls: list[str] = []
+    opt.base_optimizer.register_step_post_hook(lambda *_: base_calls.append("base"))
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for x, y in data[:3]:
+                if style == "closure":
+                    step(name, opt, model, x, y)
+                else:
+                    two_call_step(opt, model, x, y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["pre", "post"] * 3
+    assert base_calls == ["base"] * 3  # hooks on the base optimizer itself still run
+    events = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+    assert len(events) == 3
+
+
+# --------------------------------------------------------------------------- 10. exceptions
+@pytest.mark.parametrize("name", [n for n in TWO_CALL if n not in ONE_PASS])
+def test_exception_inside_the_perturbation_restores_w(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model)
+    x, y = data[0]
+    step(name, opt, model, x, y)
+    start = weights(model)
+    radius = opt._radius
+    seen: list[int] = []
+
+    def failing_radius(group: dict[str, Any]) -> float:
+        seen.append(1)
+        if len(seen) == 2:  # the first group is already perturbed
+            raise KeyboardInterrupt
+        return radius(group)
+
+    opt._radius = failing_radius
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(KeyboardInterrupt):
+        opt.first_step(zero_grad=True)
+    _assert_same(weights(model), start)
+    assert not opt.perturbed
+    del opt._radius
+    step(name, opt, model, x, y)  # usable again
+
+
+# --------------------------------------------------------------------------- 8. refused bases
+def test_unusable_base_optimizers_are_refused_at_construction() -> None:
+    model, _ = setup()
+    with pytest.raises(TypeError, match=r"cannot wrap torch\.optim\.LBFGS"):
+        torchsam.SAM(model.parameters(), torch.optim.LBFGS, lr=0.1)
+    with pytest.raises(TypeError, match=r"cannot wrap torch\.optim\.LBFGS"):
+        torchsam.SAM(model.parameters(), torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(ValueError, match="differentiable=True"):
+        torchsam.GSAM(model.parameters(), torch.optim.SGD, lr=0.1, differentiable=True)
+
+
+# --------------------------------------------------------------------------- test_optim checks
+@pytest.mark.parametrize("name", [n for n in CLOSURE if n in NO_GRAD_OK])
+def test_step_is_noop_without_gradients(name: str) -> None:
+    params = [torch.randn(2, 3, dtype=torch.float64) for _ in range(2)]
+    old = [p.clone() for p in params]
+    opt = VARIANTS[name].cls(params, torch.optim.SGD, lr=0.1, **VARIANTS[name].kwargs)
+    with pytest.warns(RuntimeWarning, match="no parameter has a gradient"):
+        opt.step(lambda: torch.ones(()))
+    _assert_same(params, old)
+
+
+@pytest.mark.parametrize("name", ["sam", "looksam"])
+def test_compiled_training_step_matches_eager(name: str) -> None:
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, data = setup()
+        opt = build(name, model)
+
+        def train_step(x: torch.Tensor, y: torch.Tensor, model: Net = model, opt: Any = opt) -> Any:
+            return step(name, opt, model, x, y)
+
+        fn = torch.compile(train_step, backend="eager") if compiled else train_step
+        for x, y in data[:4]:
+            fn(x, y)
+            assert not opt.perturbed
+        runs.append(weights(model))
+        assert opt.param_groups[0]["sam_step"] == 4
+    _assert_same(runs[1], runs[0])
