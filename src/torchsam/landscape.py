@@ -17,7 +17,7 @@ as needed, the loss is the sample-weighted mean of ``loss_fn`` over the batches,
 in evaluation mode (dropout off; BatchNorm on running statistics, or ``batch_norm="train"`` for
 batch statistics with the running statistics untouched), and the model comes back bit-identical
 (weights, buffers, gradients, modes, RNG state). The grid is evaluated without autograd graphs
-(``torch.inference_mode``) on the model's own parameters, each point set from a saved copy as
+(``torch.no_grad``) on the model's own parameters, each point set from a saved copy as
 ``w + alpha * delta + beta * eta`` (no drift from accumulated steps), and the weights are copied
 back at the end, also on error.
 
@@ -40,12 +40,10 @@ from torchsam._measure import (
     Data,
     LossFn,
     Progress,
-    batch_loss,
-    batches,
     check_batch_norm,
     check_data,
+    mean_loss,
     measuring,
-    model_device,
 )
 
 if TYPE_CHECKING:
@@ -229,8 +227,11 @@ def _axis(steps: int, span: Span, name: str) -> list[float]:
             raise ValueError(f"{name} must be (low, high) with low < high, got {span!r}")
     else:
         raise TypeError(f"{name} must be a number or a (low, high) pair, got {span!r}")
-    # exact end points, and exactly 0 at the centre of a symmetric odd grid
-    return [low + (high - low) * i / (steps - 1) if i < steps - 1 else high for i in range(steps)]
+    values = [low + (high - low) * i / (steps - 1) for i in range(steps)]
+    values[-1] = high  # exact end points, and exactly 0 at the centre of a symmetric odd grid
+    if low == -high and steps % 2 == 1:
+        values[steps // 2] = 0.0
+    return values
 
 
 def _coords(values: Sequence[float] | Tensor, name: str) -> list[float]:
@@ -255,19 +256,9 @@ class _Grid:
         self.loss_fn = loss_fn
         self.data = data
         self.batch_norm = batch_norm
-        self.device = model_device(model)
 
     def loss(self) -> float:
-        total: Tensor | None = None
-        count = 0
-        with torch.inference_mode():
-            for inputs, targets, n in batches(self.data, self.device):
-                part = batch_loss(self.model, self.loss_fn, inputs, targets).double() * n
-                total = part if total is None else total + part
-                count += n
-        if total is None:  # pragma: no cover - batches() raises first
-            raise ValueError("data yielded no non-empty batch")
-        return float(total) / count
+        return mean_loss(self.model, self.loss_fn, self.data)
 
 
 def _walk(
@@ -285,8 +276,7 @@ def _walk(
             center = grid.loss()
             losses = []
             for coeffs in points:
-                for p, b in zip(params, base, strict=True):
-                    p.copy_(b)
+                torch._foreach_copy_(params, base)
                 for c, d in zip(coeffs, directions, strict=True):
                     if c != 0.0:
                         torch._foreach_add_(params, d, alpha=c)

@@ -172,7 +172,7 @@ class _Hessian:
 
     def _split(self, v: Tensor) -> list[Tensor]:
         return [
-            piece.view_as(p).to(p.dtype)
+            piece.view_as(p).to(device=p.device, dtype=p.dtype)
             for piece, p in zip(v.split(self.numels), self.params, strict=True)
         ]
 
@@ -209,7 +209,7 @@ class _Hessian:
             if acc is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
             hv = [a / count for a in acc]
-        return torch.cat([h.reshape(-1) for h in hv]).to(torch.float64)
+        return torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -387,6 +387,8 @@ def hessian_eigenvalues(
     tol = _check_tol(tol)
     if method not in ("lanczos", "power"):
         raise ValueError(f'method must be "lanczos" or "power", got {method!r}')
+    if method == "lanczos" and max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is less than k={k}: Lanczos needs at least k steps")
     chosen = _prepare(model, loss_fn, data, params)
     gen = _generator(generator)
     with measuring(model, batch_norm):
