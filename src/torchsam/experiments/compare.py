@@ -60,7 +60,7 @@ MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8")
 
 # per-dataset defaults of the options that depend on the data
 _DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.05},
+    "digits": {"model": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.02},
     "toy": {"model": "mlp", "epochs": 30, "batch_size": 64, "lr": 0.05},
     "cifar10": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
     "cifar100": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
