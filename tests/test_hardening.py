@@ -32,8 +32,6 @@ from tests.test_family import VARIANTS, Net, build, setup, step, weights
 TWO_CALL = [n for n, v in VARIANTS.items() if v.two_call]
 CLOSURE = [n for n, v in VARIANTS.items() if not v.per_sample]
 ONE_PASS = ["looksam", "intermittent"]  # variants with steps without a second pass
-# GSAM and LookSAM crash on a step without any gradient (issue 10, item 16, fixed separately)
-NO_GRAD_OK = [n for n in VARIANTS if n not in ("gsam", "looksam")]
 
 
 def two_call_step(
@@ -176,7 +174,7 @@ def test_reference_closure_port_fails_loudly(name: str) -> None:
     assert not opt.perturbed
 
 
-@pytest.mark.parametrize("name", [n for n in TWO_CALL if n in NO_GRAD_OK])
+@pytest.mark.parametrize("name", TWO_CALL)
 def test_forgotten_backward_is_named(name: str) -> None:
     model, data = setup()
     opt = build(name, model)
@@ -235,8 +233,7 @@ def test_import_prints_no_numpy_warning() -> None:
 
 
 # --------------------------------------------------------------------------- 4. dtype change
-# FriendlySAM's and VaSSO's gradient averages keep the dtype they were created in
-@pytest.mark.parametrize("name", [n for n in VARIANTS if n not in ("friendly", "vasso")])
+@pytest.mark.parametrize("name", VARIANTS)
 def test_dtype_change_keeps_the_restore_exact(name: str) -> None:
     model, data = setup()
     model.float()
@@ -244,12 +241,17 @@ def test_dtype_change_keeps_the_restore_exact(name: str) -> None:
     x, y = data[0]
     step(name, opt, model, x.float(), y)
     model.double()
+    with torch.no_grad():  # values a float32 copy would round
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=1e-9)
     for g in opt.param_groups:
         g["lr"] = 0.0
     start = weights(model)
     for x, y in data[1:4]:
         step(name, opt, model, x, y)
     _assert_same(weights(model), start)
+    for own in opt.state.values():  # torchsam's own state follows the parameters' dtype
+        assert all(v.dtype == torch.float64 for v in own.values() if torch.is_tensor(v))
 
 
 # --------------------------------------------------------------------------- 6. load_state_dict
@@ -401,7 +403,7 @@ def test_unusable_base_optimizers_are_refused_at_construction() -> None:
 
 
 # --------------------------------------------------------------------------- test_optim checks
-@pytest.mark.parametrize("name", [n for n in CLOSURE if n in NO_GRAD_OK])
+@pytest.mark.parametrize("name", CLOSURE)
 def test_step_is_noop_without_gradients(name: str) -> None:
     params = [torch.randn(2, 3, dtype=torch.float64) for _ in range(2)]
     old = [p.clone() for p in params]
@@ -429,3 +431,32 @@ def test_compiled_training_step_matches_eager(name: str) -> None:
         runs.append(weights(model))
         assert opt.param_groups[0]["sam_step"] == 4
     _assert_same(runs[1], runs[0])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_step_without_closure_is_noop_for_zero_grads(name: str) -> None:
+    """test_optim's zero-gradient step, which is also how DCP creates a fresh state."""
+    model, _ = setup()
+    opt = build(name, model, weight_decay=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    start = weights(model)
+    opt.step()
+    _assert_same(weights(model), start)
+    assert opt.param_groups[0]["sam_step"] == 1
+    model.l1.bias.grad[0] = 1.0  # any nonzero gradient: a closure is needed
+    with pytest.raises(RuntimeError, match=r"needs (a )?closure"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["sam", "looksam", "esam"])
+def test_deepcopy_copies_all_public_attributes(name: str) -> None:
+    """test_optim's check: the public attributes of a copy equal the original's."""
+    model, data = setup()
+    opt = build(name, model)
+    step(name, opt, model, *data[0])
+    public = {k for k in opt.__dict__ if not k.startswith("_")}
+    assert {"base_optimizer", "defaults", "param_groups", "state"} <= public
+    clone = copy.deepcopy(opt)
+    assert public == {k for k in clone.__dict__ if not k.startswith("_")}
+    assert repr(clone) == repr(opt)

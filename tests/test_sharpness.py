@@ -75,12 +75,13 @@ def _hessian(
 
 
 # --------------------------------------------------------------------------- eigenvalues
-@pytest.mark.parametrize("method", ["lanczos", "power"])
-@pytest.mark.parametrize("keep_graphs", [True, False])
+@pytest.mark.parametrize(
+    ("method", "keep_graphs"), [("lanczos", True), ("lanczos", False), ("power", True)]
+)
 def test_top_eigenvalues_equal_the_full_hessian(method: str, keep_graphs: bool) -> None:
     model, data = _mlp(), _data()
     true = torch.linalg.eigvalsh(_hessian(model, data))
-    k = 3 if method == "lanczos" else 2 if keep_graphs else 1
+    k = 3 if method == "lanczos" else 2
     top = sharpness.hessian_eigenvalues(
         model, ce, data, k=k, method=method, tol=1e-10, max_iter=500, keep_graphs=keep_graphs
     )
@@ -94,7 +95,7 @@ def test_top_eigenvalues_equal_the_full_hessian(method: str, keep_graphs: bool) 
 
 
 def test_lanczos_stops_at_the_tolerance_with_an_error_bound() -> None:
-    model, data = _mlp(width=16), _data(n=40, sizes=(40,))
+    model, data = _mlp(width=10), _data(n=40, sizes=(40,))
     true = float(torch.linalg.eigvalsh(_hessian(model, data))[-1])
     n = sum(p.numel() for p in model.parameters())
     top = sharpness.hessian_eigenvalues(model, ce, data, tol=1e-3, max_iter=n)
@@ -153,9 +154,9 @@ def test_trace_is_exact_with_zero_error_for_a_diagonal_hessian() -> None:
 def test_trace_is_unbiased_within_its_standard_error() -> None:
     model, data = _mlp(), _data()
     h = _hessian(model, data)
-    trace = sharpness.hessian_trace(model, ce, data, samples=100)
+    trace = sharpness.hessian_trace(model, ce, data, samples=60)
     # Rademacher Hutchinson variance: 2 * sum of squared off-diagonal entries
-    sd = math.sqrt(2 * float((h**2).sum() - (h.diagonal() ** 2).sum()) / 100)
+    sd = math.sqrt(2 * float((h**2).sum() - (h.diagonal() ** 2).sum()) / 60)
     assert abs(float(trace) - float(h.trace())) < 4 * sd
     assert trace.stderr == pytest.approx(sd, rel=0.4)
     assert trace.value == float(trace)
@@ -309,7 +310,9 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 CALLS: dict[str, Callable[..., object]] = {
-    "eigenvalues": lambda m, d, bn: sharpness.hessian_eigenvalues(m, ce, d, k=2, batch_norm=bn),
+    "eigenvalues": lambda m, d, bn: sharpness.hessian_eigenvalues(
+        m, ce, d, k=2, max_iter=6, batch_norm=bn
+    ),
     "power": lambda m, d, bn: sharpness.hessian_eigenvalues(
         m, ce, d, method="power", max_iter=5, batch_norm=bn
     ),
@@ -374,9 +377,8 @@ def test_dropout_is_off() -> None:
     plain.drop = nn.Identity()  # type: ignore[assignment]
     net.train()
     for fn in (
-        lambda m: sharpness.hessian_trace(m, ce, data, samples=4),
+        lambda m: sharpness.hessian_trace(m, ce, data, samples=2),
         lambda m: sharpness.sam_sharpness(m, ce, data),
-        lambda m: sharpness.hessian_eigenvalues(m, ce, data, k=2)[1],
     ):
         assert float(fn(net)) == float(fn(plain))
 
@@ -404,8 +406,8 @@ def test_a_dataloader_works() -> None:
     model, data = _mlp(), _data(sizes=(20,))
     x, y = data[0]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6)
-    a = sharpness.hessian_eigenvalues(model, ce, loader, tol=1e-10)
-    b = sharpness.hessian_eigenvalues(model, ce, data, tol=1e-10)
+    a = sharpness.hessian_eigenvalues(model, ce, loader, max_iter=6)
+    b = sharpness.hessian_eigenvalues(model, ce, data, max_iter=6)
     assert a[0] == pytest.approx(b[0], rel=1e-9)
 
 
@@ -432,6 +434,8 @@ def test_bad_input_is_rejected_with_a_message() -> None:
         sharpness.sam_sharpness(model, ce, data, rho=-1.0)
     with pytest.raises(ValueError, match="samples must be at least 2"):
         sharpness.hessian_trace(model, ce, data, samples=1)
+    with pytest.raises(ValueError, match="max_iter=2 is less than k=3"):
+        sharpness.hessian_eigenvalues(model, ce, data, k=3, max_iter=2)
     with pytest.raises(ValueError, match="method"):
         sharpness.hessian_eigenvalues(model, ce, data, method="arnoldi")
     with pytest.raises(ValueError, match="tol"):

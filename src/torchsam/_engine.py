@@ -323,6 +323,11 @@ class SharpnessAwareOptimizer(Optimizer):
                     params[0].device,
                 )
                 self._layouts[id(group)] = layout
+                for p in params:  # own state follows a dtype or device change of its parameter
+                    own = self.state.get(p)
+                    if own:
+                        for key, value in own.items():
+                            own[key] = _to_param(value, p)
             views.append(GroupView(group, params, grads, layout))
         return views
 
@@ -633,7 +638,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self._require_idle("step()")
         views = self._views()
         if views and not any(
-            bool(torch.stack(torch._foreach_norm(v.grads, float("inf"))).any()) for v in views
+            bool(torch.stack(torch._foreach_norm(part, float("inf"))).any())
+            for v in views
+            for part in v.split(v.grads)
         ):
             self._first_step(zero_grad=False)
             self._second_step(own_closure=True)

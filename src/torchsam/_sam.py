@@ -137,10 +137,10 @@ class SAM(SharpnessAwareOptimizer):
     # Options are optimizer-wide but kept, like the hyper-parameters, in every param group (the
     # same value in each), so that every checkpoint format carries them; ``self.k`` reads them.
     def __getattr__(self, name: str) -> Any:
-        if name in type(self).options:
-            source = self.__dict__.get("_option_source")
-            if source is None:
-                source = self.__dict__["param_groups"][0]
+        source = self.__dict__.get("_option_source")
+        if source is None and self.__dict__.get("param_groups"):
+            source = self.__dict__["param_groups"][0]
+        if name in type(self).options and source is not None:
             return source[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

@@ -17,7 +17,7 @@ as needed, the loss is the sample-weighted mean of ``loss_fn`` over the batches,
 in evaluation mode (dropout off; BatchNorm on running statistics, or ``batch_norm="train"`` for
 batch statistics with the running statistics untouched), and the model comes back bit-identical
 (weights, buffers, gradients, modes, RNG state). The grid is evaluated without autograd graphs
-(``torch.inference_mode``) on the model's own parameters, each point set from a saved copy as
+(``torch.no_grad``) on the model's own parameters, each point set from a saved copy as
 ``w + alpha * delta + beta * eta`` (no drift from accumulated steps), and the weights are copied
 back at the end, also on error.
 
@@ -40,12 +40,11 @@ from torchsam._measure import (
     Data,
     LossFn,
     Progress,
-    batch_loss,
-    batches,
     check_batch_norm,
     check_data,
+    mean_loss,
     measuring,
-    model_device,
+    random_generator,
 )
 
 if TYPE_CHECKING:
@@ -68,7 +67,6 @@ __all__ = [
 Direction = Sequence[Tensor] | Mapping[str, Tensor]
 Span = float | tuple[float, float]
 
-_DEFAULT_SEED = 0
 _NORMALIZATIONS = ("filter", "layer", None)
 
 
@@ -171,7 +169,7 @@ def random_direction(
     ``generator`` (default: a generator seeded with 0) and passed through
     :func:`filter_normalize`.
     """
-    gen = _generator(generator)
+    gen = random_generator(generator)
     weights = [p.detach() for p in model.parameters()]
     if not weights:
         raise ValueError("the model has no parameters")
@@ -180,14 +178,6 @@ def random_direction(
         for w in weights
     ]
     return filter_normalize(raw, weights, normalization=normalization, ignore_1d=ignore_1d)
-
-
-def _generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is None:
-        return torch.Generator().manual_seed(_DEFAULT_SEED)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
-    return generator
 
 
 def _as_direction(model: nn.Module, direction: Direction, name: str) -> list[Tensor]:
@@ -229,8 +219,11 @@ def _axis(steps: int, span: Span, name: str) -> list[float]:
             raise ValueError(f"{name} must be (low, high) with low < high, got {span!r}")
     else:
         raise TypeError(f"{name} must be a number or a (low, high) pair, got {span!r}")
-    # exact end points, and exactly 0 at the centre of a symmetric odd grid
-    return [low + (high - low) * i / (steps - 1) if i < steps - 1 else high for i in range(steps)]
+    values = [low + (high - low) * i / (steps - 1) for i in range(steps)]
+    values[-1] = high  # exact end points, and exactly 0 at the centre of a symmetric odd grid
+    if low == -high and steps % 2 == 1:
+        values[steps // 2] = 0.0
+    return values
 
 
 def _coords(values: Sequence[float] | Tensor, name: str) -> list[float]:
@@ -255,19 +248,9 @@ class _Grid:
         self.loss_fn = loss_fn
         self.data = data
         self.batch_norm = batch_norm
-        self.device = model_device(model)
 
     def loss(self) -> float:
-        total: Tensor | None = None
-        count = 0
-        with torch.inference_mode():
-            for inputs, targets, n in batches(self.data, self.device):
-                part = batch_loss(self.model, self.loss_fn, inputs, targets).double() * n
-                total = part if total is None else total + part
-                count += n
-        if total is None:  # pragma: no cover - batches() raises first
-            raise ValueError("data yielded no non-empty batch")
-        return float(total) / count
+        return mean_loss(self.model, self.loss_fn, self.data)
 
 
 def _walk(
@@ -285,8 +268,7 @@ def _walk(
             center = grid.loss()
             losses = []
             for coeffs in points:
-                for p, b in zip(params, base, strict=True):
-                    p.copy_(b)
+                torch._foreach_copy_(params, base)
                 for c, d in zip(coeffs, directions, strict=True):
                     if c != 0.0:
                         torch._foreach_add_(params, d, alpha=c)
@@ -343,7 +325,7 @@ def surface_2d(
     """
     grid = _Grid(model, loss_fn, data, batch_norm)
     if directions is None:
-        gen = _generator(generator)
+        gen = random_generator(generator)
         dx = random_direction(
             model, normalization=normalization, ignore_1d=ignore_1d, generator=gen
         )
@@ -410,7 +392,10 @@ def surface_1d(
     grid = _Grid(model, loss_fn, data, batch_norm)
     if direction is None:
         d = random_direction(
-            model, normalization=normalization, ignore_1d=ignore_1d, generator=_generator(generator)
+            model,
+            normalization=normalization,
+            ignore_1d=ignore_1d,
+            generator=random_generator(generator),
         )
     else:
         d = _as_direction(model, direction, "direction")

@@ -1,4 +1,4 @@
-"""Overhead of ``torchsam.SAM`` against the seed's SAM implementation, on CPU, in one process.
+"""Overhead of ``torchsam.SAM`` against the reference PyTorch SAM, on CPU, in one process.
 
 Run it as ``torchsam bench`` or ``python benchmarks/bench_overhead.py`` (a thin wrapper around
 :func:`main`), with ``--quick`` for a short smoke run and ``--threads N`` for the intra-op
@@ -8,8 +8,9 @@ measurement, not a test.
 Contenders, all wrapping ``torch.optim.SGD(lr=0.1, momentum=0.9)`` with the base optimizer's
 default ``foreach`` choice (on CPU tensors that is the per-tensor loop, for every contender):
 
-* ``seed``: the algorithm of the seed request (``/work/shared/spec/SEED.md``), re-typed below
-  as :class:`SeedSAM`; it is the baseline.
+* ``reference``: the reference PyTorch implementation of SAM (davda54/sam, the code most users
+  start from; here without its ``adaptive`` option), re-typed below as :class:`ReferenceSAM`;
+  it is the baseline.
 * ``torchsam``: ``torchsam.SAM`` with its defaults (its own kernels are ``torch._foreach_*``).
 * ``torchsam foreach=False``: ``torchsam.SAM(..., foreach=False)`` (per-tensor kernels; the
   keyword also reaches SGD, which on CPU changes nothing there).
@@ -23,11 +24,11 @@ Scenarios:
 
 1. many small tensors: 200 tensors of 1,000 elements. Metric: the optimizer's own cost per
    step, time(first_step + second_step) - time(SGD step alone), paired per trial.
-   Target: torchsam <= 0.5x the seed.
+   Target: torchsam <= 0.5x the reference.
 2. ResNet-sized: the 62 parameter shapes of torchvision's ResNet-18 (11,689,512 elements) plus
    138 bias-like 1-D tensors cycling through 64/128/256/512 elements, 200 tensors and about
    11.7M elements in all. Metric: total time per step (including the SGD step).
-   Target: torchsam <= 1.1x the seed.
+   Target: torchsam <= 1.1x the reference.
 3. allocations (not timed), on the tensors of scenario 1: op outputs, recorded with a
    ``TorchDispatchMode``, that have at least as many elements as the smallest parameter and
    whose storage is not shared with any input of the op, during one step taken after two
@@ -60,19 +61,19 @@ LR = 0.1
 MOMENTUM = 0.9
 RHO = 0.05
 
-SEED = "seed"
+REFERENCE = "reference"
 TORCHSAM = "torchsam"
 TORCHSAM_LOOP = "torchsam foreach=False"
 BASE = "base"
-SAM_CONTENDERS = (SEED, TORCHSAM, TORCHSAM_LOOP)
+SAM_CONTENDERS = (REFERENCE, TORCHSAM, TORCHSAM_LOOP)
 
 Shape = tuple[int, ...]
 Step = Callable[[], None]
 
 
 # --------------------------------------------------------------------------- the baseline
-class SeedSAM(torch.optim.Optimizer):
-    """The seed request's SAM algorithm, re-typed as the baseline of this benchmark.
+class ReferenceSAM(torch.optim.Optimizer):
+    """The reference PyTorch implementation of SAM (davda54/sam), re-typed as the baseline.
 
     ``first_step`` stacks the per-tensor gradient 2-norms, takes their 2-norm, forms
     ``e_w = grad * rho / (norm + 1e-12)`` (a new tensor per parameter), adds it to the weight and
@@ -192,8 +193,8 @@ def build(name: str, problem: Problem) -> Step:
     if name == BASE:
         return torch.optim.SGD(params, **sgd_kwargs).step
     opt: Any
-    if name == SEED:
-        opt = SeedSAM(params, torch.optim.SGD, rho=RHO, **sgd_kwargs)
+    if name == REFERENCE:
+        opt = ReferenceSAM(params, torch.optim.SGD, rho=RHO, **sgd_kwargs)
     elif name == TORCHSAM:
         opt = torchsam.SAM(params, torch.optim.SGD, rho=RHO, **sgd_kwargs)
     elif name == TORCHSAM_LOOP:
@@ -250,7 +251,7 @@ def spread(values: Sequence[float]) -> str:
 class Row:
     scenario: str
     contender: str
-    seed: str
+    reference: str
     value: str
     ratio: str
     target: str
@@ -297,15 +298,15 @@ def scenario_resnet(warmup: int, reps: int, trials: int) -> tuple[list[Row], lis
 
 
 def ratio_rows(scenario: str, value: dict[str, float], target: float) -> list[Row]:
-    """One row per torchsam contender: its figure against the seed's, and the target."""
+    """One row per torchsam contender: its figure against the reference's, and the target."""
     rows = []
     for name in (TORCHSAM, TORCHSAM_LOOP):
-        ratio = value[name] / value[SEED] if value[SEED] > 0 else float("nan")
+        ratio = value[name] / value[REFERENCE] if value[REFERENCE] > 0 else float("nan")
         rows.append(
             Row(
                 scenario,
                 name,
-                fmt_time(value[SEED]),
+                fmt_time(value[REFERENCE]),
                 fmt_time(value[name]),
                 f"{ratio:.2f}x",
                 f"<= {target:.2f}x",
@@ -374,7 +375,7 @@ def scenario_allocations() -> tuple[list[Row], list[str]]:
             f"scenario 3: {name}: {len(counter.records)} parameter-sized allocations "
             f"({size / 2**20:.2f} MiB) per step: {detail}"
         )
-    seed_count = len(counters[SEED].records)
+    reference_count = len(counters[REFERENCE].records)
     rows = []
     for name in (TORCHSAM, TORCHSAM_LOOP):
         count = len(counters[name].records)
@@ -382,7 +383,7 @@ def scenario_allocations() -> tuple[list[Row], list[str]]:
             Row(
                 "3 allocations/step",
                 name,
-                str(seed_count),
+                str(reference_count),
                 str(count),
                 "-",
                 "== 0",
@@ -394,7 +395,7 @@ def scenario_allocations() -> tuple[list[Row], list[str]]:
 
 # --------------------------------------------------------------------------- report
 def print_table(rows: list[Row]) -> None:
-    header = Row("scenario", "contender", "seed", "torchsam", "ratio", "target", "result")
+    header = Row("scenario", "contender", "reference", "torchsam", "ratio", "target", "result")
     fields = list(vars(header))
     widths = {f: max(len(getattr(r, f)) for r in [header, *rows]) for f in fields}
     line = "  ".join("-" * widths[f] for f in fields)
@@ -419,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         small = dict(warmup=50, reps=200, trials=9)
         big = dict(warmup=3, reps=10, trials=9)
 
-    print("torchsam SAM overhead vs the seed implementation (CPU)")
+    print("torchsam SAM overhead vs the reference PyTorch SAM (davda54/sam) (CPU)")
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"torchsam {getattr(torchsam, '__version__', '?')}, {platform.machine()}, "

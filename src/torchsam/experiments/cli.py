@@ -147,7 +147,12 @@ def _parser() -> _Parser:
     add("--seeds", type=_seeds, default=S, help="a count (4: seeds 0-3) or a list (0,5,7)")
     add("--data-seed", type=int, default=S, help="seed of the split and the noise (0)")
     add("--device", default=S, help="auto (CUDA when present), cpu, cuda, cuda:1... (auto)")
-    add("--threads", type=_positive_int, default=S, help="torch CPU threads (torch's default)")
+    add(
+        "--threads",
+        type=_positive_int,
+        default=S,
+        help="torch CPU threads (1 for digits and toy, else torch's default)",
+    )
     add("--out", default=None, help="output folder (default: a new compare-<time> folder)")
     add("--config", default=None, help="rerun the configuration of a results.json")
     add("--quiet", action="store_true", help="no progress bars")
@@ -267,6 +272,7 @@ def _list_optimizers() -> None:
     for name, method in METHODS.items():
         options = ", ".join(f"{k}={v}" for k, v in method.defaults.items())
         print(f"{name:<{width}}  {method.description}" + (f" [{options}]" if options else ""))
+    print("rho comes from --rho unless an optimizer sets its own (sam:rho=0.2)")
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -307,14 +313,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _run_landscape(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from torchsam.experiments.compare import _instrument_modules, build_model, load_dataset
+    import torchsam.landscape as landscape
+    from torchsam.experiments.compare import build_model, load_dataset
 
     if len(args.checkpoints) > 2:
         raise _UsageError("landscape takes one or two checkpoints")
-    modules = _instrument_modules()
-    if modules is None:
-        raise _UsageError("torchsam.landscape is not available in this installation")
-    landscape = modules[1]
     loaded = []
     for name in args.checkpoints:
         path = Path(name)
@@ -375,7 +378,7 @@ def _run_landscape(args: argparse.Namespace) -> int:
         )
         plots.close(figure)
     else:
-        plots.surface(surfaces[0], loaded[0][0], out)
+        plots.close(landscape.plot_contour(surfaces[0], title=loaded[0][0], path=out))
     for (label, _, _), surface in zip(loaded, surfaces, strict=True):
         loss = torch.as_tensor(surface.loss)
         centre = float(loss[loss.shape[0] // 2, loss.shape[1] // 2])

@@ -28,7 +28,14 @@ from torch import Tensor, nn
 import torchsam
 from torchsam.experiments.data import Split, noisy_digits, noisy_signals
 from torchsam.experiments.models import mlp, resnet18, small_cnn, wide_resnet
-from torchsam.experiments.train import METHODS, EpochStats, Result, get_method, train
+from torchsam.experiments.train import (
+    METHODS,
+    EpochStats,
+    Result,
+    get_method,
+    register_method,
+    train,
+)
 
 __all__ = [
     "DATASETS",
@@ -53,11 +60,13 @@ MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8")
 
 # per-dataset defaults of the options that depend on the data
 _DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"model": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.05},
+    "digits": {"model": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.02},
     "toy": {"model": "mlp", "epochs": 30, "batch_size": 64, "lr": 0.05},
     "cifar10": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
     "cifar100": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
 }
+# the small tasks' models gain nothing from more CPU threads, and lose much on a busy machine
+_ONE_THREAD = ("digits", "toy")
 _MODEL_WIDTH = {"mlp": 128, "small_cnn": 16, "resnet18": 64, "wrn16_8": 8}
 _IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
@@ -144,6 +153,19 @@ def build_model(name: str, dataset: str, split: Split, width: int | None = None)
 
 # --------------------------------------------------------------------------- optimizers
 _TRAIN_OPTIONS = ("lr", "momentum", "weight_decay")
+# run options that differ by default for a method (an adaptive optimizer wants a smaller lr)
+_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {"adamw": {"lr": 1e-3}}
+
+
+def _adamw(
+    params: Any, lr: float, momentum: float, weight_decay: float, **kwargs: Any
+) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` (``momentum`` is unused: AdamW has its ``betas``)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+if "adamw" not in METHODS:  # a baseline of the command; the benchmarks keep their own set
+    register_method("adamw", _adamw, description="torch.optim.AdamW, lr 1e-3 unless given")
 
 
 def _parse_value(text: str) -> Any:
@@ -234,7 +256,10 @@ def contenders(spec: str, rhos: Sequence[float]) -> list[Contender]:
     parsed = parse_optimizers(spec)
     out: list[Contender] = []
     for method, given in parsed:
-        train_options = {k: given[k] for k in _TRAIN_OPTIONS if k in given}
+        train_options = {
+            **_TRAIN_DEFAULTS.get(method, {}),
+            **{k: given[k] for k in _TRAIN_OPTIONS if k in given},
+        }
         options = {k: v for k, v in given.items() if k not in _TRAIN_OPTIONS}
         extra = ",".join(f"{k}={v}" for k, v in given.items() if k != "rho")
         base = f"{method}({extra})" if extra else method
@@ -298,7 +323,55 @@ class CompareConfig:
                 values[key] = value
         if values["width"] is None:
             values["width"] = _MODEL_WIDTH.get(values["model"])
+        if values["threads"] is None and self.dataset in _ONE_THREAD:
+            values["threads"] = 1
         return CompareConfig(**values)
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first option out of range (e.g. from a JSON file)."""
+
+        def whole(name: str, value: Any, low: int = 1, optional: bool = False) -> None:
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Invalid {name} value: {value!r}; it must be an int >= {low}")
+
+        def number(name: str, value: Any, optional: bool = False) -> float:
+            if optional and value is None:
+                return 0.0
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Invalid {name} value: {value!r}; it must be a number")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"Invalid {name} value: {value!r}; it must be >= 0")
+            return float(value)
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"Unknown dataset {self.dataset!r}; use one of: {', '.join(DATASETS)}")
+        if self.model is not None and self.model not in MODELS:
+            raise ValueError(f"Unknown model {self.model!r}; use one of: {', '.join(MODELS)}")
+        for name in ("epochs", "batch_size", "width", "train_size", "threads"):
+            whole(name, getattr(self, name), optional=True)
+        for name in ("instrument_samples", "hessian_iters"):
+            whole(name, getattr(self, name))
+        whole("landscape_steps", self.landscape_steps, low=2)
+        whole("data_seed", self.data_seed, low=0)
+        if not isinstance(self.seeds, list) or not self.seeds:
+            raise ValueError(f"Invalid seeds value: {self.seeds!r}; give a list of seeds")
+        for seed in self.seeds:
+            whole("seed", seed, low=0)
+        if not isinstance(self.rho, list) or not self.rho:
+            raise ValueError(f"Invalid rho value: {self.rho!r}; give a list of radii")
+        for rho in self.rho:
+            number("rho", rho)
+        if number("label_noise", self.label_noise) >= 1.0:
+            raise ValueError(f"Invalid label_noise value: {self.label_noise}; it must be < 1")
+        for name in ("momentum", "weight_decay", "sharpness_rho"):
+            number(name, getattr(self, name))
+        number("lr", self.lr, optional=True)
+        if number("landscape_span", self.landscape_span) == 0.0:
+            raise ValueError("Invalid landscape_span value: 0; it must be > 0")
+        if not isinstance(self.optimizers, str):
+            raise ValueError(f"Invalid optimizers value: {self.optimizers!r}; give a string")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -410,6 +483,7 @@ def run_compare(
     contender, the verdict and the files written. A ``KeyboardInterrupt`` stops the runs; what
     was gathered is still summarised and written, with ``"interrupted": true``.
     """
+    config.validate()
     config = config.resolved()
     progress = progress or Progress()
     device = resolve_device(config.device)
@@ -720,16 +794,18 @@ def _pretty(label: str) -> str:
     names = {"sam": "SAM", "asam": "ASAM", "gsam": "GSAM", "esam": "ESAM", "msam": "MSAM"}
     head, _, tail = label.partition(" ")
     base, paren, rest = head.partition("(")
-    base = names.get(base, {"looksam": "LookSAM", "sgd": "SGD"}.get(base, base))
+    more = {"looksam": "LookSAM", "sgd": "SGD", "periodic": "periodic SAM", "adamw": "AdamW"}
+    base = names.get(base, more.get(base, base))
     return (base + paren + rest + (" " + tail if tail else "")).strip()
 
 
 def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
-    """One sentence on the summary: the best gain over the baseline, its cost, and the
-    cheapest contender that keeps a real share of it.
+    """One sentence on the summary: the best gain over the baseline, its cost and its flatness,
+    and the cheaper contender that keeps the best share of it.
 
-    A gain counts when it exceeds twice its standard error (with one seed there is no error
-    estimate, and the sentence says so).
+    A gain is called settled when it exceeds twice its standard error; a smaller positive gain
+    is reported with that caveat (with one seed there is no error estimate, and the sentence
+    says so).
     """
     base = next((r for r in summary if r["baseline"]), None)
     others = [r for r in summary if not r["baseline"] and r["gain"] is not None]
@@ -747,13 +823,22 @@ def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
         se = f" ± {r['gain_se']:.1f}" if r["gain_se"] is not None else ""
         return f"{r['gain']:+.1f}{se} points"
 
-    caveat = " (one seed: no error estimate; use more seeds)" if best["gain_se"] is None else ""
-    if best["gain"] <= 0 or (best["gain_se"] is not None and best["gain"] <= 2 * best["gain_se"]):
+    if best["gain"] <= 0:
         return (
-            f"No optimizer beats {base_name} here beyond the spread between seeds "
-            f"(best: {_pretty(best['label'])}, {points(best)} at {cost(best)}){caveat}."
+            f"No optimizer beats {base_name} here "
+            f"(best: {_pretty(best['label'])}, {points(best)} at {cost(best)})."
         )
     sentence = f"{_pretty(best['label'])} gains {points(best)} over {base_name} at {cost(best)}"
+    if best["gain_se"] is None:
+        sentence += " (one seed: no error estimate; use more seeds)"
+    elif best["gain"] <= 2 * best["gain_se"]:
+        sentence += (
+            f" (within twice its standard error over {best['seeds']} seeds: "
+            "more --seeds would settle it)"
+        )
+    flat_base, flat_best = base.get("hessian_top"), best.get("hessian_top")
+    if flat_base and flat_best and flat_best > 0 and flat_base > flat_best:
+        sentence += f", with a {flat_base / flat_best:.1f}x smaller top Hessian eigenvalue"
     cheaper = [
         r
         for r in others
@@ -767,7 +852,7 @@ def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
         pick = max(cheaper, key=lambda r: r["gain"] / max(r["time_ratio"], 1e-9))
         share = 100 * pick["gain"] / best["gain"]
         sentence += f"; {_pretty(pick['label'])} keeps {share:.0f}% of it at {cost(pick)}"
-    return sentence + caveat + "."
+    return sentence + "."
 
 
 # --------------------------------------------------------------------------- plots

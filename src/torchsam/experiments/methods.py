@@ -2,7 +2,8 @@
 
 Importing this module (``torchsam.experiments`` does) adds every torchsam optimizer and loss
 term to :data:`~torchsam.experiments.train.METHODS`, in the order the benchmark reports them.
-Defaults are the classes' own, except where noted for this small task.
+Defaults are the classes' own (LookSAM's ``alpha``, ESAM's ``beta`` and ``gamma`` included),
+except where noted for this small task.
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ _FAMILY: tuple[tuple[str, type, dict[str, Any], str], ...] = (
     ("vasso", torchsam.VaSSO, {"theta": 0.9}, "VaSSO (Li & Giannakis 2023)"),
     ("wsam", torchsam.WSAM, {"gamma": 0.9}, "WSAM (Yue et al. 2023), decoupled"),
     ("msam", torchsam.MSAM, {"m": 16}, "m-sharpness, micro-batches of 16"),
-    ("looksam", torchsam.LookSAM, {"k": 5, "alpha": 0.7}, "LookSAM (Liu et al. 2022), k=5"),
+    ("looksam", torchsam.LookSAM, {"k": 5}, "LookSAM (Liu et al. 2022), k=5"),
     ("periodic", torchsam.IntermittentSAM, {"every": 5}, "SAM every 5th step, else SGD"),
     ("randomsam", torchsam.IntermittentSAM, {"probability": 0.5}, "SAM with probability 0.5"),
-    ("esam", torchsam.ESAM, {"beta": 0.6, "gamma": 0.5}, "ESAM (Du et al. 2022)"),
+    ("esam", torchsam.ESAM, {}, "ESAM (Du et al. 2022)"),
 )
 for _name, _cls, _defaults, _description in _FAMILY:
     register_method(

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["accuracy_vs_rho", "accuracy_vs_time", "close", "learning_curves", "surface"]
+__all__ = ["accuracy_vs_rho", "accuracy_vs_time", "close", "learning_curves"]
 
 _INSTALL_HINT = 'the plots need matplotlib: pip install "torchsam[cli]"'
 
@@ -123,20 +123,4 @@ def accuracy_vs_rho(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.set(xlabel="rho", ylabel="test accuracy (%)", title="Accuracy against rho")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    return _save(figure, path)
-
-
-def surface(surface: Any, title: str, path: Path) -> Path:
-    """A contour map of one 2-D loss surface (``.x``, ``.y``, ``.loss``)."""
-    import torch
-
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(5.5, 4.5))
-    loss = torch.as_tensor(surface.loss, dtype=torch.float64)
-    x = torch.as_tensor(surface.x, dtype=torch.float64)
-    y = torch.as_tensor(surface.y, dtype=torch.float64)
-    filled = ax.contourf(x.tolist(), y.tolist(), loss.tolist(), levels=30, cmap="viridis")
-    figure.colorbar(filled, ax=ax, label="training loss")
-    ax.plot([0.0], [0.0], "r+", markersize=12)
-    ax.set(xlabel="direction 1", ylabel="direction 2", title=title)
     return _save(figure, path)
