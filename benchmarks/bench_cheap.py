@@ -5,8 +5,9 @@ process it trains SGD, SAM, SAF, MESA and ESAM (``beta = gamma = 0.5``, the auth
 WideResNet and PyramidNet) with the experiments' recipe on ``noisy_digits(noise=0.2)``: the
 small CNN with BatchNorm (``--model cnn``, the default, ``--channels`` wide; ``--model mlp``:
 the MLP 2 x ``--hidden`` with BatchNorm), batch 128, SGD lr 0.01 with a cosine schedule,
-momentum 0.9, weight decay 5e-4, each method with its registered defaults (ESAM's beta set to
-0.5). (At the experiments' usual lr 0.05 this CNN's first epoch blows up at batch 128: SGD
+momentum 0.9, weight decay 5e-4, each method with its registered defaults except ESAM's
+``beta`` and ``gamma``, both set to 0.5 (torchsam's default ``gamma`` is 1.0: no sample
+selection). (At the experiments' usual lr 0.05 this CNN's first epoch blows up at batch 128: SGD
 recovers, SAM ends at chance level.) It prints:
 
 1. **The cost of the passes** on this model and batch, each timed alone (median of
