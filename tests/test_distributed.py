@@ -8,6 +8,7 @@ one process on the whole batch, or with a hand-written per-rank reference, in fl
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from torchsam.distributed import sam_pass
 WORLD = 2
 STEPS = 3
 LOCAL_BATCH = 4
-LR, RHO = 0.1, 0.2
+LR, RHO = 0.1, 0.05  # the README's example
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 #: name -> (class, keyword arguments); every two-pass variant and the two with one-pass steps
 VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -186,9 +188,38 @@ def _run(rank: int, init: str, out: str, job: str) -> None:
                 counter.calls,
                 counter.bytes,
             )
+        if job == "local":
+            results.update(_run_readme(data))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def readme_blocks() -> list[str]:
+    """The examples of the README's DDP section (fenced ``py``, which the README test skips:
+    they need a process group)."""
+    text = README.read_text()
+    section = text.split("## Distributed training (DDP)\n")[1].split("\n## ")[0]
+    return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
+
+
+def _run_readme(data: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
+    """Run the README's DDP examples in order, as test_readme runs the others."""
+    ns: dict[str, Any] = {
+        "torch": torch,
+        "torchsam": torchsam,
+        "YourModel": make_model,
+        "loss_fn": loss_fn,
+        "loader": data,
+    }
+    results = {}
+    for i, block in enumerate(readme_blocks()):
+        if "def accumulate" in block:  # from the start again, to compare with one process
+            ns["model"] = model = DDP(make_model())
+            ns["optimizer"] = make_optimizer("sam", model.parameters())
+        exec(compile(block, f"README.md DDP block {i + 1}", "exec"), ns)
+        results[f"readme/{i}"] = (flat(ns["model"].module), 0, 0)
+    return results
 
 
 def spawn(job: str, tmp_path: Path) -> list[dict[str, Any]]:
@@ -259,6 +290,15 @@ def test_ddp_local_perturbation(tmp_path: Path) -> None:
         for micro in (1, 2):
             weights = results[f"sam/{style}/True/{micro}"][0]
             torch.testing.assert_close(weights, reference, rtol=1e-12, atol=1e-12)
+    for style in ("two_call", "closure"):  # accumulation: still one all-reduce per step
+        assert results[f"sam/{style}/True/2"][1] == STEPS
+    # The README's examples: two-call local, closure local, accumulation synchronised.
+    blocks = readme_blocks()
+    assert len(blocks) == 3
+    torch.testing.assert_close(results["readme/0"][0], reference, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(results["readme/1"][0], results["readme/0"][0])
+    expected = one_process("sam", "two_call")
+    torch.testing.assert_close(results["readme/2"][0], expected, rtol=1e-12, atol=1e-12)
     # ... which is not the synchronised result.
     assert not torch.allclose(results["sam/two_call/False/1"][0], reference, atol=1e-6)
     for name in LOCAL_VARIANTS:
@@ -295,3 +335,21 @@ def test_sam_pass_argument_errors() -> None:
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="torchsam optimizer"), sam_pass(_WithNoSync(2, 1), base):  # type: ignore[arg-type]
         pass
+
+
+def test_ddp_benchmark_smoke_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # in-process, with benchmarks/ on the path that the spawned workers inherit
+    monkeypatch.syspath_prepend(str(README.parent / "benchmarks"))
+    import bench_ddp
+
+    bench_ddp.main(["--quick"])
+    rows = {
+        line[:10].strip(): line[10:].split()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith(("sgd", "sam"))
+    }
+    assert rows["sam sync"][0] == "2.00"  # all-reduces per step: one per pass (one bucket)
+    assert rows["sam local"][0] == "1.00"
+    assert rows["sam local"][3] == "0.50"  # bytes vs synchronised
