@@ -100,6 +100,7 @@ def _worker(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
     if rank == 0:
         params = sum(p.numel() for p in net.parameters())
         torch.save({"times": times, "comm": comm, "params": params}, os.path.join(out, "r.pt"))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 

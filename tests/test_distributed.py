@@ -191,6 +191,7 @@ def _run(rank: int, init: str, out: str, job: str) -> None:
         if job == "local":
             results.update(_run_readme(data))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
