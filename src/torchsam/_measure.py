@@ -34,6 +34,16 @@ ParamSpec = nn.Module | str | Tensor | Iterable[str | Tensor] | None
 BATCH_NORM_MODES = ("eval", "train")
 
 
+def random_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or a new CPU generator seeded with 0 when it is None (reproducible
+    results by default); a TypeError for anything else."""
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
+    return generator
+
+
 def check_data(data: object) -> None:
     """Reject data that cannot be iterated twice (generators, iterators)."""
     if not isinstance(data, Iterable):

@@ -44,6 +44,7 @@ from torchsam._measure import (
     check_data,
     mean_loss,
     measuring,
+    random_generator,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +67,6 @@ __all__ = [
 Direction = Sequence[Tensor] | Mapping[str, Tensor]
 Span = float | tuple[float, float]
 
-_DEFAULT_SEED = 0
 _NORMALIZATIONS = ("filter", "layer", None)
 
 
@@ -169,7 +169,7 @@ def random_direction(
     ``generator`` (default: a generator seeded with 0) and passed through
     :func:`filter_normalize`.
     """
-    gen = _generator(generator)
+    gen = random_generator(generator)
     weights = [p.detach() for p in model.parameters()]
     if not weights:
         raise ValueError("the model has no parameters")
@@ -178,14 +178,6 @@ def random_direction(
         for w in weights
     ]
     return filter_normalize(raw, weights, normalization=normalization, ignore_1d=ignore_1d)
-
-
-def _generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is None:
-        return torch.Generator().manual_seed(_DEFAULT_SEED)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
-    return generator
 
 
 def _as_direction(model: nn.Module, direction: Direction, name: str) -> list[Tensor]:
@@ -333,7 +325,7 @@ def surface_2d(
     """
     grid = _Grid(model, loss_fn, data, batch_norm)
     if directions is None:
-        gen = _generator(generator)
+        gen = random_generator(generator)
         dx = random_direction(
             model, normalization=normalization, ignore_1d=ignore_1d, generator=gen
         )
@@ -400,7 +392,10 @@ def surface_1d(
     grid = _Grid(model, loss_fn, data, batch_norm)
     if direction is None:
         d = random_direction(
-            model, normalization=normalization, ignore_1d=ignore_1d, generator=_generator(generator)
+            model,
+            normalization=normalization,
+            ignore_1d=ignore_1d,
+            generator=random_generator(generator),
         )
     else:
         d = _as_direction(model, direction, "direction")

@@ -49,6 +49,7 @@ from torchsam._measure import (
     mean_loss,
     measuring,
     model_device,
+    random_generator,
     select_params,
 )
 
@@ -65,8 +66,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-_DEFAULT_SEED = 0
 
 
 # --------------------------------------------------------------------------- results
@@ -216,14 +215,6 @@ class _Hessian:
 def _fill(tensors: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     """Zeros for the parameters autograd reports as unused."""
     return [torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like, strict=True)]
-
-
-def _generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is None:
-        return torch.Generator().manual_seed(_DEFAULT_SEED)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)!r}")
-    return generator
 
 
 def _normal(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -390,7 +381,7 @@ def hessian_eigenvalues(
     if method == "lanczos" and max_iter < k:
         raise ValueError(f"max_iter={max_iter} is less than k={k}: Lanczos needs at least k steps")
     chosen = _prepare(model, loss_fn, data, params)
-    gen = _generator(generator)
+    gen = random_generator(generator)
     with measuring(model, batch_norm):
         op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
         if k > op.size:
@@ -505,7 +496,7 @@ def hessian_trace(
     if samples < 2:
         raise ValueError("samples must be at least 2 to estimate a standard error")
     chosen = _prepare(model, loss_fn, data, params)
-    gen = _generator(generator)
+    gen = random_generator(generator)
     with measuring(model, batch_norm):
         op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
         draws = []
@@ -578,7 +569,7 @@ def hessian_spectrum(
     if not sigma_squared > 0:
         raise ValueError("sigma_squared must be positive")
     chosen = _prepare(model, loss_fn, data, params)
-    gen = _generator(generator)
+    gen = random_generator(generator)
     all_nodes: list[Tensor] = []
     all_weights: list[Tensor] = []
     with measuring(model, batch_norm):
@@ -707,7 +698,7 @@ def sam_sharpness(
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
         raise ValueError(f"Invalid eta value: {eta}")
     if generator is not None:
-        _generator(generator)
+        random_generator(generator)
     chosen = _prepare(model, loss_fn, data, params)
     with measuring(model, batch_norm):
         if m is None:

@@ -154,25 +154,7 @@ def noisy_digits(noise: float = 0.2, *, test_fraction: float = 0.3, seed: int = 
     x, y = _load_digits()
     num_classes = int(y.max().item()) + 1
     generator = torch.Generator().manual_seed(seed)
-    train_index, test_index = _stratified_split(y, test_fraction, generator)
-    if train_index.numel() == 0 or test_index.numel() == 0:
-        raise ValueError(
-            f"Invalid test_fraction value: {test_fraction}; it leaves the "
-            f"{'training' if train_index.numel() == 0 else 'test'} set empty"
-        )
-    y_train_clean = y[train_index]
-    y_train, noisy_index = _symmetric_noise(y_train_clean, noise, num_classes, generator)
-    return Split(
-        x_train=x[train_index],
-        y_train=y_train,
-        y_train_clean=y_train_clean,
-        x_test=x[test_index],
-        y_test=y[test_index],
-        num_classes=num_classes,
-        train_index=train_index,
-        test_index=test_index,
-        noisy_index=noisy_index,
-    )
+    return _noisy_split(x, y, num_classes, test_fraction, noise, generator)
 
 
 # the generated signals: 3 frequencies x 2 burst halves = 6 classes
@@ -278,6 +260,18 @@ def noisy_signals(
     white = float(signal_noise) * torch.randn((n, length), generator=generator, dtype=torch.float64)
     x = (wave + burst + white).float()
 
+    return _noisy_split(x, y, num_classes, test_fraction, noise, generator)
+
+
+def _noisy_split(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    test_fraction: float,
+    noise: float,
+    generator: torch.Generator,
+) -> Split:
+    """A stratified train/test split of ``(x, y)`` with symmetric noise on the training labels."""
     train_index, test_index = _stratified_split(y, test_fraction, generator)
     if train_index.numel() == 0 or test_index.numel() == 0:
         raise ValueError(
