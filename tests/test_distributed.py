@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,16 @@ def _run(rank: int, init: str, out: str, job: str) -> None:
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
+    _exit_cleanly()
+
+
+def _exit_cleanly() -> None:
+    """End a worker whose results are saved without the interpreter's teardown, where gloo's
+    background threads have aborted a finished process (SIGABRT, "terminate called without an
+    active exception") in about 1 run in 6 on a loaded machine."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def readme_blocks() -> list[str]:
