@@ -8,7 +8,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
-from torchsam import landscape, sharpness
+from torchsam import distributed, landscape, sharpness
 from torchsam._batchnorm import freeze_running_stats
 from torchsam._engine import SharpnessAwareOptimizer
 from torchsam._esam import ESAM
@@ -38,6 +38,7 @@ __all__ = [
     "SharpnessAwareOptimizer",
     "VaSSO",
     "__version__",
+    "distributed",
     "freeze_running_stats",
     "landscape",
     "sharpness",
