@@ -29,30 +29,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchsam
-from torchsam.distributed import sam_pass
+from torchsam.distributed import AllReduceCounter, count_all_reduces, sam_pass
 
 WORLD = 2
 MODES = ("sgd", "sam sync", "sam local")
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.calls = 0
-        self.bytes = 0
-
-
-def counting_hook(counter: Counter, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    buffer = bucket.buffer()
-    counter.calls += 1
-    counter.bytes += buffer.numel() * buffer.element_size()
-    buffer.div_(WORLD)
-    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
-
-
-# DDP checks these annotations as objects (this module's are strings).
-counting_hook.__annotations__.update(
-    {"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
-)
 
 
 def _worker(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
@@ -62,8 +42,8 @@ def _worker(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
     w = args.width
     net = nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
     model = DDP(net)
-    counter = Counter()
-    model.register_comm_hook(counter, counting_hook)
+    counter = AllReduceCounter()
+    model.register_comm_hook(counter, count_all_reduces)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 64, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)

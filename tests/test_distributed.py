@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchsam
-from torchsam.distributed import sam_pass
+from torchsam.distributed import AllReduceCounter, count_all_reduces, sam_pass
 
 WORLD = 2
 STEPS = 3
@@ -134,29 +134,6 @@ def train(
             opt.second_step(zero_grad=True)
 
 
-class Counter:
-    """The state of :func:`counting_hook`: gradient all-reduces and their bytes."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.bytes = 0
-
-
-def counting_hook(counter: Counter, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """A DDP comm hook that counts, then averages the bucket as DDP does by default."""
-    buffer = bucket.buffer()
-    counter.calls += 1
-    counter.bytes += buffer.numel() * buffer.element_size()
-    buffer.div_(WORLD)
-    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
-
-
-# DDP checks these annotations as objects (this module's are strings).
-counting_hook.__annotations__.update(
-    {"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
-)
-
-
 def _run(rank: int, init: str, out: str, job: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
@@ -175,8 +152,8 @@ def _run(rank: int, init: str, out: str, job: str) -> None:
         # One DDP model for all runs (building one takes a while): reset to the same start.
         model = DDP(make_model())
         start = [p.detach().clone() for p in model.parameters()]
-        counter = Counter()
-        model.register_comm_hook(counter, counting_hook)
+        counter = AllReduceCounter()
+        model.register_comm_hook(counter, count_all_reduces)
         for name, style, local, micro in runs:
             with torch.no_grad():
                 for p, p0 in zip(model.parameters(), start, strict=True):

@@ -38,11 +38,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchsam._engine import SharpnessAwareOptimizer
 
-__all__ = ["sam_pass"]
+__all__ = ["AllReduceCounter", "count_all_reduces", "sam_pass"]
 
 
 @contextlib.contextmanager
@@ -103,3 +104,37 @@ def sam_pass(
         context = no_sync()
     with context:
         yield
+
+
+class AllReduceCounter:
+    """The state of :func:`count_all_reduces`: gradient all-reduces and their bytes so far.
+
+    Example:
+        >>> counter = torchsam.distributed.AllReduceCounter()
+        >>> ddp_model.register_comm_hook(counter, torchsam.distributed.count_all_reduces)
+        >>> ...  # train some steps
+        >>> counter.calls, counter.bytes  # all-reduces and bytes sent into them
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bytes = 0
+
+
+def count_all_reduces(counter: AllReduceCounter, bucket: Any) -> Any:
+    """A DDP comm hook that counts each gradient bucket's all-reduce into ``counter``, then
+    averages the bucket over the default process group as DDP's default hook does."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    counter.calls += 1
+    counter.bytes += buffer.numel() * buffer.element_size()
+    buffer.div_(dist.get_world_size())
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+# DDP checks a hook's annotations as objects (this module's are strings).
+if torch.distributed.is_available():
+    count_all_reduces.__annotations__.update(
+        {"bucket": torch.distributed.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+    )
