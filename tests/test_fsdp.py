@@ -10,6 +10,7 @@ uninterrupted one, bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import warnings
@@ -205,8 +206,8 @@ def _collectives_job(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> dict[
 
     x, y = batch
     counts: dict[str, Any] = {}
-    for name in ("sam", "gsam"):
-        opt = make_optimizer(name, model)
+    for name, foreach in itertools.product(("sam", "gsam"), (True, False)):
+        opt = make_optimizer(name, model, foreach=foreach)
         loss_fn(model(x), y).backward()
         with CommDebugMode() as first:
             opt.first_step(zero_grad=True)
@@ -214,7 +215,7 @@ def _collectives_job(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> dict[
         with CommDebugMode() as second:
             opt.second_step(zero_grad=True)
         for call, mode in (("first_step", first), ("second_step", second)):
-            counts[f"collectives/{name}/{call}"] = {
+            counts[f"collectives/{name}/{call}/{foreach}"] = {
                 str(op): n for op, n in mode.get_comm_counts().items()
             }
     return counts
@@ -366,17 +367,18 @@ def test_fsdp2_equals_one_process(ranks: list[dict[str, Any]]) -> None:
     torch.testing.assert_close(results["dot"], (weight**2).sum().item(), rtol=1e-12, atol=0)
     assert "fully_shard to the root module" in results["dot with a plain tensor"]
     # one all-reduce per norm, inner product and finiteness check of the gradients
-    all_reduces = {
-        f"{name}/{call}": results[f"collectives/{name}/{call}"]
-        for name in ("sam", "gsam")
-        for call in ("first_step", "second_step")
-    }
-    assert all_reduces == {
-        "sam/first_step": {"c10d_functional.all_reduce": 1},  # the norm
-        "sam/second_step": {"c10d_functional.all_reduce": 1},  # the finiteness check
-        "gsam/first_step": {"c10d_functional.all_reduce": 1},
-        "gsam/second_step": {"c10d_functional.all_reduce": 3},  # + the norm and the dot
-    }
+    for foreach in (True, False):
+        all_reduces = {
+            f"{name}/{call}": results[f"collectives/{name}/{call}/{foreach}"]
+            for name in ("sam", "gsam")
+            for call in ("first_step", "second_step")
+        }
+        assert all_reduces == {
+            "sam/first_step": {"c10d_functional.all_reduce": 1},  # the norm
+            "sam/second_step": {"c10d_functional.all_reduce": 1},  # the finiteness check
+            "gsam/first_step": {"c10d_functional.all_reduce": 1},
+            "gsam/second_step": {"c10d_functional.all_reduce": 3},  # + the norm and the dot
+        }
     assert results["skipped"]  # an inf on rank 1's shard only: no rank stepped
     assert results["skip warnings"] == ["SAM.second_step(): a gradient is not finite (inf or NaN)"]
     assert results["step without closure"].startswith("SAM.step() needs a closure")
