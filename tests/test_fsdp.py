@@ -10,6 +10,7 @@ uninterrupted one, bit for bit.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -357,10 +358,11 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- references
-def one_process(name: str, style: str, foreach: bool = True) -> torch.Tensor:
+@functools.cache
+def one_process(name: str, style: str) -> torch.Tensor:
     """The same steps in this process, on the whole batch."""
     model = make_model()
-    train(name, make_optimizer(name, model, foreach=foreach), model, make_data(), style)
+    train(name, make_optimizer(name, model), model, make_data(), style)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
