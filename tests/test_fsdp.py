@@ -259,7 +259,11 @@ def _layouts_job(model: nn.Module) -> dict[str, Any]:
 
 def _checkpoint_job(rank: int, out: str) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
 
     data = [shard_batch(batch, rank) for batch in make_data(SAVE_AT + STEPS + 1)]
     before, after = data[:SAVE_AT], data[SAVE_AT:]
@@ -272,6 +276,10 @@ def _checkpoint_job(rank: int, out: str) -> dict[str, Any]:
         model_state, optim_state = get_state_dict(model, opt)
         path = os.path.join(out, key.replace("/", "-"))
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+        flat = get_state_dict(
+            model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)
+        )
+        dcp.save({"model": flat[0], "optim": flat[1]}, checkpoint_id=path + "-flat")
         # what was saved per parameter, and whether as shards (DTensors)
         results[f"{key}/state"] = sorted(
             {
@@ -293,9 +301,30 @@ def _checkpoint_job(rank: int, out: str) -> dict[str, Any]:
             fresh_model, fresh, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
         results[f"{key}/step"] = fresh.param_groups[0]["sam_step"]
+        results[f"{key}/flattened"] = _load_flattened(fresh_model, fresh, path)
         train(name, fresh, fresh_model, after, "two_call")
         results[f"{key}/resumed"] = full_weights(fresh_model)
     return results
+
+
+def _load_flattened(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> str:
+    """Loading with flatten_optimizer_state_dict=True (refused; nothing is changed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_state, optim_state = get_state_dict(model, opt, options=options)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path + "-flat")
+    try:
+        set_state_dict(model, opt, model_state_dict={}, optim_state_dict=state["optim"])
+    except RuntimeError as error:
+        return str(error)
+    return "loaded"
 
 
 def _run(rank: int, init: str, out: str) -> None:
@@ -412,6 +441,8 @@ def test_fsdp2_distributed_checkpoint_resumes_bit_exactly(ranks: list[dict[str, 
     results = ranks[0]
     for name, base in CHECKPOINTED:
         assert results[f"{name}/{base}/step"] == SAVE_AT
+        # flatten_optimizer_state_dict=True would drop state: refused with what to do
+        assert "flatten_optimizer_state_dict=False" in results[f"{name}/{base}/flattened"]
         uninterrupted = results[f"{name}/{base}/uninterrupted"]
         assert torch.equal(results[f"{name}/{base}/resumed"], uninterrupted), (name, base)
         saved = results[f"{name}/{base}/state"]

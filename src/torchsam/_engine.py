@@ -893,6 +893,18 @@ class SharpnessAwareOptimizer(Optimizer):
                 state_dict = result
         entries = dict(state_dict["state"])
         legacy = entries.pop(_LEGACY_GLOBAL, None) or {}  # older checkpoints' wide state
+        if entries and not any(
+            not isinstance(v, dict) for entry in entries.values() for v in entry.values()
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__}.load_state_dict(): the per-parameter entries hold no "
+                "state values (only empty dicts), which is what torch.distributed.checkpoint's "
+                "set_state_dict / set_optimizer_state_dict pass with "
+                "StateDictOptions(flatten_optimizer_state_dict=True): it rebuilds the entries "
+                "from optimizer.state, which holds torchsam's own state only, and would drop "
+                "the base optimizer's. Save and load with flatten_optimizer_state_dict=False "
+                "(the default)"
+            )
         groups = [dict(g) for g in state_dict["param_groups"]]
         if len(groups) != len(self.param_groups):
             raise ValueError(
