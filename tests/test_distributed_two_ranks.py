@@ -1,8 +1,11 @@
-"""Mixed precision, ESAM, MSAM and the moving-average variants under DDP: two CPU processes.
+"""On two CPU processes (gloo): mixed precision, ESAM, MSAM and the moving-average variants
+under DDP, and the experiments' data-parallel training loop (``train(..., distributed=True)``,
+what ``torchsam compare`` runs under torchrun).
 
-One spawn runs every scenario; the workers save what they ended with and the tests compare it
-with one-process runs or hand-written references (float64, except the GradScaler runs, which
-need float32 for an overflow).
+One spawn runs every scenario (starting processes and building the first DDP model take
+seconds); the workers save what they ended with and the tests compare it with one-process runs
+or hand-written references (float64, except the GradScaler runs, which need float32 for an
+overflow, and the training loop, which is float32).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import torchsam
 from tests.test_distributed import _exit_cleanly, _WithNoSync
 from torchsam.distributed import sam_pass
+from torchsam.experiments import compare
+from torchsam.experiments.models import mlp
+from torchsam.experiments.train import train
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -235,6 +241,68 @@ def _ema_runs(rank: int, ddp: DDP) -> dict[str, Any]:
     return results
 
 
+# ---------------------------------------------------------------------- the training loop
+TRAIN_METHODS = ("sgd", "sam", "looksam", "esam")
+
+
+def split() -> Any:
+    """A small split of the generated signals."""
+    return compare.load_dataset("toy", noise=0.4, seed=0, train_size=128)
+
+
+def train_model(s: Any) -> torch.nn.Module:
+    return mlp(s.num_features, s.num_classes, hidden=16, batch_norm=False)
+
+
+def run(method: str, distributed: bool) -> Any:
+    return train(
+        method,
+        split(),
+        epochs=2,
+        batch_size=32,
+        model_fn=train_model,
+        curves=True,
+        distributed=distributed,
+    )
+
+
+def _train_runs() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for method in TRAIN_METHODS:
+        r = run(method, True)
+        results[f"train/{method}"] = (
+            flat(r.model),
+            r.test_accuracy,
+            r.train_loss,
+            r.forward_samples,
+        )
+    for name, kwargs in (("odd", {"batch_size": 31}), ("saf", {"method": "saf"})):
+        try:
+            args = {"method": "sgd", "split": split(), "epochs": 1, **kwargs}
+            train(**args, distributed=True)
+        except ValueError as error:
+            results[f"train/{name}"] = str(error)
+    return results
+
+
+def test_distributed_training_equals_one_process_on_the_global_batches(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for method in TRAIN_METHODS:
+        weights, test_accuracy, train_loss, samples = ranks[0][f"train/{method}"]
+        other = ranks[1][f"train/{method}"]
+        assert torch.equal(weights, other[0]), method
+        assert (test_accuracy, train_loss, samples) == other[1:], method
+        single = run(method, False)
+        assert not torch.equal(weights, flat(train_model(split())))
+        torch.testing.assert_close(weights, flat(single.model), rtol=1e-4, atol=1e-5, msg=method)
+        assert train_loss == pytest.approx(single.train_loss, rel=1e-5)
+        assert abs(test_accuracy - single.test_accuracy) <= 1 / len(split().y_test)
+        assert samples == single.forward_samples
+    assert "must be a multiple of 2" in ranks[0]["train/odd"]
+    assert "run saf in one process" in ranks[0]["train/saf"]
+
+
 # ---------------------------------------------------------------------- workers
 def _run(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
@@ -244,6 +312,7 @@ def _run(rank: int, init: str, out: str) -> None:
     try:
         ddp = DDP(make_model())
         results = {**_amp_runs(rank), **_esam_msam_runs(rank, ddp), **_ema_runs(rank, ddp)}
+        results.update(_train_runs())
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
     finally:
