@@ -30,8 +30,10 @@ TINY = [
 
 
 def test_compare_under_torchrun(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc_per_node={WORLD}", "-m", "torchsam", "compare", *TINY, "--out", "run"]
+    # the documented multi-machine flags, with one machine and a free port
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--rdzv-id=test"]
+    command += ["--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", f"--nproc_per_node={WORLD}"]
+    command += ["-m", "torchsam", "compare", *TINY, "--out", "run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180, check=False
