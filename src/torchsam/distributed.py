@@ -6,9 +6,9 @@ gives the same weights as one process on the whole batch (with the loss averaged
 batch and equal batches per rank). Nothing extra is needed for that mode.
 
 The original SAM paper perturbs each worker with its *own* gradient (m-sharpness, with ``m``
-the per-worker batch): the first pass then needs no all-reduce at all, and only the gradient
-at the perturbed point is averaged. :func:`sam_pass` runs a pass in the right mode for both
-call styles::
+the per-worker batch): the first pass then needs no gradient all-reduce (only a 4-byte flag
+that tells every rank of an overflow), and only the gradient at the perturbed point is
+averaged. :func:`sam_pass` runs a pass in the right mode for both call styles::
 
     # two-call style
     with torchsam.distributed.sam_pass(ddp_model, optimizer, local=True):

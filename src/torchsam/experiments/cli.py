@@ -317,7 +317,7 @@ def _compare_and_print(args: argparse.Namespace, config: Any, out: Path, rank: i
         f"{cfg['dataset']} (label noise {cfg['label_noise']:g}), {cfg['model']}, "
         f"{cfg['epochs']} epochs, seeds {','.join(map(str, cfg['seeds']))}, "
         f"device {report['environment']['device']}"
-        + (f" x {report['environment']['processes']} processes" if processes > 1 else "")
+        + (f" x {processes} processes" if processes > 1 else "")
     )
     print(format_table(report["summary"]))
     if not report["environment"]["instruments"] and cfg["instruments"]:
