@@ -297,6 +297,7 @@ class SharpnessAwareOptimizer(Optimizer):
     # ------------------------------------------------------------------ the two steps
     def _views(self) -> list[GroupView]:
         views = []
+        rebuilt = False
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -323,12 +324,15 @@ class SharpnessAwareOptimizer(Optimizer):
                     params[0].device,
                 )
                 self._layouts[id(group)] = layout
+                rebuilt = True
                 for p in params:  # own state follows a dtype or device change of its parameter
                     own = self.state.get(p)
                     if own:
                         for key, value in own.items():
                             own[key] = _to_param(value, p)
             views.append(GroupView(group, params, grads, layout))
+        if rebuilt:
+            _dtensor.check_not_mixed(type(self).__name__, [p for v in views for p in v.params])
         return views
 
     @torch._disable_dynamo
