@@ -1,0 +1,153 @@
+"""Lightning's ``strategy="ddp"`` on two CPU processes (gloo), run by ``tests/test_lightning.py``.
+
+``python tests/_lightning_ddp.py OUT_DIR`` starts rank 0; Lightning's launcher starts rank 1 by
+running the same command again. Each rank trains two modules on its half of every batch, one in
+automatic optimisation (SAM, gradient clipping, a per-step LR scheduler) and one with the
+manual-optimisation pattern (micro-batches accumulated inside the closure), and saves the final
+weights of both to ``OUT_DIR/rank{r}.pt``. The test compares them with one process on the whole
+batch (:func:`one_process`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+import torchsam
+import torchsam.lightning
+
+WORLD, STEPS, LOCAL_BATCH, MICRO = 2, 3, 4, 2
+CLIP = 0.05  # small enough to clip every gradient of this model
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def make_batches() -> list[tuple[Tensor, Tensor]]:
+    """One global batch (``WORLD * LOCAL_BATCH`` rows) per step."""
+    g = torch.Generator().manual_seed(1)
+    n = WORLD * LOCAL_BATCH
+    return [
+        (
+            torch.randn(n, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def make_optimizer(params: Any) -> tuple[torchsam.SAM, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torchsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+
+def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+class Automatic(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_model()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return loss_fn(self.model(x), y)
+
+    def configure_optimizers(self) -> Any:
+        optimizer, scheduler = make_optimizer(self.parameters())
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class Manual(Automatic):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        optimizer = self.optimizers()
+        chunks = list(zip(x.chunk(MICRO), y.chunk(MICRO), strict=True))
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            total = torch.zeros((), dtype=x.dtype)
+            for xb, yb in chunks:
+                loss = loss_fn(self.model(xb), yb) * len(xb) / len(x)
+                self.manual_backward(loss)
+                total += loss.detach()
+            self.clip_gradients(optimizer, gradient_clip_val=CLIP)
+            return total
+
+        loss = optimizer.step(closure=closure)
+        self.lr_schedulers().step()  # type: ignore[union-attr]
+        return loss
+
+
+def one_process(clip: float | None = CLIP) -> list[Tensor]:
+    """The weights of one process trained on the whole batches with the same steps."""
+    model = make_model()
+    optimizer, scheduler = make_optimizer(model.parameters())
+    for x, y in make_batches():
+
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            return loss
+
+        optimizer.step(closure)
+        scheduler.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]]) -> None:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        max_epochs=1,
+        gradient_clip_val=None if not module.automatic_optimization else CLIP,
+        use_distributed_sampler=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[torchsam.lightning.SharpnessAwareCheck()],
+    )
+    loader = DataLoader(rank_batches(int(os.environ.get("LOCAL_RANK", "0"))), batch_size=None)
+    trainer.fit(module, loader)
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+
+    def rank_batches(rank: int) -> list[tuple[Tensor, Tensor]]:
+        part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        return [(x[part], y[part]) for x, y in make_batches()]
+
+    weights = {}
+    for name, cls in (("automatic", Automatic), ("manual", Manual)):
+        module = cls()
+        _fit(module, rank_batches)
+        weights[name] = [p.detach().clone() for p in module.model.parameters()]
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.save(weights, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
