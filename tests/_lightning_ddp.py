@@ -1,11 +1,13 @@
 """Lightning's ``strategy="ddp"`` on two CPU processes (gloo), run by ``tests/test_lightning.py``.
 
 ``python tests/_lightning_ddp.py OUT_DIR`` starts rank 0; Lightning's launcher starts rank 1 by
-running the same command again. Each rank trains two modules on its half of every batch, one in
-automatic optimisation (SAM, gradient clipping, a per-step LR scheduler) and one with the
-manual-optimisation pattern (micro-batches accumulated inside the closure), and saves the final
-weights of both to ``OUT_DIR/rank{r}.pt``. The test compares them with one process on the whole
-batch (:func:`one_process`).
+running the same command again. Each rank trains on its half of every batch, in automatic
+optimisation (SAM, gradient clipping, a per-step LR scheduler) and with the manual-optimisation
+pattern (micro-batches accumulated inside the closure), each with both passes all-reduced and
+with :class:`torchsam.lightning.LocalPerturbation`, and saves the final weights and the number
+of gradient all-reduces of each run to ``OUT_DIR/rank{r}.pt``. The test compares them with one
+process on the whole batch (:func:`one_process`) and with the per-rank perturbation written
+out (:func:`local_reference`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 
 import torchsam
 import torchsam.lightning
+from torchsam.distributed import AllReduceCounter, count_all_reduces
 
 WORLD, STEPS, LOCAL_BATCH, MICRO = 2, 3, 4, 2
 CLIP = 0.05  # small enough to clip every gradient of this model
@@ -58,6 +61,10 @@ class Automatic(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.model = make_model()
+        self.counter = AllReduceCounter()
+
+    def on_train_start(self) -> None:  # count the gradient all-reduces of this fit
+        self.trainer.strategy.model.register_comm_hook(self.counter, count_all_reduces)  # type: ignore[union-attr]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -96,6 +103,37 @@ class Manual(Automatic):
         return loss
 
 
+def local_reference() -> list[Tensor]:
+    """Each rank perturbed with its own gradient, the gradients at the perturbed points
+    averaged, written out for the two ranks in one process (the first gradient is not clipped:
+    clipping by norm does not change the perturbation but for rounding)."""
+    model = make_model()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
+    for x, y in make_batches():
+        w = [p.detach().clone() for p in params]
+        average = [torch.zeros_like(p) for p in params]
+        for rank in range(WORLD):
+            part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            g = torch.autograd.grad(loss_fn(model(x[part]), y[part]), params)
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+            with torch.no_grad():
+                for p, gi in zip(params, g, strict=True):
+                    p.add_(gi * 0.05 / (norm + 1e-12))
+            h = torch.autograd.grad(loss_fn(model(x[part]), y[part]), params)
+            with torch.no_grad():
+                for p, wi, a, hi in zip(params, w, average, h, strict=True):
+                    p.copy_(wi)
+                    a.add_(hi / WORLD)
+        for p, a in zip(params, average, strict=True):
+            p.grad = a
+        nn.utils.clip_grad_norm_(params, CLIP)
+        base.step()
+        scheduler.step()
+    return [p.detach() for p in params]
+
+
 def one_process(clip: float | None = CLIP) -> list[Tensor]:
     """The weights of one process trained on the whole batches with the same steps."""
     model = make_model()
@@ -115,7 +153,10 @@ def one_process(clip: float | None = CLIP) -> list[Tensor]:
     return [p.detach() for p in model.parameters()]
 
 
-def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]]) -> None:
+def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]], local: bool) -> None:
+    callbacks: list[L.Callback] = [torchsam.lightning.SharpnessAwareCheck()]
+    if local:
+        callbacks.append(torchsam.lightning.LocalPerturbation())
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
@@ -127,7 +168,7 @@ def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]]) ->
         enable_model_summary=False,
         logger=False,
         enable_checkpointing=False,
-        callbacks=[torchsam.lightning.SharpnessAwareCheck()],
+        callbacks=callbacks,
     )
     loader = DataLoader(rank_batches(int(os.environ.get("LOCAL_RANK", "0"))), batch_size=None)
     trainer.fit(module, loader)
@@ -140,13 +181,19 @@ def main(out_dir: str) -> None:
         part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         return [(x[part], y[part]) for x, y in make_batches()]
 
-    weights = {}
-    for name, cls in (("automatic", Automatic), ("manual", Manual)):
+    results = {}
+    for name, cls, local in (
+        ("automatic", Automatic, False),
+        ("manual", Manual, False),
+        ("local automatic", Automatic, True),
+        ("local manual", Manual, True),
+    ):
         module = cls()
-        _fit(module, rank_batches)
-        weights[name] = [p.detach().clone() for p in module.model.parameters()]
+        _fit(module, rank_batches, local)
+        weights = [p.detach().clone() for p in module.model.parameters()]
+        results[name] = {"weights": weights, "all_reduces": module.counter.calls}
     rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.save(weights, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -378,8 +378,10 @@ def test_readme_manual_accumulation_equals_the_closure_style(
 
 
 # ---------------------------------------------------------------------------- DDP
-def test_ddp_strategy_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    """Lightning's strategy="ddp" on two CPU processes (gloo), automatic and manual."""
+def test_ddp_strategy_synchronised_and_local(tmp_path: Path) -> None:
+    """Lightning's strategy="ddp" on two CPU processes (gloo), automatic and manual: both
+    passes all-reduced equal one process on the whole batch; with LocalPerturbation, each rank
+    perturbed with its own gradient, one all-reduce per step instead of two."""
     done = subprocess.run(
         [sys.executable, _lightning_ddp.__file__, str(tmp_path)],
         capture_output=True,
@@ -388,16 +390,38 @@ def test_ddp_strategy_equals_one_process_on_the_whole_batch(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for mode in ("automatic", "manual"):
-        for a, b in zip(ranks[0][mode], ranks[1][mode], strict=True):
-            assert torch.equal(a, b), mode  # the ranks stay bit-identical
-        reference = _lightning_ddp.one_process()
-        for a, b in zip(ranks[0][mode], reference, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    start = [p.detach() for p in _lightning_ddp.make_model().parameters()]
-    assert not torch.equal(ranks[0]["automatic"][0], start[0])
-    unclipped = _lightning_ddp.one_process(clip=None)
-    assert not torch.equal(reference[0], unclipped[0])
+    synchronised = _lightning_ddp.one_process()
+    local = _lightning_ddp.local_reference()
+    steps, micro = _lightning_ddp.STEPS, _lightning_ddp.MICRO
+    expected = {  # (reference, gradient all-reduces): one per pass and micro-batch
+        "automatic": (synchronised, 2 * steps),
+        "manual": (synchronised, 2 * micro * steps),
+        "local automatic": (local, steps),
+        "local manual": (local, micro * steps),
+    }
+    for run, (reference, all_reduces) in expected.items():
+        for a, b in zip(ranks[0][run]["weights"], ranks[1][run]["weights"], strict=True):
+            assert torch.equal(a, b), run  # the ranks stay bit-identical
+        for a, b in zip(ranks[0][run]["weights"], reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=run)
+        assert ranks[0][run]["all_reduces"] == ranks[1][run]["all_reduces"] == all_reduces, run
+    # the references differ from each other and from the start, and the clipping is active
+    for a, b in (
+        (synchronised, local),
+        (synchronised, list(_lightning_ddp.make_model().parameters())),
+        (synchronised, _lightning_ddp.one_process(clip=None)),
+    ):
+        assert not torch.allclose(a[0], b[0], rtol=1e-6, atol=1e-8)
+
+
+def test_local_perturbation_refuses_what_it_cannot_do() -> None:
+    local = torchsam.lightning.LocalPerturbation()
+    with pytest.raises(ValueError, match="needs strategy='ddp'"):
+        fit(Lit(make_model(), sam), callbacks=[local])
+    for cls in (torchsam.GSAM, torchsam.WSAM, torchsam.LookSAM):
+        module = Lit(make_model(), functools.partial(cls, base_optimizer=torch.optim.SGD, lr=0.1))
+        with pytest.raises(ValueError, match=f"{cls.__name__}: its final gradient uses"):
+            fit(module, callbacks=[local])
 
 
 def test_importing_torchsam_does_not_import_lightning() -> None:

@@ -20,6 +20,11 @@ callback, refuses them when ``fit`` starts, with an error that says what to do i
 Without the callback the first two still raise, from the optimizer's first step, with messages
 that do not mention Lightning.
 
+Under ``strategy="ddp"`` both passes of a step are all-reduced, and the weights equal one
+process on the whole batch. :class:`LocalPerturbation`, another callback, perturbs each process
+with its own gradient instead (as :func:`torchsam.distributed.sam_pass` with ``local=True``):
+one gradient all-reduce per step instead of two.
+
 This module is the only part of torchsam that imports Lightning; ``import torchsam`` does not.
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 try:
@@ -40,7 +46,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from torchsam._engine import SharpnessAwareOptimizer
 
-__all__ = ["SharpnessAwareCheck", "check_trainer"]
+__all__ = ["LocalPerturbation", "SharpnessAwareCheck", "check_trainer"]
 
 
 class SharpnessAwareCheck(pl.Callback):
@@ -57,6 +63,97 @@ class SharpnessAwareCheck(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_trainer(trainer)
+
+
+class LocalPerturbation(pl.Callback):
+    """Under ``strategy="ddp"``, perturb each process with its own gradient (m-sharpness).
+
+    On a step with a second pass, the first pass (forward and backward, at ``w``) runs without
+    gradient all-reduce, as inside ``DistributedDataParallel.no_sync()``; the second pass (at
+    ``w + e``) is all-reduced, so the base optimizer steps with the averaged gradient at the
+    perturbed points and the processes stay identical. A step costs one all-reduce instead of
+    two. A step without second pass (:class:`torchsam.IntermittentSAM`) is all-reduced, since
+    its one gradient is the one the base optimizer uses. For automatic and manual optimisation
+    with ``optimizer.step(closure)``; the same rules as
+    :func:`torchsam.distributed.sam_pass` with ``local=True``.
+
+    It switches DDP's ``require_backward_grad_sync`` off when a training batch starts and on
+    again in ``on_before_optimizer_step``, which Lightning calls after each evaluation of the
+    closure.
+
+    Example:
+        >>> trainer = lightning.Trainer(strategy="ddp", callbacks=[LocalPerturbation()])
+
+    Raises:
+        ValueError: when ``fit`` starts, without ``strategy="ddp"``, without exactly one
+            torchsam optimizer, or with a variant whose final gradient uses the gradient at
+            ``w`` (GSAM, WSAM, LookSAM), which would then differ between processes.
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ddp_and_optimizer(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        model, optimizer = self._ddp_and_optimizer(trainer)
+        model.require_backward_grad_sync = not optimizer._wants_second_pass()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self._sync(trainer)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._sync(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._sync(trainer)
+
+    @staticmethod
+    def _sync(trainer: pl.Trainer) -> None:
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = True
+
+    @staticmethod
+    def _ddp_and_optimizer(
+        trainer: pl.Trainer,
+    ) -> tuple[DistributedDataParallel, SharpnessAwareOptimizer]:
+        found = [o for o in map(_unwrap, trainer.optimizers) if o is not None]
+        if len(found) != 1:
+            raise ValueError(
+                "LocalPerturbation needs exactly one torchsam optimizer; configure_optimizers "
+                f"returned {len(found)}"
+            )
+        optimizer = found[0]
+        name = type(optimizer).__name__
+        if optimizer._needs_first_grads:
+            raise ValueError(
+                f"LocalPerturbation cannot be used with {name}: its final gradient uses the "
+                "gradient at w too, which would differ between processes; leave both passes "
+                "all-reduced (remove the callback)"
+            )
+        if optimizer._no_two_call_style is not None:
+            raise ValueError(
+                f"LocalPerturbation does not support {name}: {optimizer._no_two_call_style}"
+            )
+        model = trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            raise ValueError(
+                "LocalPerturbation needs strategy='ddp' (the model wrapped in "
+                f"DistributedDataParallel); the strategy is {type(trainer.strategy).__name__}"
+            )
+        return model, optimizer
 
 
 def check_trainer(trainer: pl.Trainer) -> None:
