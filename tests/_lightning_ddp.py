@@ -48,8 +48,16 @@ def make_batches() -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def make_optimizer(params: Any) -> tuple[torchsam.SAM, torch.optim.lr_scheduler.LRScheduler]:
-    optimizer = torchsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+def make_optimizer(
+    params: Any, every: int | None = None
+) -> tuple[torchsam.SAM, torch.optim.lr_scheduler.LRScheduler]:
+    """SAM, or IntermittentSAM with a SAM step every ``every`` steps."""
+    if every is None:
+        optimizer = torchsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    else:
+        optimizer = torchsam.IntermittentSAM(
+            params, torch.optim.SGD, rho=0.05, every=every, lr=0.1, momentum=0.9
+        )
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
 
@@ -58,9 +66,10 @@ def loss_fn(out: Tensor, y: Tensor) -> Tensor:
 
 
 class Automatic(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, every: int | None = None) -> None:
         super().__init__()
         self.model = make_model()
+        self.every = every
         self.counter = AllReduceCounter()
 
     def on_train_start(self) -> None:  # count the gradient all-reduces of this fit
@@ -71,7 +80,7 @@ class Automatic(L.LightningModule):
         return loss_fn(self.model(x), y)
 
     def configure_optimizers(self) -> Any:
-        optimizer, scheduler = make_optimizer(self.parameters())
+        optimizer, scheduler = make_optimizer(self.parameters(), self.every)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -103,15 +112,18 @@ class Manual(Automatic):
         return loss
 
 
-def local_reference() -> list[Tensor]:
+def local_reference(every: int = 1) -> list[Tensor]:
     """Each rank perturbed with its own gradient, the gradients at the perturbed points
     averaged, written out for the two ranks in one process (the first gradient is not clipped:
-    clipping by norm does not change the perturbation but for rounding)."""
+    clipping by norm does not change the perturbation but for rounding). With ``every > 1``,
+    only the steps ``0, every, 2 every, ...`` are perturbed; the others step with the gradient
+    at ``w`` averaged over the ranks."""
     model = make_model()
     params = list(model.parameters())
     base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
-    for x, y in make_batches():
+    for step, (x, y) in enumerate(make_batches()):
+        rho = 0.05 if step % every == 0 else 0.0  # rho=0: the second pass is the first
         w = [p.detach().clone() for p in params]
         average = [torch.zeros_like(p) for p in params]
         for rank in range(WORLD):
@@ -120,7 +132,7 @@ def local_reference() -> list[Tensor]:
             norm = torch.sqrt(sum((gi**2).sum() for gi in g))
             with torch.no_grad():
                 for p, gi in zip(params, g, strict=True):
-                    p.add_(gi * 0.05 / (norm + 1e-12))
+                    p.add_(gi * rho / (norm + 1e-12))
             h = torch.autograd.grad(loss_fn(model(x[part]), y[part]), params)
             with torch.no_grad():
                 for p, wi, a, hi in zip(params, w, average, h, strict=True):
@@ -182,13 +194,13 @@ def main(out_dir: str) -> None:
         return [(x[part], y[part]) for x, y in make_batches()]
 
     results = {}
-    for name, cls, local in (
-        ("automatic", Automatic, False),
-        ("manual", Manual, False),
-        ("local automatic", Automatic, True),
-        ("local manual", Manual, True),
+    for name, module, local in (
+        ("automatic", Automatic(), False),
+        ("manual", Manual(), False),
+        ("local automatic", Automatic(), True),
+        ("local manual", Manual(), True),
+        ("local intermittent", Automatic(every=2), True),
     ):
-        module = cls()
         _fit(module, rank_batches, local)
         weights = [p.detach().clone() for p in module.model.parameters()]
         results[name] = {"weights": weights, "all_reduces": module.counter.calls}

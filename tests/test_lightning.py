@@ -381,7 +381,8 @@ def test_readme_manual_accumulation_equals_the_closure_style(
 def test_ddp_strategy_synchronised_and_local(tmp_path: Path) -> None:
     """Lightning's strategy="ddp" on two CPU processes (gloo), automatic and manual: both
     passes all-reduced equal one process on the whole batch; with LocalPerturbation, each rank
-    perturbed with its own gradient, one all-reduce per step instead of two."""
+    perturbed with its own gradient, one all-reduce per step instead of two (IntermittentSAM's
+    steps without second pass all-reduced too)."""
     done = subprocess.run(
         [sys.executable, _lightning_ddp.__file__, str(tmp_path)],
         capture_output=True,
@@ -398,6 +399,8 @@ def test_ddp_strategy_synchronised_and_local(tmp_path: Path) -> None:
         "manual": (synchronised, 2 * micro * steps),
         "local automatic": (local, steps),
         "local manual": (local, micro * steps),
+        # a SAM step every 2 steps: its one-pass steps are all-reduced
+        "local intermittent": (_lightning_ddp.local_reference(every=2), steps),
     }
     for run, (reference, all_reduces) in expected.items():
         for a, b in zip(ranks[0][run]["weights"], ranks[1][run]["weights"], strict=True):
