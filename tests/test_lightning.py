@@ -8,6 +8,7 @@ once with torchsam's closure style written out here, from the same seed and data
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 import subprocess
 import sys
@@ -430,3 +431,10 @@ def test_local_perturbation_refuses_what_it_cannot_do() -> None:
 def test_importing_torchsam_does_not_import_lightning() -> None:
     code = "import sys, torchsam; assert 'lightning' not in sys.modules, 'lightning imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_lightning_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torchsam.lightning")
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r'pip install "torchsam\[lightning\]"'):
+        importlib.import_module("torchsam.lightning")

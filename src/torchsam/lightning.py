@@ -38,7 +38,7 @@ from torch.optim import Optimizer
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-except ImportError as error:  # pragma: no cover - depends on the environment
+except ImportError as error:
     raise ImportError(
         'torchsam.lightning needs PyTorch Lightning: pip install "torchsam[lightning]" '
         "(or pip install lightning)"
