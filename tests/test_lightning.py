@@ -24,6 +24,7 @@ pytest.importorskip("lightning")
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
@@ -319,6 +320,12 @@ def test_accumulation_in_automatic_optimisation_is_refused() -> None:
     # without the callback the optimizer's own check raises at the first step
     with pytest.raises(RuntimeError, match="added its gradients to gradients"):
         fit(Lit(make_model(), looksam), accumulate_grad_batches=2)
+    # accumulation switched on in the second epoch by Lightning's scheduler of it
+    later = GradientAccumulationScheduler({1: 2})
+    module = Lit(make_model(), sam)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2"):
+        fit(module, max_epochs=2, callbacks=[check, later])
+    assert len(module.perturbed) == 2 * BATCHES  # the first epoch trained
     # other optimizers are not the callback's business
     plain = Lit(make_model(), lambda params: torch.optim.SGD(params, lr=0.1))
     fit(plain, accumulate_grad_batches=2, callbacks=[check])

@@ -53,7 +53,9 @@ class SharpnessAwareCheck(pl.Callback):
     """Refuse, when ``fit`` starts, Lightning settings that cannot train a torchsam optimizer.
 
     Add it to the trainer's callbacks; it changes nothing in training and checks only when
-    one of the optimizers returned by ``configure_optimizers`` is a torchsam optimizer.
+    one of the optimizers returned by ``configure_optimizers`` is a torchsam optimizer. It
+    checks again before each training batch, where ``GradientAccumulationScheduler`` may have
+    changed ``accumulate_grad_batches``.
 
     Example:
         >>> trainer = lightning.Trainer(callbacks=[torchsam.lightning.SharpnessAwareCheck()])
@@ -62,6 +64,12 @@ class SharpnessAwareCheck(pl.Callback):
     """
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_trainer(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # GradientAccumulationScheduler changes accumulate_grad_batches when an epoch starts
         check_trainer(trainer)
 
 
