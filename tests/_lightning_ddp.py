@@ -174,7 +174,7 @@ def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]], lo
         devices=WORLD,
         strategy="ddp",
         max_epochs=1,
-        gradient_clip_val=None if not module.automatic_optimization else CLIP,
+        gradient_clip_val=CLIP if module.automatic_optimization else None,
         use_distributed_sampler=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -1,8 +1,9 @@
 """torchsam in PyTorch Lightning: trained by ``lightning.Trainer`` against a plain loop.
 
-Every comparison trains a tiny float64 model for a few steps on CPU, once with the Trainer and
-once with torchsam's closure style written out here, from the same seed and data. The README's
-"PyTorch Lightning" examples are run as written.
+Every comparison trains a tiny model (float64; float32 under bfloat16 autocast) for a few steps
+on CPU, once with the Trainer and once with torchsam's closure style written out here, from the
+same seed and data. The README's "PyTorch Lightning" examples are run as written. Lightning's
+``strategy="ddp"`` runs on two CPU processes from ``tests/_lightning_ddp.py``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def scheduled(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRSc
 
 class Lit(L.LightningModule):
     """A LightningModule around ``model`` with the optimizer ``factory`` and a per-step
-    scheduler; it records ``optimizer.perturbed`` at every ``training_step``."""
+    scheduler; it records ``optimizer.perturbed`` and the base optimizer's learning rate at
+    every ``training_step``."""
 
     def __init__(self, model: nn.Module, factory: Factory) -> None:
         super().__init__()
