@@ -167,7 +167,24 @@ def _equal_job(rank: int, out: str) -> dict[str, Any]:
     results.update(_layouts_job(model))
     results.update(_collectives_job(model, data[0]))
     results.update(_one_rank_job(model, data[0], rank))
+    results["mixed"] = _mixed_job(data[0])
     return results
+
+
+def _mixed_job(batch: tuple[torch.Tensor, ...]) -> str:
+    """The error when fully_shard was applied to a submodule only."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model[0])  # the other layers stay plain
+    opt = make_optimizer("sam", model)
+    x, y = batch
+    loss_fn(model(x), y).backward()
+    try:
+        opt.first_step()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
 
 
 def _one_rank_job(model: nn.Module, batch: tuple[torch.Tensor, ...], rank: int) -> dict[str, Any]:
@@ -377,11 +394,13 @@ def test_fsdp2_equals_one_process(ranks: list[dict[str, Any]]) -> None:
             "sam/first_step": {"c10d_functional.all_reduce": 1},  # the norm
             "sam/second_step": {"c10d_functional.all_reduce": 1},  # the finiteness check
             "gsam/first_step": {"c10d_functional.all_reduce": 1},
-            "gsam/second_step": {"c10d_functional.all_reduce": 3},  # + the norm and the dot
+            # its norm (which also decides finiteness) and the dot
+            "gsam/second_step": {"c10d_functional.all_reduce": 2},
         }
     assert results["skipped"]  # an inf on rank 1's shard only: no rank stepped
     assert results["skip warnings"] == ["SAM.second_step(): a gradient is not finite (inf or NaN)"]
     assert results["step without closure"].startswith("SAM.step() needs a closure")
+    assert "2 DTensor parameters (sharded by fully_shard) and 4 plain" in results["mixed"]
     assert results["warnings"] == []  # e.g. none from DTensor about the engine's tensors
     torch.testing.assert_close(
         results["readme"], one_process("sam", "two_call"), rtol=1e-12, atol=1e-12

@@ -29,13 +29,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["copy_", "dot", "full", "is_dtensor"]
+__all__ = ["check_not_mixed", "copy_", "dot", "full", "is_dtensor"]
 
 
 def is_dtensor(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
+
+
+def check_not_mixed(name: str, params: list[Tensor]) -> None:
+    """Raise if some of ``params`` are DTensors and others plain tensors."""
+    sharded = sum(map(is_dtensor, params))
+    if 0 < sharded < len(params):
+        raise RuntimeError(
+            f"{name} got {sharded} DTensor parameters (sharded by fully_shard) and "
+            f"{len(params) - sharded} plain ones: the gradient norm is taken over all of them "
+            "together, which needs them all sharded. Apply fully_shard to the root module too "
+            "(after its submodules), so that no parameter is left a plain tensor (a plain one "
+            "would not have its gradient averaged across ranks either)"
+        )
 
 
 def _same_layout(a: Any, b: Any) -> bool:

@@ -203,7 +203,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self._workspace: dict[str, dict[Tensor, Tensor]] = {}
         self._layouts: dict[int, _Layout] = {}
         self._finite_flags: _Flags = {}
+        self._flags_used = self._first_flag_used = False
         self._saved: list[tuple[list[Tensor], list[Tensor], bool]] = []
+        # state updates of the step in progress, run once its gradients are known to be finite
+        self._pending: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ copies and pickling
     #: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks
@@ -227,7 +230,10 @@ class SharpnessAwareOptimizer(Optimizer):
             "_workspace",
             "_layouts",
             "_finite_flags",
+            "_flags_used",
+            "_first_flag_used",
             "_saved",
+            "_pending",
         }
     )
 
@@ -297,6 +303,7 @@ class SharpnessAwareOptimizer(Optimizer):
     # ------------------------------------------------------------------ the two steps
     def _views(self) -> list[GroupView]:
         views = []
+        rebuilt = False
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -323,12 +330,15 @@ class SharpnessAwareOptimizer(Optimizer):
                     params[0].device,
                 )
                 self._layouts[id(group)] = layout
+                rebuilt = True
                 for p in params:  # own state follows a dtype or device change of its parameter
                     own = self.state.get(p)
                     if own:
                         for key, value in own.items():
                             own[key] = _to_param(value, p)
             views.append(GroupView(group, params, grads, layout))
+        if rebuilt:
+            _dtensor.check_not_mixed(type(self).__name__, [p for v in views for p in v.params])
         return views
 
     @torch._disable_dynamo
@@ -338,14 +348,15 @@ class SharpnessAwareOptimizer(Optimizer):
 
         Call it after the first backward pass. Returns True when the weights were perturbed and
         the second forward/backward pass is due. It returns False, and :meth:`second_step` is
-        still expected (without a second pass), in two cases:
+        still expected (without a second pass), when the variant takes no second pass on this
+        step (LookSAM between its sharpness steps, intermittent SAM): the gradients are kept,
+        whatever ``zero_grad`` says, and :meth:`second_step` steps with them (after any in-place
+        change such as clipping).
 
-        * the gradient norm is not finite: the weights stay at ``w``, a warning is issued and
-          the step is skipped (:meth:`second_step` takes no base step), as a ``GradScaler``
-          skips an overflowing iteration;
-        * the variant takes no second pass on this step (LookSAM between its sharpness steps,
-          intermittent SAM): the gradients are kept, whatever ``zero_grad`` says, and
-          :meth:`second_step` steps with them (after any in-place change such as clipping).
+        It does not synchronise with the device: the gradient norm and the perturbation's scale
+        stay on the device, so whether the norm is finite is not known here. A non-finite norm
+        is recorded on the device and :meth:`second_step` skips the whole step (see
+        ``skip_nonfinite``); the perturbation is then zero wherever the gradient is finite.
 
         Under ``torch.compile`` it runs eagerly (a graph break), like the other steps.
 
@@ -440,18 +451,22 @@ class SharpnessAwareOptimizer(Optimizer):
         self._phase = _IDLE
         kept, self._kept_views = self._kept_views, []
         backward_seen = self._unwatch_backward()
-        if phase == _ONE_PASS and own_closure:
-            self._kept_grads = []
-            self._finish(kept, grad_scaler, two_pass=False)
-        elif phase != _SKIPPED:
-            views = self._views()
-            if phase == _ONE_PASS:
-                self._check_kept_grads(views, backward_seen)
-            else:
-                self._check_second_pass(views)
-                if self._needs_first_grads:
-                    self._check_same_layouts(views)
-            self._finish(views, grad_scaler, two_pass=phase == _PERTURBED)
+        try:
+            if phase == _ONE_PASS and own_closure:
+                self._kept_grads = []
+                self._finish(kept, grad_scaler, two_pass=False)
+            elif phase != _SKIPPED:
+                views = self._views()
+                if phase == _ONE_PASS:
+                    self._check_kept_grads(views, backward_seen)
+                else:
+                    self._check_second_pass(views)
+                    if self._needs_first_grads:
+                        self._check_same_layouts(views)
+                self._finish(views, grad_scaler, two_pass=phase == _PERTURBED)
+        finally:
+            self._pending = []
+            self._clear_nonfinite_flags()
         for group in self.param_groups:
             group[_STEP] = group.get(_STEP, 0) + 1
         # Tell LR schedulers built on this optimizer that it has stepped (what their own
@@ -479,16 +494,26 @@ class SharpnessAwareOptimizer(Optimizer):
                 grad_scaler.unscale_(self.base_optimizer)
             else:
                 _unscale_once(grad_scaler, self)
-        finite = self._grads_finite(views) if two_pass else self._one_pass_grads_finite(views)
-        if not finite:
-            if grad_scaler is None:  # with a scaler, skipping on overflow is routine
-                warnings.warn(
-                    f"{type(self).__name__}.second_step(): a gradient is not finite (inf or "
-                    "NaN); the base optimizer step was skipped and the weights are unchanged.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return
+        # the check runs with a GradScaler even when skip_nonfinite is False: skipping an
+        # overflowing step is what the scaler relies on
+        self._checking = grad_scaler is not None or self._skip_nonfinite
+        try:
+            if two_pass:
+                self._flag_nonfinite_grads(views)
+            else:
+                self._flag_nonfinite_one_pass_grads(views)
+        finally:
+            self._checking = False
+        if self._flags_used or self._first_flag_used:
+            status = self._read_nonfinite_flags()  # the step's one host synchronisation
+            if status != 0.0:
+                if grad_scaler is None:  # with a scaler, skipping on overflow is routine
+                    message = _nonfinite_message(type(self).__name__, status)
+                    warnings.warn(message, RuntimeWarning, stacklevel=4)
+                return
+        pending, self._pending = self._pending, []
+        for commit in pending:
+            commit()
         if two_pass:
             self._prepare_base_grads(views)
         else:
@@ -668,6 +693,12 @@ class SharpnessAwareOptimizer(Optimizer):
 
     def _abort(self) -> None:
         """Put the weights back at ``w`` and forget the unfinished step."""
+        self._return_to_w()
+        self._pending = []
+        self._clear_nonfinite_flags()
+
+    def _return_to_w(self) -> None:
+        """Put the weights back at ``w``; what the step recorded on the device is kept."""
         self._restore()
         self._unwatch_backward()
         self._phase = _IDLE
@@ -691,16 +722,94 @@ class SharpnessAwareOptimizer(Optimizer):
     def _prepare_base_grads(self, views: list[GroupView]) -> None:
         """Rewrite the gradients (at ``w + e``) that the base optimizer uses; none by default."""
 
-    def _one_pass_grads_finite(self, views: list[GroupView]) -> bool:
-        """Whether the gradients of a step without second pass are all finite.
+    def _flag_nonfinite_one_pass_grads(self, views: list[GroupView]) -> None:
+        """Record on the device whether the gradients of a step without second pass are finite.
 
-        A variant that needs their norm anyway may decide from it (and keep it for
-        :meth:`_prepare_one_pass_grads`, called right after within the same step).
+        A variant that needs their norm anyway may decide from it (:meth:`_flag_nonfinite_norm`)
+        and keep it for :meth:`_prepare_one_pass_grads`, called right after within the same
+        step (also when the check is off).
         """
-        return self._grads_finite(views)
+        self._flag_nonfinite_grads(views)
 
-    def _grads_finite(self, views: list[GroupView]) -> bool:
-        return _all_finite(views, self._finite_flags)
+    def _flag_nonfinite_grads(self, views: list[GroupView]) -> None:
+        """Record on the device whether the gradients of ``views`` (at ``w + e`` after a second
+        pass) are all finite; nothing when the check is off."""
+        if self._checking:
+            _flag_nonfinite(views, self._nonfinite_entry)
+
+    # ------------------------------------------------------------------ the non-finite guard
+    #: whether second_step() is checking the gradients now (skip_nonfinite, or a GradScaler)
+    _checking: bool = False
+
+    @property
+    def _skip_nonfinite(self) -> bool:
+        """The ``skip_nonfinite`` option (True: check, and skip a step with a non-finite
+        gradient, at the cost of one host synchronisation per step)."""
+        return bool(self.param_groups[0].get("skip_nonfinite", True))
+
+    def _nonfinite_entry(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This step's flag on ``device`` (0 while every gradient checked was finite), and a
+        1 on that device (the unscale factor of the fused check)."""
+        found, one, _ = self._nonfinite_flags_on(device)
+        self._flags_used = True
+        return found, one
+
+    def _nonfinite_flags_on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(found, one, first) on ``device``: ``first`` is the flag of ``first_step``'s norm."""
+        entry = self._finite_flags.get(device)
+        if entry is None:
+            entry = (
+                torch.zeros((), device=device),
+                torch.ones((), device=device),
+                torch.zeros((), device=device),
+            )
+            self._finite_flags[device] = entry
+        return entry
+
+    def _flag_nonfinite_norm(self, norm: Tensor, *, first_pass: bool = False) -> None:
+        """Record on the device whether ``norm`` is finite (a finite norm means finite
+        gradients: one pass over them gives both). No synchronisation.
+
+        ``first_pass`` (``first_step``'s norm) marks the flag with NaN (``0 * norm``), any
+        other norm with 1, so that the warning can say which pass failed.
+        """
+        if not (first_pass and self._skip_nonfinite) and not self._checking:
+            return
+        if first_pass:
+            self._nonfinite_flags_on(norm.device)[2].add_(norm, alpha=0.0)
+            self._first_flag_used = True
+        else:
+            _flag_nonfinite_values([norm.reshape(1)], *self._nonfinite_entry(norm.device))
+
+    def _read_nonfinite_flags(self) -> float:
+        """0.0 when every gradient checked in this step was finite, NaN when ``first_step``'s
+        norm was not, 1.0 when a later check failed; the flags are cleared. One host
+        synchronisation (the flags of other devices are first added on the first's device)."""
+        flags = self._used_flags()
+        total = flags[0]
+        for other in flags[1:]:
+            total = total + other.to(total.device)  # NaN (first_step's norm) wins over 1
+        status = total.item()
+        if status != 0.0:
+            for flag in flags:
+                flag.zero_()
+        self._flags_used = self._first_flag_used = False
+        return status
+
+    def _used_flags(self) -> list[Tensor]:
+        flags = []
+        for found, _, first in self._finite_flags.values():
+            if self._first_flag_used:
+                flags.append(first)
+            if self._flags_used:
+                flags.append(found)
+        return flags
+
+    def _clear_nonfinite_flags(self) -> None:
+        """Forget what the unfinished step recorded (after an error or an abort)."""
+        for flag in self._used_flags():
+            flag.zero_()
+        self._flags_used = self._first_flag_used = False
 
     def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
         """Rewrite the gradients (at ``w``) of a step without second pass; none by default."""
@@ -770,14 +879,13 @@ class SharpnessAwareOptimizer(Optimizer):
             _kernels.copy_(params, backups, foreach)
         self._saved = []
 
-    def _global_norm(self, views: list[GroupView], tensor_lists: list[list[Tensor]]) -> float:
+    def _global_norm(self, views: list[GroupView], tensor_lists: list[list[Tensor]]) -> Tensor:
         """The 2-norm of all tensors in ``tensor_lists`` (each aligned with a view) together.
 
         Per-tensor norms are taken in at least float32 (with ``torch._foreach_norm``, or one
         ``torch.linalg.vector_norm`` per tensor where the group's ``foreach`` is False),
         gathered on the first tensor's device, and combined in one norm (as the seed does).
-        The result comes to the host as a Python float: this one synchronisation per step is
-        what lets a non-finite norm be caught before it reaches the weights. Distributed
+        The result stays on the device (a 0-dim tensor): no synchronisation. Distributed
         training overrides :meth:`_reduce_norm`.
         """
         stacks: list[Tensor] = []
@@ -794,7 +902,7 @@ class SharpnessAwareOptimizer(Optimizer):
                         torch.stack([torch.linalg.vector_norm(t, dtype=acc) for t in part])
                     )
         if not stacks:
-            return 0.0
+            return torch.zeros(())
         if len(stacks) == 1:
             norms = stacks[0]
         else:
@@ -802,17 +910,18 @@ class SharpnessAwareOptimizer(Optimizer):
             for st in stacks[1:]:
                 dtype = torch.promote_types(dtype, st.dtype)
             norms = torch.cat([st.to(device=device, dtype=dtype) for st in stacks])
-        return float(self._reduce_norm(_dtensor.full(torch.linalg.vector_norm(norms))))
+        return self._reduce_norm(_dtensor.full(torch.linalg.vector_norm(norms)))
 
     def _global_dot(
         self, views: list[GroupView], xs: list[list[Tensor]], ys: list[list[Tensor]]
-    ) -> float:
+    ) -> Tensor:
         """The inner product of all tensors in ``xs`` with those in ``ys`` (aligned with views).
 
         One ``torch.dot`` per tensor whatever ``foreach`` says (there is no multi-tensor inner
         product), accumulated in at least float32 (float64 across tensors). A complex tensor
         counts as its real view (``torch.view_as_real``): the real inner product
-        ``Re <x, conj(y)>``. Distributed training overrides :meth:`_reduce_sum`.
+        ``Re <x, conj(y)>``. The result stays on the device (a 0-dim float64 tensor).
+        Distributed training overrides :meth:`_reduce_sum`.
         """
         parts: list[Tensor] = []
         for x_list, y_list in zip(xs, ys, strict=True):
@@ -825,8 +934,8 @@ class SharpnessAwareOptimizer(Optimizer):
                     dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                 parts.append(dot.to(parts[0].device) if parts else dot)
         if not parts:  # no parameter has a gradient on this step
-            return 0.0
-        return float(self._reduce_sum(_dtensor.full(torch.stack(parts).to(torch.float64).sum())))
+            return torch.zeros((), dtype=torch.float64)
+        return self._reduce_sum(_dtensor.full(torch.stack(parts).to(torch.float64).sum()))
 
     def _reduce_sum(self, local_sum: Tensor) -> Tensor:
         """Combine this process's partial sum with the other processes' (identity here)."""
@@ -850,6 +959,10 @@ class SharpnessAwareOptimizer(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         packed = self.base_optimizer.state_dict()
+        for packed_group in packed["param_groups"]:  # wide state kept on the device: to floats
+            for key, value in packed_group.items():
+                if key.startswith(WIDE_PREFIX) and isinstance(value, Tensor):
+                    packed_group[key] = value.item()
         index: dict[int, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -1071,35 +1184,47 @@ def _split_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]] | None:
     return list(groups.values())
 
 
-_Flags = dict[torch.device, tuple[Tensor, Tensor]]
+_Flags = dict[torch.device, tuple[Tensor, Tensor, Tensor]]
 
 
-def _all_finite(views: list[GroupView], flags: _Flags) -> bool:
-    """Whether every gradient element of ``views`` is finite (one synchronisation per device).
+def _flag_nonfinite(
+    views: list[GroupView], flag_on: Callable[[torch.device], tuple[Tensor, Tensor]]
+) -> None:
+    """Set the flag of a device to 1 if a gradient element of ``views`` there is not finite.
 
     Uses the fused check that ``GradScaler`` runs (with a scale of 1, which leaves finite
-    values bit-identical); where that kernel is missing, a 2-norm pass, confirmed by a max-abs
-    pass if the 2-norm overflowed. ``flags`` caches the (found, one) scalars per device.
+    values bit-identical), one pass over the gradients and no synchronisation.
     """
-    used: dict[torch.device, Tensor] = {}
     for view in views:
         for part in view.split(view.grads):
-            device = part[0].device
-            if device not in used:
-                if device not in flags:
-                    flags[device] = (torch.zeros((), device=device), torch.ones((), device=device))
-                used[device] = flags[device][0].zero_()
-            found, one = flags[device]
-            try:
-                torch._amp_foreach_non_finite_check_and_unscale_(part, found, one)
-            except (RuntimeError, NotImplementedError):
-                acc = torch.promote_types(part[0].dtype, torch.float32)
-                norms = torch.stack(torch._foreach_norm(part, 2, dtype=acc))
-                if not bool(torch.isfinite(norms).all()):
-                    peak = torch.stack(torch._foreach_norm(part, float("inf"))).max()
-                    if not bool(torch.isfinite(peak)):
-                        found.fill_(1.0)
-    return not any(bool(found.item()) for found in used.values())
+            _flag_nonfinite_values(part, *flag_on(part[0].device))
+
+
+def _flag_nonfinite_values(tensors: list[Tensor], found: Tensor, one: Tensor) -> None:
+    """``found = 1`` if an element of ``tensors`` (on ``found``'s device) is not finite.
+
+    Where the fused kernel is missing for a device, the largest absolute value (which cannot
+    overflow) decides instead; still no synchronisation.
+    """
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+    except (RuntimeError, NotImplementedError):
+        peak = torch.stack(torch._foreach_norm(tensors, float("inf"))).max()
+        found.copy_(torch.where(torch.isfinite(peak), found, torch.ones_like(found)))
+
+
+def _nonfinite_message(name: str, status: float) -> str:
+    if status != status:  # NaN: the norm in first_step()
+        return (
+            f"{name}: the gradient norm in first_step() was not finite (inf or NaN), so "
+            "second_step() skipped the step: the weights are back at w and the base optimizer "
+            "took no step. With float16 autocast this is expected while a GradScaler calibrates "
+            "its scale."
+        )
+    return (
+        f"{name}.second_step(): a gradient is not finite (inf or NaN); the base optimizer step "
+        "was skipped and the weights are unchanged."
+    )
 
 
 def _check_same_partition(own: list[dict[str, Any]], base: list[dict[str, Any]]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, ClassVar
 
+import torch
+
 from torchsam import _kernels
 from torchsam._engine import GroupView, group_foreach
 from torchsam._sam import SAM, check_real
@@ -104,11 +106,16 @@ class GSAM(SAM):
             fraction = min(max(fraction, 0.0), 1.0)
         return float(rho_min) + (rho - float(rho_min)) * fraction
 
+    def _flag_nonfinite_grads(self, views: list[GroupView]) -> None:
+        # ||g_s|| is needed for the update anyway: the finiteness check is derived from it
+        self._gs_norm = self._global_norm(views, [v.grads for v in views])
+        self._flag_nonfinite_norm(self._gs_norm)
+
     def _prepare_base_grads(self, views: list[GroupView]) -> None:
         g = [self._scratch(v, "first_grad") for v in views]
         g_s = [v.grads for v in views]
-        sq = self._global_norm(views, g_s) ** 2
-        coef = self._global_dot(views, g, g_s) / (sq + _EPS)
+        sq = self._gs_norm.to(torch.float64).square()
+        coef = self._global_dot(views, g, g_s) / (sq + _EPS)  # on the device
         # g_s - alpha * (g - coef * g_s) = (1 + alpha * coef) * g_s - alpha * g
         for v, first in zip(views, g, strict=True):
             alpha = float(v.group["alpha"])

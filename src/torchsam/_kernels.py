@@ -12,7 +12,9 @@ from torch import Tensor
 
 from torchsam import _dtensor
 
-__all__ = ["add_", "combine_", "copy_", "lerp_"]
+__all__ = ["add_", "addcmul_", "combine_", "copy_", "lerp_"]
+
+Coefficient = float | Tensor
 
 
 def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
@@ -35,19 +37,44 @@ def add_(dst: list[Tensor], src: list[Tensor], alpha: float, foreach: bool) -> N
             d.add_(s, alpha=alpha)
 
 
+def addcmul_(dst: list[Tensor], src: list[Tensor], scale: Tensor, foreach: bool) -> None:
+    """``dst += src * scale``, with ``scale`` a 0-dim tensor on the device of ``dst`` (never
+    brought to the host), in the lists' own dtype as ``src * scale.to(src)`` would be."""
+    if not dst:
+        return
+    if not foreach:
+        for d, s in zip(dst, src, strict=True):
+            d.addcmul_(s, scale)
+    elif dst[0].device.type == "cpu":
+        # one call, no temporaries (the 0-dim factor broadcasts in the per-tensor loop)
+        torch._foreach_addcmul_(dst, src, [scale] * len(src))
+    else:
+        # two multi-tensor kernels (a 0-dim factor list would leave their fast path)
+        torch._foreach_add_(dst, torch._foreach_mul(src, scale))
+
+
 def combine_(
-    out: list[Tensor], x: list[Tensor], a: float, y: list[Tensor], b: float, foreach: bool
+    out: list[Tensor],
+    x: list[Tensor],
+    a: Coefficient,
+    y: list[Tensor],
+    b: Coefficient,
+    foreach: bool,
 ) -> None:
-    """``out = a * x + b * y`` (``out`` may be ``x``), without allocating."""
+    """``out = a * x + b * y`` (``out`` may be ``x``), without allocating. A coefficient may
+    be a 0-dim tensor on the lists' device (computed there, never brought to the host)."""
     if out is not x:
         copy_(out, x, foreach)
-    if a != 1.0:
+    if isinstance(a, Tensor) or a != 1.0:
         if foreach:
             torch._foreach_mul_(out, a)
         else:
             for o in out:
                 o.mul_(a)
-    add_(out, y, b, foreach)
+    if isinstance(b, Tensor):
+        addcmul_(out, y, b, foreach)
+    else:
+        add_(out, y, b, foreach)
 
 
 def lerp_(dst: list[Tensor], end: list[Tensor], weight: float, foreach: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -80,7 +79,8 @@ class LookSAM(SAM):
     def _prepare_base_grads(self, views: list[GroupView]) -> None:
         g = [self._scratch(v, "first_grad") for v in views]
         g_s = [v.grads for v in views]
-        coef = self._global_dot(views, g, g_s) / (self._global_norm(views, g) ** 2 + _EPS)
+        sq = self._global_norm(views, g).to(torch.float64).square()
+        coef = self._global_dot(views, g, g_s) / (sq + _EPS)  # on the device
         gv: list[list[Tensor]] = []
         for v, first in zip(views, g, strict=True):
             bufs = []
@@ -93,14 +93,15 @@ class LookSAM(SAM):
             _kernels.combine_(bufs, v.grads, 1.0, first, -coef, group_foreach(v.group))
             gv.append(bufs)
             v.layout.buffers["gv"] = bufs  # the same tensors as the state, found faster
-        # ||g_v|| is fixed until the next sharpness step: kept (and saved) with the state
-        self._global_state["gv_norm"] = self._global_norm(views, gv)
+        # ||g_v|| is fixed until the next sharpness step: kept (and saved) with the state; it
+        # stays on the device (state_dict() brings it to the host)
+        self._global_state["gv_norm"] = self._global_norm(views, gv).to(torch.float64)
 
-    def _one_pass_grads_finite(self, views: list[GroupView]) -> bool:
+    def _flag_nonfinite_one_pass_grads(self, views: list[GroupView]) -> None:
         # ||g|| is needed for the update anyway; a finite norm means finite gradients (an
         # overflowing norm of finite gradients would make the update overflow too: skipped)
         self._one_pass_norm = self._global_norm(views, [v.grads for v in views])
-        return math.isfinite(self._one_pass_norm)
+        self._flag_nonfinite_norm(self._one_pass_norm)
 
     def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
         gv = [
@@ -109,9 +110,9 @@ class LookSAM(SAM):
         gv_norm = self._global_state.get("gv_norm")
         if gv_norm is None or any(buf is None for bufs in gv for buf in bufs):
             return  # no sharpness step has been seen for these parameters yet: plain step
-        ratio = self._one_pass_norm / (float(gv_norm) + _EPS)
+        ratio = self._one_pass_norm.to(torch.float64) / (gv_norm + _EPS)  # on the device
         for v, bufs in zip(views, gv, strict=True):
-            alpha = float(v.group["alpha"]) * ratio
+            alpha = ratio * float(v.group["alpha"])
             _kernels.combine_(
                 self._base_grads(v), v.grads, 1.0, bufs, alpha, group_foreach(v.group)
             )

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchsam import _kernels
-from torchsam._engine import GroupView, group_foreach
+from torchsam._engine import GroupView, _flag_nonfinite, group_foreach
 from torchsam._esam import PerSampleClosure, _per_sample
 from torchsam._sam import SAM, check_int
 
@@ -94,13 +94,16 @@ class MSAM(SAM):
                 break  # non-finite: second_step() below skips the whole step
             self._closure_at_perturbed_point(_backward_of(closure, rows, batch_size))
             if j < len(chunks) - 1:
-                for v in self._views():
+                views = self._views()
+                for v in views:
                     buf, foreach = self._scratch(v, "accumulated"), group_foreach(v.group)
                     if j == 0:
                         _kernels.copy_(buf, v.grads, foreach)
                     else:
                         _kernels.add_(buf, v.grads, 1.0, foreach)
-                self._abort()  # back to w for the next micro-batch (its gradient is kept)
+                if self._skip_nonfinite:  # this gradient at w + e_j is part of the step's
+                    _flag_nonfinite(views, self._nonfinite_entry)
+                self._return_to_w()  # for the next micro-batch (what it recorded is kept)
         self._second_step()
         return total / batch_size
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -85,6 +86,12 @@ class SAM(SharpnessAwareOptimizer):
         rho (float, optional): radius of the neighbourhood (default: 0.05)
         adaptive (bool, optional): use adaptive SAM (default: False)
         eta (float, optional): ASAM's offset in :math:`T_w = |w| + \eta` (default: 0.0)
+        skip_nonfinite (bool, optional): check every gradient of a step and skip the step
+            (with a warning) when one is inf or NaN, at the cost of one host synchronisation
+            per step; False: no check and no synchronisation at all, so that the step can be
+            captured in a CUDA graph, and a non-finite gradient reaches the weights as it would
+            with the base optimizer alone (``second_step(grad_scaler=...)`` still skips an
+            overflowing step) (default: True)
         **kwargs: passed to ``base_optimizer`` when it is built here (``lr``, ``momentum``,
             ...). ``foreach`` is read by both: ``foreach=False`` selects the per-tensor
             kernels of SAM and of the base optimizer; by default SAM uses the multi-tensor
@@ -105,9 +112,11 @@ class SAM(SharpnessAwareOptimizer):
         * The weights return to ``w`` bit-exactly (copied back, not subtracted), using one
           persistent buffer per parameter: no parameter-sized allocation per step after the
           first (for ``adaptive=False``).
-        * The gradient norm costs one host synchronisation per step; a non-finite norm leaves
-          the weights unperturbed (with a warning), and non-finite gradients at the perturbed
-          point skip the base step (with a warning).
+        * The gradient norm and the scale :math:`\rho / (\lVert g \rVert + 10^{-12})` stay on
+          the device: ``first_step`` does not synchronise. The step's one host
+          synchronisation is ``second_step``'s decision to skip the base step because a
+          gradient (at ``w`` or at ``w + e``) is not finite (with a warning; the weights stay
+          at ``w``); ``skip_nonfinite=False`` removes it.
         * ``state_dict()`` holds the base optimizer's state (momentum, Adam moments) too.
     """
 
@@ -127,9 +136,10 @@ class SAM(SharpnessAwareOptimizer):
         adaptive: bool = False,
         *,
         eta: float = 0.0,
+        skip_nonfinite: bool = True,
         **kwargs: Any,
     ) -> None:
-        own = dict(rho=rho, adaptive=adaptive, eta=eta)
+        own = dict(rho=rho, adaptive=adaptive, eta=eta, skip_nonfinite=skip_nonfinite)
         for name, default in {**self.hyperparameters, **self.options}.items():
             own[name] = kwargs.pop(name, default)
         super().__init__(params, base_optimizer, own, kwargs)
@@ -154,7 +164,7 @@ class SAM(SharpnessAwareOptimizer):
             super().__setattr__(name, value)
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
-        for name in type(self).options:
+        for name in ("skip_nonfinite", *type(self).options):
             values = [g[name] for g in groups]
             if any(v != values[0] or type(v) is not type(values[0]) for v in values):
                 raise ValueError(
@@ -194,6 +204,10 @@ class SAM(SharpnessAwareOptimizer):
         check_real("eta", group["eta"])
         if not isinstance(group["adaptive"], bool):
             raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
+        if not isinstance(group["skip_nonfinite"], bool):
+            raise TypeError(
+                f"skip_nonfinite must be True or False, got {group['skip_nonfinite']!r}"
+            )
 
     def _perturb(self, views: list[GroupView]) -> bool:
         # Per group: the vectors whose joint norm normalises the step, and the ASAM operator.
@@ -205,17 +219,24 @@ class SAM(SharpnessAwareOptimizer):
             else:
                 directions.append((d, None))
         norm = self._global_norm(views, [d for d, _ in directions])
-        if not math.isfinite(norm):
-            return False
+        self._flag_nonfinite_norm(norm, first_pass=True)
+        # The scale stays on the device, as the seed's (rho / (norm + eps)). A non-finite norm
+        # (the step will be skipped) gives a zero scale, so that the weights of the second pass
+        # are w wherever the gradient is finite.
+        denominator = norm + _NORM_EPS
+        if self._skip_nonfinite:
+            denominator = torch.nan_to_num(denominator, nan=math.inf)
         for v, (d, t) in zip(views, directions, strict=True):
             foreach = group_foreach(v.group)
             self._save_weights(v, foreach)
-            scale = self._radius(v.group) / (norm + _NORM_EPS)
+            radius = self._radius(v.group)
             if v.group.get("maximize", False):
-                scale = -scale  # the "worst" point of a maximised objective is downhill
+                radius = -radius  # the "worst" point of a maximised objective is downhill
+            scale = radius / denominator
             if t is not None:  # ASAM: d = T g becomes T^2 g (d is a temporary)
                 _mul_(d, t, foreach)
-            _add_scaled_(v.params, d, scale, foreach)
+            for params, part in zip(v.split(v.params), v.split(d), strict=True):
+                _kernels.addcmul_(params, part, scale.to(params[0].device), foreach)
         self._on_perturbed(views)
         return True
 
@@ -241,17 +262,41 @@ class SAM(SharpnessAwareOptimizer):
     def _update_gradient_ema(
         self, views: list[GroupView], key: str, new_weight: Callable[[dict[str, Any]], float]
     ) -> None:
-        """``ema = (1 - a) * ema + a * g`` with ``a = new_weight(group)``; ``ema = g`` at first."""
+        """``ema = (1 - a) * ema + a * g`` with ``a = new_weight(group)``; ``ema = g`` at first.
+
+        Computed now, from the gradients at ``w``, into scratch buffers, and committed to the
+        state by :meth:`second_step` once the step's gradients are known to be finite (a
+        skipped step leaves the state as it was).
+        """
         for v in views:
-            emas, grads = [], []
-            for p, g, m in zip(v.params, v.grads, self._gradient_ema(v, key), strict=True):
-                if m is None:
-                    self.state[p][key] = g.detach().clone()
-                else:
-                    emas.append(m)
-                    grads.append(g)
-            if emas:
-                _kernels.lerp_(emas, grads, new_weight(v.group), group_foreach(v.group))
+            foreach = group_foreach(v.group)
+            weight = new_weight(v.group)
+            following = self._scratch(v, "next " + key)
+            emas = self._gradient_ema(v, key)
+            if all(m is not None for m in emas):
+                _kernels.copy_(following, cast(list[Tensor], emas), foreach)
+                _kernels.lerp_(following, v.grads, weight, foreach)
+            else:
+                for nxt, g, m in zip(following, v.grads, emas, strict=True):
+                    if m is None:
+                        nxt.copy_(g)
+                    else:
+                        nxt.copy_(m).lerp_(g, weight)
+            self._pending.append(partial(self._commit_ema, v.params, following, key, foreach))
+
+    def _commit_ema(
+        self, params: list[Tensor], following: list[Tensor], key: str, foreach: bool
+    ) -> None:
+        targets, sources = [], []
+        for p, nxt in zip(params, following, strict=True):
+            m = self.state[p].get(key)
+            if m is None:
+                self.state[p][key] = nxt.clone()
+            else:
+                targets.append(m)
+                sources.append(nxt)
+        if targets:
+            _kernels.copy_(targets, sources, foreach)
 
 
 # --------------------------------------------------------------------- kernels
@@ -284,11 +329,3 @@ def _mul_(tensors: list[Tensor], others: list[Tensor], foreach: bool) -> None:
     else:
         for a, b in zip(tensors, others, strict=True):
             a.mul_(b)
-
-
-def _add_scaled_(params: list[Tensor], tensors: list[Tensor], scale: float, foreach: bool) -> None:
-    if foreach:
-        torch._foreach_add_(params, tensors, alpha=scale)
-    else:
-        for p, d in zip(params, tensors, strict=True):
-            p.add_(d, alpha=scale)

@@ -47,7 +47,7 @@ class VaSSO(SAM):
         check_fraction("theta", group["theta"], zero_ok=False, one_ok=True)
 
     def _ascent_direction(self, view: GroupView) -> list[Tensor]:
-        # d_t as a temporary; the state is committed in _on_perturbed (finite steps only)
+        # d_t as a temporary; the state is updated by second_step (finite steps only)
         theta = float(view.group["theta"])
         emas = self._gradient_ema(view, "grad_ema")
         if group_foreach(view.group) and all(d is not None for d in emas):

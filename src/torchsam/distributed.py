@@ -30,6 +30,10 @@ call styles::
 
 The forward must be inside the context too: ``DistributedDataParallel.no_sync`` decides at
 forward time whether the following backward all-reduces.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) nothing extra is needed either: the
+optimizers take the sharded (``DTensor``) parameters as they are, and their gradient norms and
+inner products are summed over all shards (see ``docs/design.md``).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import torchsam
+from torchsam.experiments._dispatch_count import DispatchCounter
 
 LR = 0.1
 MOMENTUM = 0.9
@@ -393,6 +394,154 @@ def scenario_allocations() -> tuple[list[Row], list[str]]:
     return rows, notes
 
 
+# --------------------------------------------------------------------------- syncs and ops
+@dataclass
+class Contender:
+    """An optimizer of the sync/op count: how to build it and how it takes a step."""
+
+    name: str
+    build: Callable[..., Any]
+    style: str = "two-call"  # or "per-sample" (ESAM, MSAM: step(closure) with row indices)
+    at: int = 2  # the step counted (after ``at`` warm-up steps); LookSAM k=5's 5th is sharp
+
+
+def sync_contenders() -> list[Contender]:
+    """The seed's code, SAM and every variant (both kinds of step for the intermittent ones)."""
+    sgd: dict[str, Any] = dict(lr=LR, momentum=MOMENTUM)
+
+    def make(cls: Any, **options: Any) -> Callable[..., Any]:
+        def factory(params: Any, **extra: Any) -> Any:
+            return cls(params, torch.optim.SGD, **options, **extra, **sgd)
+
+        return factory
+
+    def seed(params: Any, **extra: Any) -> Any:
+        return ReferenceSAM(params, torch.optim.SGD, rho=RHO, **sgd)
+
+    intermittent = torchsam.IntermittentSAM
+    return [
+        Contender("seed (reference SAM)", seed),
+        Contender("SAM", make(torchsam.SAM, rho=RHO)),
+        Contender("ASAM", make(torchsam.SAM, rho=0.5, adaptive=True)),
+        Contender("GSAM", make(torchsam.GSAM, rho=RHO)),
+        Contender("FriendlySAM", make(torchsam.FriendlySAM, rho=RHO)),
+        Contender("VaSSO", make(torchsam.VaSSO, rho=RHO)),
+        Contender("WSAM", make(torchsam.WSAM, rho=RHO)),
+        Contender("MSAM m=4", make(torchsam.MSAM, rho=RHO, m=4), style="per-sample"),
+        Contender("LookSAM k=5, sharpness step", make(torchsam.LookSAM, rho=RHO, k=5), at=5),
+        Contender("LookSAM k=5, other step", make(torchsam.LookSAM, rho=RHO, k=5), at=6),
+        Contender("IntermittentSAM every=5, SAM step", make(intermittent, every=5), at=5),
+        Contender("IntermittentSAM every=5, other step", make(intermittent, every=5), at=6),
+        Contender("ESAM", make(torchsam.ESAM, rho=RHO), style="per-sample"),
+    ]
+
+
+def count_step(
+    contender: Contender, layers: int = 100, **options: Any
+) -> tuple[DispatchCounter, DispatchCounter]:
+    """Count one step of ``contender`` on an MLP of ``layers`` Linear(10, 10) layers (two
+    tensors each), after warm-up steps; the user's forward and backward passes (and the
+    backward passes ESAM and MSAM run themselves) are not counted. Returns the counter of the
+    step and that of the base optimizer's step alone on the same parameters (SGD with
+    momentum; on CPU tensors its default is the per-tensor loop)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(10, 10) for _ in range(layers)])
+    x, y = torch.randn(8, 10), torch.randn(8, 10)
+    opt = contender.build(model.parameters(), **options)
+    counter = DispatchCounter()
+
+    def backward() -> None:
+        with counter.paused():
+            torch.nn.functional.mse_loss(model(x), y).backward()
+
+    def per_sample(rows: Tensor | None) -> Tensor:
+        with counter.paused():
+            xb, yb = (x, y) if rows is None else (x[rows], y[rows])
+            return ((model(xb) - yb) ** 2).mean(dim=1)
+
+    def step() -> None:
+        if contender.style == "per-sample":
+            extra = {"batch_size": len(x)} if isinstance(opt, torchsam.MSAM) else {}
+            opt.step(per_sample, **extra)
+            return
+        backward()
+        if opt.first_step(zero_grad=True) is not False:  # the seed's returns None
+            backward()
+        opt.second_step(zero_grad=True)
+
+    original_backward = Tensor.backward
+
+    def paused_backward(self: Tensor, *args: Any, **kwargs: Any) -> None:
+        with counter.paused():
+            original_backward(self, *args, **kwargs)
+
+    Tensor.backward = paused_backward  # type: ignore[method-assign]
+    try:
+        for _ in range(contender.at):
+            step()
+        with counter:
+            step()
+    finally:
+        Tensor.backward = original_backward  # type: ignore[method-assign]
+
+    base = DispatchCounter()
+    sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    sgd.step()
+    with base:
+        sgd.step()
+    return counter, base
+
+
+def scenario_syncs(layers: int = 100) -> tuple[list[Row], list[str]]:
+    """Scenario 4: host synchronisations and dispatched ops per step, not timed."""
+    lines = [
+        f"scenario 4: host synchronisations and dispatched operators per step (not timed), on an "
+        f"MLP of {layers} Linear(10, 10) layers ({2 * layers} tensors), SGD with momentum, after "
+        "warm-up steps; 'own ops' leaves out the base SGD step (per-tensor loop on CPU); a "
+        "torch._foreach_* call counts as one operator:",
+    ]
+    header = ("contender", "syncs", "ops", "own ops", "syncs, no guard", "own ops, no guard")
+    table = [header]
+    rows: list[Row] = []
+    for contender in sync_contenders():
+        counter, base = count_step(contender, layers)
+        own = counter.ops - base.ops
+        if contender.name.startswith("seed"):
+            table.append((contender.name, str(counter.syncs), str(counter.ops), str(own), "-", "-"))
+            continue
+        unguarded, _ = count_step(contender, layers, skip_nonfinite=False)
+        table.append(
+            (
+                contender.name,
+                str(counter.syncs),
+                str(counter.ops),
+                str(own),
+                str(unguarded.syncs),
+                str(unguarded.ops - base.ops),
+            )
+        )
+        ok = counter.syncs <= 1 and unguarded.syncs == 0
+        rows.append(
+            Row(
+                "4 host syncs/step",
+                contender.name,
+                "0",
+                f"{counter.syncs} / {unguarded.syncs}",
+                "-",
+                "<= 1 / 0",
+                verdict(ok, True),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for i, r in enumerate(table):
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    lines.append(f"  base SGD step alone: {base.ops} ops, {base.syncs} syncs")
+    return rows, lines
+
+
 # --------------------------------------------------------------------------- report
 def print_table(rows: list[Row]) -> None:
     header = Row("scenario", "contender", "reference", "torchsam", "ratio", "target", "result")
@@ -438,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lambda: scenario_small(**small),
         lambda: scenario_resnet(**big),
         scenario_allocations,
+        scenario_syncs,
     ):
         r, n = run()
         rows += r

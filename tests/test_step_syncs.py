@@ -1,0 +1,146 @@
+"""Host synchronisations per optimizer step, counted with a dispatch mode (a behaviour test).
+
+On a GPU each synchronisation stalls the launch queue; the counts are the same on the CPU,
+where they are measured here. The default path of SAM and of every variant synchronises once
+per step (the decision to skip a step with a non-finite gradient); ``skip_nonfinite=False``
+never does, so that the step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torchsam
+from torchsam.experiments._dispatch_count import DispatchCounter
+from torchsam.experiments.bench import count_step, sync_contenders
+
+CONTENDERS = {c.name: c for c in sync_contenders()}
+VARIANTS = [name for name in CONTENDERS if not name.startswith("seed")]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_one_host_synchronisation_per_step_by_default(name: str) -> None:
+    counter, base = count_step(CONTENDERS[name], layers=3)
+    assert counter.syncs == 1, counter.sync_ops
+    assert base.syncs == 0  # the base SGD step adds none
+    assert set(counter.sync_ops) == {"aten._local_scalar_dense.default"}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_no_host_synchronisation_without_the_guard(name: str) -> None:
+    counter, _ = count_step(CONTENDERS[name], layers=3, skip_nonfinite=False)
+    assert counter.syncs == 0, counter.sync_ops
+
+
+def test_the_seed_never_synchronises_and_the_counter_sees_item() -> None:
+    counter, _ = count_step(CONTENDERS["seed (reference SAM)"], layers=3)
+    assert counter.syncs == 0
+    with DispatchCounter() as probe:  # the counter itself: what a float(norm) would cost
+        t = torch.ones(3)
+        float(t.norm())
+        bool(t.sum() > 0)
+        t.tolist()
+    assert probe.syncs == 2  # tolist() on a CPU tensor dispatches nothing
+    assert probe.ops >= 4
+
+
+def test_sam_op_count_does_not_grow_with_the_number_of_tensors() -> None:
+    """With foreach (the default) SAM's own work is a fixed number of multi-tensor calls."""
+    sam = CONTENDERS["SAM"]
+    small, small_base = count_step(sam, layers=3)
+    large, large_base = count_step(sam, layers=30)
+    assert small.ops - small_base.ops == large.ops - large_base.ops
+
+
+def test_without_the_guard_a_nan_reaches_the_weights_as_with_the_base_optimizer() -> None:
+    """``skip_nonfinite=False`` is documented as no check at all; the default skips."""
+    for guard in (True, False):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        opt = torchsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, skip_nonfinite=guard)
+        x, y = torch.randn(4, 3), torch.randn(4, 1)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        assert model.weight.grad is not None
+        model.weight.grad[0, 0] = math.nan
+        if guard:
+            with pytest.warns(RuntimeWarning, match="not finite"):
+                opt.second_step(zero_grad=True)
+            assert torch.isfinite(model.weight).all()
+        else:
+            opt.second_step(zero_grad=True)
+            assert torch.isnan(model.weight[0, 0])
+
+
+def test_skip_nonfinite_is_validated_and_kept_in_every_group() -> None:
+    model = nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="skip_nonfinite must be True or False"):
+        torchsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, skip_nonfinite=1)
+    groups = [{"params": [model.weight]}, {"params": [model.bias], "skip_nonfinite": False}]
+    with pytest.raises(ValueError, match="cannot differ between param groups"):
+        torchsam.SAM(groups, torch.optim.SGD, lr=0.1)
+    opt = torchsam.GSAM(model.parameters(), torch.optim.SGD, lr=0.1, skip_nonfinite=False)
+    assert opt.state_dict()["param_groups"][0]["skip_nonfinite"] is False
+
+
+def test_msam_checks_the_perturbed_gradient_of_every_micro_batch() -> None:
+    """A NaN in the second pass of the first micro-batch (summed into the step's gradient, not
+    left in ``p.grad``) skips the step too."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    opt = torchsam.MSAM(model.parameters(), torch.optim.SGD, lr=0.1, m=4)
+    backwards = 0
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        nonlocal backwards
+        backwards += 1
+        return torch.full_like(grad, math.nan) if backwards == 2 else grad
+
+    handle = model.weight.register_hook(poison)  # backward 2: micro-batch 0 at w + e
+
+    def closure(rows: torch.Tensor | None) -> torch.Tensor:
+        xb, yb = (x, y) if rows is None else (x[rows], y[rows])
+        return ((model(xb) - yb) ** 2).mean(dim=1)
+
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step(closure, batch_size=8)
+    handle.remove()
+    assert backwards == 4
+    for p, p0 in zip(model.parameters(), start, strict=True):
+        assert torch.equal(p, p0)
+
+
+@pytest.mark.parametrize("cls", [torchsam.FriendlySAM, torchsam.VaSSO])
+def test_a_skipped_step_leaves_the_gradient_average_as_it_was(cls: type) -> None:
+    """The average is computed in first_step() but committed only once second_step() knows
+    that the step's gradients are finite."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1)
+
+    def two_call(poison: bool) -> None:
+        nn.functional.mse_loss(model(x), y).backward()
+        if poison:
+            assert model.bias.grad is not None
+            model.bias.grad[0] = math.inf
+        opt.first_step(zero_grad=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    two_call(poison=False)
+    two_call(poison=False)
+    before = {p: s["grad_ema"].clone() for p, s in opt.state.items() if "grad_ema" in s}
+    with pytest.warns(RuntimeWarning, match=r"first_step\(\) was not finite"):
+        two_call(poison=True)
+    for p, ema in before.items():
+        assert torch.equal(opt.state[p]["grad_ema"], ema)
+    two_call(poison=False)
+    assert not torch.equal(opt.state[model.bias]["grad_ema"], before[model.bias])
