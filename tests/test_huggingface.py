@@ -133,11 +133,13 @@ def test_sam_sgd_with_optimizers_tuple(tmp_path: Any) -> None:
     start = copy.deepcopy(model)
     ref = copy.deepcopy(model)
     opt = torchsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    # a scheduler of your own, built on the torchsam optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     trainer = InOrder(
         model=model,
         args=train_args(tmp_path),
         train_dataset=DictDataset(),
-        optimizers=(opt, None),
+        optimizers=(opt, scheduler),
     )
     trainer.train()
     reference(
@@ -145,7 +147,9 @@ def test_sam_sgd_with_optimizers_tuple(tmp_path: Any) -> None:
         torchsam.SAM(ref.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9),
         steps=4,
         batch=4,
+        schedule=lambda step: 0.5**step,
     )
+    assert scheduler.get_last_lr() == [0.1 * 0.5**4]
     assert moved(model, start)
     assert_same_weights(model, ref)
 
@@ -251,6 +255,29 @@ def test_variants_with_one_pass_steps(
     assert passes < 10  # some steps took one pass only
 
 
+def test_variant_built_from_training_arguments(tmp_path: Any) -> None:
+    model = make_model()
+    ref = copy.deepcopy(model)
+    args = train_args(tmp_path, optim="sgd", learning_rate=0.1, max_steps=5)
+    InOrder(
+        model=model,
+        args=args,
+        train_dataset=DictDataset(),
+        sam_optimizer=torchsam.LookSAM,
+        sam_kwargs={"rho": 0.5, "k": 3},
+    ).train()
+    groups = [
+        {"params": [ref.hidden.weight, ref.out.weight], "weight_decay": 0.0},
+        {"params": [ref.hidden.bias, ref.out.bias], "weight_decay": 0.0},
+    ]
+    opt = torchsam.LookSAM(groups, torch.optim.SGD, rho=0.5, k=3, lr=0.1)
+    reference(ref, opt, steps=5, batch=4)
+    assert_same_weights(model, ref)
+
+
+# accelerate 1.0 (the oldest the hf extra allows) enters autocast through the deprecated
+# torch.cpu.amp.autocast
+@pytest.mark.filterwarnings(r"ignore:`torch\.cpu\.amp\.autocast:FutureWarning")
 def test_bf16_autocast_in_both_passes(tmp_path: Any) -> None:
     model = make_model().float()
     ref = copy.deepcopy(model)

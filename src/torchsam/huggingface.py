@@ -106,16 +106,14 @@ class SAMTrainer(transformers.Trainer):
                 f"SAMTrainer needs transformers>={MIN_TRANSFORMERS} (its accumulation loop and "
                 f"optimizer hooks); found {transformers.__version__}: pip install 'torchsam[hf]'"
             )
-        given = kwargs.get("optimizers", (None, None))[0] is not None or (
-            kwargs.get("optimizer_cls_and_kwargs") is not None
-        )
+        super().__init__(*args, **kwargs)
+        given = self.optimizer is not None or self.optimizer_cls_and_kwargs is not None
         if given and (sam_kwargs or sam_optimizer is not SAM):
             raise ValueError(
                 "SAMTrainer got sam_optimizer/sam_kwargs together with optimizers= or "
                 "optimizer_cls_and_kwargs=; they only say how to build the optimizer when none "
                 "is given: set rho and the other options on the optimizer you pass instead"
             )
-        super().__init__(*args, **kwargs)
         self.sam_optimizer = sam_optimizer
         self.sam_kwargs = dict(sam_kwargs or {})
         _check_supported(self.accelerator)
