@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -332,9 +334,10 @@ def test_plain_optimizer_and_option_conflicts_are_refused(tmp_path: Any) -> None
             optimizers=(opt, None),
             sam_kwargs={"rho": 0.1},
         )
-    esam = torchsam.ESAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    with pytest.raises(TypeError, match="cannot drive ESAM"):
-        InOrder(model=model, args=train_args(tmp_path), optimizers=(esam, None))
+    for variant in (torchsam.ESAM, torchsam.MSAM):
+        one_call = variant(model.parameters(), torch.optim.SGD, lr=0.1)
+        with pytest.raises(TypeError, match=f"cannot drive {variant.__name__}"):
+            InOrder(model=model, args=train_args(tmp_path), optimizers=(one_call, None))
 
 
 def test_resume_from_a_trainer_checkpoint_is_exact(tmp_path: Any) -> None:
@@ -368,3 +371,34 @@ def test_only_torchsam_huggingface_imports_transformers() -> None:
         "    raise AssertionError('no ImportError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_section_runs(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Hugging Face examples, in order, on the small model (2 steps each)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Hugging Face Trainer\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 2
+
+    real = transformers.TrainingArguments
+    built: list[transformers.TrainingArguments] = []
+
+    def quick_args(*args: Any, **kwargs: Any) -> transformers.TrainingArguments:
+        overrides = {"use_cpu": True, "report_to": [], "save_strategy": "no", "max_steps": 2}
+        built.append(real(*args, **{**kwargs, **overrides, "disable_tqdm": True}))
+        return built[-1]
+
+    # (the module object that `from transformers import ...` reads, which transformers' lazy
+    # loading may have replaced in sys.modules)
+    monkeypatch.setattr(sys.modules["transformers"], "TrainingArguments", quick_args)
+    monkeypatch.chdir(tmp_path)
+    model = make_model()
+    ns: dict[str, Any] = {"torch": torch, "torchsam": torchsam, "model": model}
+    ns["train_dataset"] = DictDataset()
+    for block, kind in zip(blocks, (torchsam.SAM, torchsam.LookSAM), strict=True):
+        start = copy.deepcopy(model)
+        exec(compile(block, "README.md (Hugging Face Trainer)", "exec"), ns)
+        assert type(ns["trainer"]._sam) is kind
+        assert ns["trainer"].state.global_step == 2
+        assert moved(model, start)
+    assert len(built) == 1  # the second example reuses the first one's arguments

@@ -67,7 +67,8 @@ class SAMTrainer(transformers.Trainer):
       ``None``, then the Trainer builds one from the arguments).
 
     Whichever way, it must be a torchsam sharpness-aware optimizer with two calls per step
-    (not ESAM, whose ``step(closure)`` alone exists): anything else raises a ``TypeError``.
+    (not ESAM or MSAM, which have ``step(closure)`` only): anything else raises a
+    ``TypeError``.
 
     Not supported (a ``ValueError`` when the trainer is built): float16 mixed precision with a
     gradient scaler (``fp16=True``; ``bf16=True`` works) and DeepSpeed, which steps the
