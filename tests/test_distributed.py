@@ -188,7 +188,7 @@ def readme_blocks() -> list[str]:
     """The examples of the README's DDP section (fenced ``py``, which the README test skips:
     they need a process group)."""
     text = README.read_text()
-    section = text.split("## Distributed training (DDP)\n")[1].split("\n## ")[0]
+    section = text.split("## Distributed training (DDP, FSDP2)\n")[1].split("\n### FSDP2\n")[0]
     return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torchsam import _kernels
+from torchsam import _dtensor, _kernels
 
 __all__ = ["GroupView", "SharpnessAwareOptimizer"]
 
@@ -637,8 +637,9 @@ class SharpnessAwareOptimizer(Optimizer):
         """``step()`` without closure: the all-zero-gradient step, or an error."""
         self._require_idle("step()")
         views = self._views()
+        # the 1-norm (the max-norm has no value on an empty FSDP2 shard), over all shards
         if views and not any(
-            bool(torch.stack(torch._foreach_norm(part, float("inf"))).any())
+            bool(_dtensor.full(torch.stack(torch._foreach_norm(part, 1))).any())
             for v in views
             for part in v.split(v.grads)
         ):
@@ -801,7 +802,7 @@ class SharpnessAwareOptimizer(Optimizer):
             for st in stacks[1:]:
                 dtype = torch.promote_types(dtype, st.dtype)
             norms = torch.cat([st.to(device=device, dtype=dtype) for st in stacks])
-        return float(self._reduce_norm(torch.linalg.vector_norm(norms)))
+        return float(self._reduce_norm(_dtensor.full(torch.linalg.vector_norm(norms))))
 
     def _global_dot(
         self, views: list[GroupView], xs: list[list[Tensor]], ys: list[list[Tensor]]
@@ -818,11 +819,14 @@ class SharpnessAwareOptimizer(Optimizer):
             for x, y in zip(x_list, y_list, strict=True):
                 x, y = real_view(x), real_view(y)
                 acc = torch.promote_types(x.dtype, torch.float32)
-                dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
+                if _dtensor.is_dtensor(x):  # FSDP2: a partial sum on each rank
+                    dot = _dtensor.dot(x, y, acc)
+                else:
+                    dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                 parts.append(dot.to(parts[0].device) if parts else dot)
         if not parts:  # no parameter has a gradient on this step
             return 0.0
-        return float(self._reduce_sum(torch.stack(parts).to(torch.float64).sum()))
+        return float(self._reduce_sum(_dtensor.full(torch.stack(parts).to(torch.float64).sum())))
 
     def _reduce_sum(self, local_sum: Tensor) -> Tensor:
         """Combine this process's partial sum with the other processes' (identity here)."""
@@ -1083,7 +1087,7 @@ def _all_finite(views: list[GroupView], flags: _Flags) -> bool:
             device = part[0].device
             if device not in used:
                 if device not in flags:
-                    flags[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+                    flags[device] = (torch.zeros((), device=device), torch.ones((), device=device))
                 used[device] = flags[device][0].zero_()
             found, one = flags[device]
             try:
