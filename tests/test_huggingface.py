@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -402,3 +404,54 @@ def test_readme_section_runs(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> 
         assert ns["trainer"].state.global_step == 2
         assert moved(model, start)
     assert len(built) == 1  # the second example reuses the first one's arguments
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = torchsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    counter = torchsam.distributed.AllReduceCounter()
+
+    hooked: list[nn.Module] = []
+
+    class Counting(InOrder):
+        def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not hooked:
+                assert isinstance(model, nn.parallel.DistributedDataParallel)
+                model.register_comm_hook(counter, torchsam.distributed.count_all_reduces)
+                hooked.append(model)
+            return super().training_step(model, *args, **kwargs)
+
+    # one sample per rank and micro-batch, two micro-batches: 4 samples per step in all
+    args = train_args(
+        Path(out) / str(rank),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        ddp_backend="gloo",
+    )
+    Counting(model=model, args=args, train_dataset=DictDataset(), optimizers=(opt, None)).train()
+    torch.save({"weights": model.state_dict(), "calls": counter.calls}, Path(out) / f"{rank}.pt")
+
+
+def test_ddp_with_accumulation_equals_one_process(tmp_path: Any) -> None:
+    """Two CPU processes (gloo): the weights of one process on the whole batch, one all-reduce
+    per pass (the second pass's micro-batches but the last under no_sync)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    ref = make_model()
+    sam = torchsam.SAM(ref.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    reference(ref, sam, steps=4, batch=4)
+    for name, value in ref.state_dict().items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+        torch.testing.assert_close(ranks[0]["weights"][name], value, msg=f"{name} differs")
+    assert [r["calls"] for r in ranks] == [8, 8]  # 4 steps, 2 passes, 1 bucket
