@@ -323,6 +323,28 @@ def test_old_transformers_is_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPa
         InOrder(model=model, args=train_args(tmp_path), optimizers=(opt, None))
 
 
+def test_an_error_in_the_second_pass_leaves_the_weights_at_w(tmp_path: Any) -> None:
+    model = make_model()
+    opt = torchsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    calls = 0
+
+    def fail_on_the_second_pass(*_: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+
+    model.out.register_forward_hook(fail_on_the_second_pass)
+    start = copy.deepcopy(model)
+    trainer = InOrder(
+        model=model, args=train_args(tmp_path), train_dataset=DictDataset(), optimizers=(opt, None)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not opt.perturbed
+    assert_same_weights(model, start)
+
+
 def test_plain_optimizer_and_option_conflicts_are_refused(tmp_path: Any) -> None:
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -24,6 +24,7 @@ except ImportError as error:
     raise ImportError(
         "torchsam.huggingface needs transformers and accelerate: pip install 'torchsam[hf]'"
     ) from error
+import torch
 from packaging.version import Version
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -196,13 +197,18 @@ class SAMTrainer(transformers.Trainer):
                 "written for"
             )
         if sam.first_step(zero_grad=True):
-            with freeze_running_stats(model):
-                for i, (micro_inputs, items) in enumerate(window):
-                    last = i == len(window) - 1
-                    # all-reduce once per pass under DDP, as the Trainer does for the first
-                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-                    with sync:
-                        super().training_step(model, micro_inputs, items)
+            try:
+                with freeze_running_stats(model):
+                    for i, (micro_inputs, items) in enumerate(window):
+                        last = i == len(window) - 1
+                        # all-reduce once per pass under DDP, as the Trainer does for the first
+                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                        with sync:
+                            super().training_step(model, micro_inputs, items)
+            except BaseException:
+                with torch.no_grad():
+                    sam._abort()  # weights back at w, as step(closure) does, then re-raise
+                raise
         return loss
 
 
