@@ -51,6 +51,11 @@ STATE_PREFIX = "sam."
 BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
 
 
+#: tensors of at most this many elements are normed together in one flat buffer on the CPU
+_FLAT_NORM_MAX_NUMEL = 4096
+_PLAIN = (Tensor, nn.Parameter)
+
+
 @dataclass
 class _Layout:
     """What is fixed while a group's set of parameters with gradients does not change.
@@ -65,6 +70,35 @@ class _Layout:
     dtypes: list[torch.dtype] = field(default_factory=list)
     device: torch.device | None = None
     buffers: dict[str, list[Tensor]] = field(default_factory=dict)
+    #: per split: the flat buffer that gathers small CPU tensors for one norm (see ``_norms``)
+    flat: dict[int, tuple[Tensor, list[Tensor]] | None] = field(default_factory=dict)
+
+    def flat_buffer(self, index: int, tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]] | None:
+        """A flat buffer, and views of it shaped like ``tensors`` (split ``index``), when they
+        are small plain CPU tensors; else None.
+
+        On the CPU a multi-tensor norm is a loop of per-tensor reductions, each with a fixed
+        cost of about a microsecond: for small tensors a copy into one buffer and one norm
+        cost less (on a GPU ``torch._foreach_norm`` is one kernel, and large tensors would pay
+        for the extra pass over memory).
+        """
+        if index not in self.flat:
+            plan: tuple[Tensor, list[Tensor]] | None = None
+            first = tensors[0]
+            if (
+                len(tensors) > 1
+                and first.device.type == "cpu"
+                and all(type(t) in _PLAIN for t in tensors)
+                and max(t.numel() for t in tensors) <= _FLAT_NORM_MAX_NUMEL
+            ):
+                flat = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype)
+                pieces = flat.split([t.numel() for t in tensors])
+                plan = flat, [piece.view(t.shape) for piece, t in zip(pieces, tensors, strict=True)]
+            self.flat[index] = plan
+        plan = self.flat[index]
+        if plan is not None and plan[0].dtype != tensors[0].dtype:
+            return None
+        return plan
 
     def matches(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are this layout's tensors, still of the same dtypes and device.
@@ -886,10 +920,16 @@ class SharpnessAwareOptimizer(Optimizer):
         stacks: list[Tensor] = []
         for view, tensors in zip(views, tensor_lists, strict=True):
             foreach = group_foreach(view.group)
-            for part in view.split(tensors):
+            for i, part in enumerate(view.split(tensors)):
                 if foreach:
                     acc = torch.promote_types(part[0].dtype, torch.float32)
-                    stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
+                    flat = view.layout.flat_buffer(i, part)
+                    if flat is not None:  # small CPU tensors: one copy, one norm
+                        torch._foreach_copy_(flat[1], part)
+                        norm = torch.linalg.vector_norm(flat[0], dtype=acc, dim=0, keepdim=True)
+                        stacks.append(norm)
+                    else:
+                        stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
                 else:
                     part = [real_view(t) for t in part]
                     acc = torch.promote_types(part[0].dtype, torch.float32)
