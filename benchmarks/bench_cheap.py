@@ -1,10 +1,11 @@
-"""Wall time and accuracy of the cheap variants (SAF, MESA, ESAM) side by side with SGD and SAM.
+"""Wall time and accuracy of the cheap variants side by side with SGD and SAM.
 
 Run it as ``python benchmarks/bench_cheap.py`` (``--quick`` for a short smoke run). In one
-process it trains SGD, SAM, SAF, MESA and ESAM (``beta = gamma = 0.5``, the authors' setting for
-WideResNet and PyramidNet) with the experiments' recipe on ``noisy_digits(noise=0.2)``: the
-small CNN with BatchNorm (``--model cnn``, the default, ``--channels`` wide; ``--model mlp``:
-the MLP 2 x ``--hidden`` with BatchNorm), batch 128, SGD lr 0.01 with a cosine schedule,
+process it trains SGD, SAM, SAF, MESA, ESAM (``beta = gamma = 0.5``, the authors' setting for
+WideResNet and PyramidNet), LookSAM (``k=5``) and periodic SAM (IntermittentSAM ``every=5``)
+with the experiments' recipe on ``noisy_digits(noise=0.2)``: the small CNN with BatchNorm
+(``--model cnn``, the default, ``--channels`` wide; ``--model mlp``: the MLP 2 x ``--hidden``
+with BatchNorm), batch 128, SGD lr 0.01 with a cosine schedule,
 momentum 0.9, weight decay 5e-4, each method with its registered defaults except ESAM's
 ``beta`` and ``gamma``, both set to 0.5 (torchsam's default ``gamma`` is 1.0: no sample
 selection). (At the experiments' usual lr 0.05 this CNN's first epoch blows up at batch 128: SGD
@@ -18,7 +19,8 @@ recovers, SAM ends at chance level.) It prints:
    SGD step (``S``); then the floor of each method: its passes and the SGD step written out by
    hand, without the method's own work, timed per step (see :func:`floors`): SGD and SAF
    ``F + B + S`` (SAF's term costs no pass), MESA ``F + B + S + F0``, ESAM
-   ``F + B_swp + F0 + FB_gamma + S``, SAM ``2 (F + B) + S``. The floor is what a method cannot
+   ``F + B_swp + F0 + FB_gamma + S``, SAM ``2 (F + B) + S``, LookSAM and periodic SAM one SAM
+   step and four SGD steps in five. The floor is what a method cannot
    go below with its passes on this machine; what it costs above its floor is its own work.
 2. **The training table**: test accuracy (clean labels) and training accuracy on the clean
    labels (mean ± std over seeds), and wall time relative to SGD, with the floor ratio beside
@@ -30,7 +32,8 @@ recovers, SAM ends at chance level.) It prints:
    by other load on a shared machine), the per-seed ratio to SGD, median over seeds. Within
    a round the order of the methods rotates; the garbage collector is paused during training;
    ``torch.set_num_threads`` is 1 unless ``--threads`` says otherwise.
-3. The issue's targets (SAF <= 1.08x, MESA <= 1.40x, ESAM <= 1.60x SGD), PASS/FAIL.
+3. The issue's targets (SAF <= 1.08x, MESA <= 1.40x, ESAM <= 1.60x, LookSAM and periodic SAM
+   <= 1.25x SGD), PASS/FAIL.
 
 The script always exits with status 0: it is a report, not a test.
 """
@@ -72,6 +75,7 @@ TIMED_FROM = 5
 PASS_REPEATS = 30
 BETA = 0.5
 GAMMA = 0.5
+EVERY = 5  # LookSAM's k and periodic SAM's period: a sharpness step every 5th step
 CHANNELS = 32
 HIDDEN = 1024
 
@@ -82,8 +86,10 @@ CONTENDERS: dict[str, tuple[str, dict[str, float]]] = {
     "saf": ("saf", {}),
     "mesa": ("mesa", {}),
     "esam": ("esam", {"beta": BETA, "gamma": GAMMA}),
+    "looksam": ("looksam", {"k": EVERY}),
+    "periodic": ("periodic", {"every": EVERY}),
 }
-TARGETS = {"saf": 1.08, "mesa": 1.40, "esam": 1.60}
+TARGETS = {"saf": 1.08, "mesa": 1.40, "esam": 1.60, "looksam": 1.25, "periodic": 1.25}
 
 
 def model_fn(model: str, channels: int, hidden: int) -> ModelFn:
@@ -239,6 +245,8 @@ def floors(build: ModelFn, split: Split, repeats: int) -> dict[str, float]:
                 times[name].append(time.perf_counter() - start)
     floor = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     floor["saf"] = floor["sgd"]  # the same passes
+    # one two-pass step and EVERY - 1 one-pass steps in every EVERY steps
+    floor["looksam"] = floor["periodic"] = (floor["sam"] + (EVERY - 1) * floor["sgd"]) / EVERY
     return floor
 
 
@@ -323,7 +331,11 @@ def table(results: dict[str, list[Run]], floor: dict[str, float]) -> list[tuple[
             r.step_time / b.step_time for r, b in zip(runs, base, strict=True)
         )
         ratios.append((name, ratio))
-        label = name if name != "esam" else f"esam b={BETA} g={GAMMA}"
+        label = {
+            "esam": f"esam b={BETA} g={GAMMA}",
+            "looksam": f"looksam k={EVERY}",
+            "periodic": f"periodic every={EVERY}",
+        }.get(name, name)
         lines.append(
             (
                 label,

@@ -5,7 +5,10 @@ run in the same processes and interleaved round by round:
 
 * ``sgd``: plain SGD under DDP (one pass, one gradient all-reduce per step), for scale;
 * ``sam sync``: ``torchsam.SAM`` with both passes all-reduced (plain DDP);
-* ``sam local``: the first pass inside ``no_sync`` via ``torchsam.distributed.sam_pass``.
+* ``sam local``: the first pass inside ``no_sync`` via ``torchsam.distributed.sam_pass``,
+  which then all-reduces a 4-byte flag so that an overflow on any rank skips the step on all;
+* ``sam nosync``: the first pass inside a bare ``model.no_sync()``, without that flag (what
+  the flag costs; unsafe: an overflow on one rank lets the ranks disagree).
 
 A DDP comm hook counts the all-reduce calls and bytes per step. Time per step is the median
 over rounds of rank 0's mean step time in a round. Run ``python benchmarks/bench_ddp.py``
@@ -32,7 +35,7 @@ import torchsam
 from torchsam.distributed import AllReduceCounter, count_all_reduces, sam_pass
 
 WORLD = 2
-MODES = ("sgd", "sam sync", "sam local")
+MODES = ("sgd", "sam sync", "sam local", "sam nosync")
 
 
 def _worker(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
@@ -58,7 +61,7 @@ def _worker(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
             sgd.step()
             return
         local = mode == "sam local"
-        with sam_pass(model, sam, local=local):
+        with model.no_sync() if mode == "sam nosync" else sam_pass(model, sam, local=local):
             loss_fn(model(x), y).backward()
         sam.first_step(zero_grad=True)
         with sam_pass(model, sam, local=local):

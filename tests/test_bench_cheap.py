@@ -35,5 +35,7 @@ def test_cheap_benchmark_smoke_run(
     assert rows["saf"][-2:] == ["1.00", "1.00"]
     assert rows["mesa"][-2:] == ["1.00", "1.00"]  # the EMA model is another module
     assert rows["esam"][-2:] == ["3.00", "2.50"]  # the second pass takes half the batch
-    for name in ("saf", "mesa", "esam"):
+    assert rows["looksam"][-2:] == ["1.20", "1.20"]  # a two-pass step in five
+    assert rows["periodic"][-2:] == ["1.20", "1.20"]
+    for name in ("saf", "mesa", "esam", "looksam", "periodic"):
         assert f"  {name}: " in out.split("targets:")[1]

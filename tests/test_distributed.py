@@ -188,7 +188,7 @@ def readme_blocks() -> list[str]:
     """The examples of the README's DDP section (fenced ``py``, which the README test skips:
     they need a process group)."""
     text = README.read_text()
-    section = text.split("## Distributed training (DDP)\n")[1].split("\n## ")[0]
+    section = text.split("## Distributed training (DDP, FSDP2)\n")[1].split("\n### FSDP2\n")[0]
     return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
 
 
@@ -200,10 +200,12 @@ def _run_readme(data: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
         "YourModel": make_model,
         "loss_fn": loss_fn,
         "loader": data,
+        "device": "cpu",
     }
     results = {}
     for i, block in enumerate(readme_blocks()):
-        if "def accumulate" in block:  # from the start again, to compare with one process
+        # from the start again, to compare with one process or the local reference
+        if "def accumulate" in block or "GradScaler" in block:
             ns["model"] = model = DDP(make_model())
             ns["optimizer"] = make_optimizer("sam", model.parameters())
         exec(compile(block, f"README.md DDP block {i + 1}", "exec"), ns)
@@ -281,9 +283,11 @@ def test_ddp_local_perturbation(tmp_path: Path) -> None:
             torch.testing.assert_close(weights, reference, rtol=1e-12, atol=1e-12)
     for style in ("two_call", "closure"):  # accumulation: still one all-reduce per step
         assert results[f"sam/{style}/True/2"][1] == STEPS
-    # The README's examples: two-call local, closure local, accumulation synchronised.
+    # The README's examples: two-call local, closure local, accumulation synchronised, and
+    # local with a GradScaler (float64 here: autocast leaves it, the scale is exact).
     blocks = readme_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
+    torch.testing.assert_close(results["readme/3"][0], reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results["readme/0"][0], reference, rtol=1e-12, atol=1e-12)
     assert not torch.equal(results["readme/1"][0], results["readme/0"][0])
     expected = one_process("sam", "two_call")
@@ -342,3 +346,5 @@ def test_ddp_benchmark_smoke_run(
     assert rows["sam sync"][0] == "2.00"  # all-reduces per step: one per pass (one bucket)
     assert rows["sam local"][0] == "1.00"
     assert rows["sam local"][3] == "0.50"  # bytes vs synchronised
+    nosync, local = rows["sam nosync"], rows["sam local"]
+    assert nosync[:2] + nosync[3:4] == local[:2] + local[3:4]  # the flag is no gradient bucket

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torchsam import _kernels
+from torchsam import _dtensor, _kernels
 
 __all__ = ["GroupView", "SharpnessAwareOptimizer"]
 
@@ -353,6 +353,7 @@ class SharpnessAwareOptimizer(Optimizer):
     # ------------------------------------------------------------------ the two steps
     def _views(self) -> list[GroupView]:
         views = []
+        rebuilt = False
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -379,12 +380,15 @@ class SharpnessAwareOptimizer(Optimizer):
                     params[0].device,
                 )
                 self._layouts[id(group)] = layout
+                rebuilt = True
                 for p in params:  # own state follows a dtype or device change of its parameter
                     own = self.state.get(p)
                     if own:
                         for key, value in own.items():
                             own[key] = _to_param(value, p)
             views.append(GroupView(group, params, grads, layout))
+        if rebuilt:
+            _dtensor.check_not_mixed(type(self).__name__, [p for v in views for p in v.params])
         return views
 
     @torch._disable_dynamo
@@ -708,8 +712,9 @@ class SharpnessAwareOptimizer(Optimizer):
         """``step()`` without closure: the all-zero-gradient step, or an error."""
         self._require_idle("step()")
         views = self._views()
+        # the 1-norm (the max-norm has no value on an empty FSDP2 shard), over all shards
         if views and not any(
-            bool(torch.stack(torch._foreach_norm(part, float("inf"))).any())
+            bool(_dtensor.full(torch.stack(torch._foreach_norm(part, 1))).any())
             for v in views
             for part in v.split(v.grads)
         ):
@@ -804,9 +809,9 @@ class SharpnessAwareOptimizer(Optimizer):
         entry = self._finite_flags.get(device)
         if entry is None:
             entry = (
-                torch.zeros(1, device=device),
-                torch.ones(1, device=device),
-                torch.zeros(1, device=device),
+                torch.zeros((), device=device),
+                torch.ones((), device=device),
+                torch.zeros((), device=device),
             )
             self._finite_flags[device] = entry
         return entry
@@ -966,7 +971,7 @@ class SharpnessAwareOptimizer(Optimizer):
             for st in stacks[1:]:
                 dtype = torch.promote_types(dtype, st.dtype)
             norms = torch.cat([st.to(device=device, dtype=dtype) for st in stacks])
-        return self._reduce_norm(torch.linalg.vector_norm(norms))
+        return self._reduce_norm(_dtensor.full(torch.linalg.vector_norm(norms)))
 
     def _global_dot(
         self, views: list[GroupView], xs: list[list[Tensor]], ys: list[list[Tensor]]
@@ -984,11 +989,14 @@ class SharpnessAwareOptimizer(Optimizer):
             for x, y in zip(x_list, y_list, strict=True):
                 x, y = real_view(x), real_view(y)
                 acc = torch.promote_types(x.dtype, torch.float32)
-                dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
+                if _dtensor.is_dtensor(x):  # FSDP2: a partial sum on each rank
+                    dot = _dtensor.dot(x, y, acc)
+                else:
+                    dot = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                 parts.append(dot.to(parts[0].device) if parts else dot)
         if not parts:  # no parameter has a gradient on this step
             return torch.zeros((), dtype=torch.float64)
-        return self._reduce_sum(torch.stack(parts).to(torch.float64).sum())
+        return self._reduce_sum(_dtensor.full(torch.stack(parts).to(torch.float64).sum()))
 
     def _reduce_sum(self, local_sum: Tensor) -> Tensor:
         """Combine this process's partial sum with the other processes' (identity here)."""
@@ -1055,6 +1063,18 @@ class SharpnessAwareOptimizer(Optimizer):
                 state_dict = result
         entries = dict(state_dict["state"])
         legacy = entries.pop(_LEGACY_GLOBAL, None) or {}  # older checkpoints' wide state
+        if entries and not any(
+            not isinstance(v, dict) for entry in entries.values() for v in entry.values()
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__}.load_state_dict(): the per-parameter entries hold no "
+                "state values (only empty dicts), which is what torch.distributed.checkpoint's "
+                "set_state_dict / set_optimizer_state_dict pass with "
+                "StateDictOptions(flatten_optimizer_state_dict=True): it rebuilds the entries "
+                "from optimizer.state, which holds torchsam's own state only, and would drop "
+                "the base optimizer's. Save and load with flatten_optimizer_state_dict=False "
+                "(the default)"
+            )
         groups = [dict(g) for g in state_dict["param_groups"]]
         if len(groups) != len(self.param_groups):
             raise ValueError(

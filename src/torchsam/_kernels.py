@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchsam import _dtensor
+
 __all__ = ["add_", "addcmul_", "combine_", "copy_", "lerp_"]
 
 Coefficient = float | Tensor
@@ -17,7 +19,9 @@ Coefficient = float | Tensor
 
 def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
     """``dst = src``."""
-    if foreach:
+    if foreach and dst and _dtensor.is_dtensor(dst[0]):
+        _dtensor.copy_(dst, src)  # torch._foreach_copy_ has no DTensor sharding rule
+    elif foreach:
         torch._foreach_copy_(dst, src)
     else:
         for d, s in zip(dst, src, strict=True):

@@ -6,9 +6,9 @@ gives the same weights as one process on the whole batch (with the loss averaged
 batch and equal batches per rank). Nothing extra is needed for that mode.
 
 The original SAM paper perturbs each worker with its *own* gradient (m-sharpness, with ``m``
-the per-worker batch): the first pass then needs no all-reduce at all, and only the gradient
-at the perturbed point is averaged. :func:`sam_pass` runs a pass in the right mode for both
-call styles::
+the per-worker batch): the first pass then needs no gradient all-reduce (only a 4-byte flag
+that tells every rank of an overflow), and only the gradient at the perturbed point is
+averaged. :func:`sam_pass` runs a pass in the right mode for both call styles::
 
     # two-call style
     with torchsam.distributed.sam_pass(ddp_model, optimizer, local=True):
@@ -30,6 +30,10 @@ call styles::
 
 The forward must be inside the context too: ``DistributedDataParallel.no_sync`` decides at
 forward time whether the following backward all-reduces.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) nothing extra is needed either: the
+optimizers take the sharded (``DTensor``) parameters as they are, and their gradient norms and
+inner products are summed over all shards (see ``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,16 @@ def sam_pass(
     With gradient accumulation, wrap all but the last micro-batch of each pass in
     ``model.no_sync()`` and the last one in this context.
 
+    Mixed precision (``torch.amp.GradScaler``, two-call style): call ``scaler.unscale_`` and
+    :meth:`~torchsam.SAM.first_step` after leaving the context. A synchronised pass spreads an
+    overflow (inf or NaN) to every rank through its all-reduce; after a local first pass this
+    context does it, with one all-reduce of a flag: when any rank's gradients are not finite,
+    every rank's become NaN, so every rank skips the step and the scalers back off together.
+
+    Under DDP, FriendlySAM and VaSSO keep the moving averages of the gradient at ``w`` that
+    they perturb with: in local mode each rank keeps its own (from its own gradients), so their
+    optimizer states differ between ranks while the weights stay identical.
+
     Args:
         model (DistributedDataParallel): the wrapped model (anything with ``no_sync()``)
         optimizer (SharpnessAwareOptimizer): the torchsam optimizer of this model
@@ -73,7 +87,9 @@ def sam_pass(
         TypeError: ``model`` has no ``no_sync()`` or ``optimizer`` is not a torchsam optimizer.
         ValueError: ``local=True`` with a variant whose final gradient uses the gradient at
             ``w`` (GSAM, WSAM, LookSAM), which would then differ between ranks and let the
-            weights diverge; use ``local=False`` for those.
+            weights diverge; use ``local=False`` for those. Also for ESAM and MSAM, which run
+            their backward passes inside ``step(closure)``: under DDP call their ``step`` as
+            usual (both passes synchronised).
     """
     no_sync = getattr(model, "no_sync", None)
     if not callable(no_sync):
@@ -96,14 +112,48 @@ def sam_pass(
             "first pass would give each rank a different update; use local=False"
         )
     if optimizer._no_two_call_style is not None:
-        raise ValueError(f"sam_pass does not support {name}: {optimizer._no_two_call_style}")
-    context: contextlib.AbstractContextManager[Any]
+        raise ValueError(
+            f"sam_pass(local=True) does not support {name}: it runs its own backward passes "
+            "inside step(closure), where no context can make its first pass local. Under DDP "
+            "call optimizer.step(closure) without sam_pass: both passes are then synchronised"
+        )
     if optimizer.perturbed or not optimizer._wants_second_pass():
-        context = contextlib.nullcontext()
-    else:
-        context = no_sync()
-    with context:
         yield
+        return
+    with no_sync():
+        yield
+    _spread_non_finite(model, optimizer)
+
+
+def _spread_non_finite(model: nn.Module, optimizer: SharpnessAwareOptimizer) -> None:
+    """After a local first pass: if a gradient of any rank is not finite, make this rank's
+    gradients NaN too, so that every rank skips the step.
+
+    A synchronised pass spreads an inf or NaN to every rank through the all-reduce; a local
+    pass does not, and the ranks would then disagree on whether to perturb (one skipping the
+    step, the other running a second pass that all-reduces alone). One all-reduce of a flag
+    decides for all, before ``GradScaler.unscale_`` and ``first_step`` look at the gradients,
+    so both see the overflow on every rank.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    present = [g for g in grads if g is not None]
+    if present:
+        peaks = torch._foreach_norm(present, float("inf"))
+        device = present[0].device
+        local = torch.stack([n.to(device=device, dtype=torch.float32) for n in peaks])
+        flag = (~torch.isfinite(local)).any().to(torch.float32)
+    else:
+        first = next(model.parameters(), None)
+        flag = torch.zeros((), device=first.device if first is not None else "cpu")
+    any_rank = flag.clone()
+    dist.all_reduce(any_rank, op=dist.ReduceOp.MAX, group=getattr(model, "process_group", None))
+    if bool(any_rank.item()) and not bool(flag.item()):
+        for g in present:
+            g.fill_(float("nan"))
 
 
 class AllReduceCounter:

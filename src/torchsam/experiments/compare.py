@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -395,18 +396,66 @@ class CompareConfig:
 def resolve_device(name: str) -> torch.device:
     """``"auto"``: CUDA when available, else the CPU; otherwise ``torch.device(name)``.
 
+    Under ``torchrun`` (:func:`torchrun_world` > 1) each process takes the GPU of its
+    ``LOCAL_RANK``: ``"auto"`` and ``"cuda"`` mean ``cuda:<LOCAL_RANK>``.
+
     Raises:
-        ValueError: for a device that does not exist here.
+        ValueError: for a device that does not exist here, or a numbered GPU under torchrun.
     """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if torchrun_world() > 1 else None
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"Invalid device {name!r}: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and local_rank is not None:
+        if device.index is not None:
+            raise ValueError(
+                f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                "use --device auto or cuda"
+            )
+        device = torch.device("cuda", local_rank)
     return device
+
+
+def torchrun_world() -> int:
+    """The number of processes ``torchrun`` started for this job (``WORLD_SIZE``; 1 without
+    torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_name: str) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment, if it started
+    more than one process: NCCL when this process's device is a GPU (``cuda:<LOCAL_RANK>``),
+    gloo on the CPU. Returns whether a group was joined (leave it with
+    ``torch.distributed.destroy_process_group()``).
+
+    Raises:
+        ValueError: for a device :func:`resolve_device` refuses.
+    """
+    if torchrun_world() <= 1:
+        return False
+    import torch.distributed as dist
+
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 # --------------------------------------------------------------------------- instruments
@@ -482,6 +531,16 @@ def run_compare(
     one record per run (with its per-epoch history and instruments), the summary per
     contender, the verdict and the files written. A ``KeyboardInterrupt`` stops the runs; what
     was gathered is still summarised and written, with ``"interrupted": true``.
+
+    In a process group of several processes (``torchrun``, after :func:`init_distributed`),
+    every process calls it: each run trains data-parallel (``train(..., distributed=True)``:
+    ``batch_size`` is the global batch, shared among the processes), and rank 0 alone measures
+    the models and writes the files.
+
+    Raises:
+        ValueError: for an invalid configuration; in a process group, also for a batch size
+            that is not a multiple of its size and for ``saf``, whose per-sample memory does
+            not follow a sample to another process.
     """
     config.validate()
     config = config.resolved()
@@ -490,6 +549,19 @@ def run_compare(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     entries = contenders(config.optimizers, config.rho)
+    rank, world = _rank_and_world()
+    writer = rank == 0
+    if world > 1:
+        if int(config.batch_size or 1) % world:
+            raise ValueError(
+                f"--batch-size {config.batch_size} is the global batch, shared among the "
+                f"{world} processes: use a multiple of {world}"
+            )
+        if any(c.method == "saf" for c in entries):
+            raise ValueError(
+                "saf cannot run under torchrun: its per-sample memory stays in the process "
+                "that saw the sample; run it in one process"
+            )
     split = load_dataset(
         config.dataset,
         noise=config.label_noise,
@@ -501,11 +573,12 @@ def run_compare(
     build_model(model_name, config.dataset, split, config.width)  # fail early on a bad pair
     _check_options(entries, split, model_name, config)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(exist_ok=True)
     report: dict[str, Any] = {
         "config": config.to_dict(),
-        "environment": _environment(device),
+        "environment": {**_environment(device), "processes": world},
         "runs": [],
         "interrupted": False,
     }
@@ -525,7 +598,7 @@ def run_compare(
                 finally:
                     progress.end_run()
                 record.update(_result_fields(result))
-                if result.model is not None:
+                if result.model is not None and writer:
                     if seed == config.seeds[0]:
                         final_models[contender.label] = result.model
                         _save_checkpoint(out, contender, config, result.model)
@@ -545,6 +618,8 @@ def run_compare(
     report["summary"] = summarise(report["runs"], entries)
     report["verdict"] = verdict(report["summary"])
     report["files"] = ["results.json"]
+    if not writer:
+        return report
     try:
         report["files"] += _plots(report, out, final_models, probe_data, config, progress)
     except KeyboardInterrupt:
@@ -603,6 +678,7 @@ def _train_one(
         curves=True,
         on_step=progress.step,
         on_epoch=on_epoch,
+        distributed=_rank_and_world()[1] > 1,
         **kwargs,
         **contender.options,
     )
@@ -617,6 +693,7 @@ def _result_fields(result: Result) -> dict[str, Any]:
         "wall_time": result.wall_time,
         "steps": result.steps,
         "forward_passes": result.forward_passes,
+        "forward_samples": result.forward_samples,
         "forwards_per_step": result.forwards_per_step,
     }
 

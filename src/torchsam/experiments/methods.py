@@ -49,6 +49,11 @@ def _per_sample_step(context: TrainContext) -> StepFn:
 
 def _saf_step(context: TrainContext, **options: Any) -> StepFn:
     """SGD with SAF's trajectory term added to the loss: one forward/backward per step."""
+    if context.world_size > 1:
+        raise ValueError(
+            "saf keeps each sample's past outputs in the process that saw it, and under "
+            "torchrun a sample goes to another process in a later epoch; run saf in one process"
+        )
     split = context.split
     saf = torchsam.SAF(len(split.x_train), split.num_classes, **options)
     return _with_term(context, lambda logits, batch: saf(logits, batch.index, batch.epoch))

@@ -105,6 +105,9 @@ class TrainContext:
         steps_per_epoch (int): optimisation steps per epoch
         generator (torch.Generator): seeded from the run's seed, for a method's own
             randomness (never the global generator)
+        world_size (int): processes training together (``train(..., distributed=True)``);
+            each step's batch is then this process's share of the global batch, and a step
+            builder that keeps per-sample state must refuse more than one (default: 1)
     """
 
     model: nn.Module
@@ -115,6 +118,7 @@ class TrainContext:
     epochs: int
     steps_per_epoch: int
     generator: torch.Generator
+    world_size: int = 1
 
     @property
     def total_steps(self) -> int:
@@ -385,11 +389,33 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> 
     """
     if x.shape[0] == 0:
         return float("nan")
+    return _correct(model, x, y, batch_size) / x.shape[0]
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> int:
     correct = 0
     for start in range(0, x.shape[0], batch_size):
         logits = model(x[start : start + batch_size])
         correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum().item())
-    return correct / x.shape[0]
+    return correct
+
+
+@torch.no_grad()
+def _shared_accuracy(model: nn.Module, x: Tensor, y: Tensor, world: int) -> float:
+    """:func:`accuracy` with the rows shared among the processes of the default group, each
+    evaluating its part with rank 0's buffers (BatchNorm statistics); the same on every rank."""
+    if world == 1 or x.shape[0] == 0:
+        return accuracy(model, x, y)
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    part = -(-x.shape[0] // world)
+    rows = slice(dist.get_rank() * part, (dist.get_rank() + 1) * part)
+    count = torch.tensor([_correct(model, x[rows], y[rows])], device=x.device)
+    dist.all_reduce(count)
+    return int(count.item()) / x.shape[0]
 
 
 def train(
@@ -407,6 +433,7 @@ def train(
     curves: bool = False,
     on_step: Callable[[int, int, Tensor], None] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    distributed: bool = False,
     **method_kwargs: Any,
 ) -> Result:
     """Train a fresh model on ``split`` with one method and report its accuracy and cost.
@@ -441,6 +468,14 @@ def train(
             loss)`` with the step's loss tensor (default: None)
         on_epoch (Callable, optional): called with each epoch's :class:`EpochStats` as soon
             as it is recorded (default: None)
+        distributed (bool, optional): train data-parallel with the processes of the
+            initialised default process group (as ``torchrun`` starts them, one call per
+            process): the model is wrapped in ``DistributedDataParallel``, ``batch_size`` is
+            the global batch, which every process draws alike and of which each takes its
+            contiguous share of ``batch_size / world_size`` samples, so the gradients averaged
+            by DDP are those of one process on the whole batch; the training loss and the
+            accuracies (evaluated in shares with rank 0's buffers) are the same on every rank;
+            ``wall_time`` is this process's (default: False)
         **method_kwargs: the method's options (``rho=...``), over its registered defaults
 
     Returns:
@@ -448,7 +483,9 @@ def train(
         and the trained model.
 
     Raises:
-        ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``.
+        ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``;
+            with ``distributed=True``, without a process group or for a ``batch_size`` that
+            is not a multiple of the number of processes.
     """
     spec = get_method(method)
     epochs = _check_int("epochs", epochs, 1)
@@ -461,6 +498,8 @@ def train(
             f"Invalid batch_size value: {batch_size}; the training set has only {n_train} samples"
         )
     opt_kwargs, step_kwargs = spec.split_kwargs(method_kwargs)
+    world, rank = _world(distributed, batch_size)
+    local_batch = batch_size // world
 
     target = torch.device(device) if device is not None else torch.device("cpu")
     if split.x_train.device != target:
@@ -479,6 +518,13 @@ def train(
             model_fn(split) if model_fn is not None else mlp(split.num_features, split.num_classes)
         )
         model.to(target)
+        net = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(
+                model, device_ids=[target] if target.type == "cuda" else None
+            )
         optimizer = spec.make_optimizer(
             model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, **opt_kwargs
         )
@@ -492,7 +538,7 @@ def train(
         )
         batch_generator = torch.Generator().manual_seed(seed)
         context = TrainContext(
-            model=model,
+            model=net,
             optimizer=optimizer,
             loss_fn=nn.CrossEntropyLoss(),
             per_sample_loss_fn=nn.CrossEntropyLoss(reduction="none"),
@@ -501,6 +547,7 @@ def train(
             steps_per_epoch=steps_per_epoch,
             # a stream of its own, so a method's draws never shift the batches
             generator=torch.Generator().manual_seed(seed + 1),
+            world_size=world,
         )
         step_fn = spec.make_step(context, **step_kwargs)
 
@@ -511,7 +558,7 @@ def train(
             if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
                 counts[1] += args[0].shape[0]
 
-        handle = model.register_forward_pre_hook(count_forward)
+        handle = net.register_forward_pre_hook(count_forward)
         model.train()
         steps = 0
         wall_time = 0.0
@@ -522,6 +569,8 @@ def train(
                 start = time.perf_counter()
                 loss_sum = torch.zeros((), device=target)
                 for index in _batches(n_train, batch_size, batch_generator):
+                    if world > 1:  # this process's share of the global batch
+                        index = index[rank * local_batch : (rank + 1) * local_batch]
                     index = index.to(target)
                     batch = Batch(split.x_train[index], split.y_train[index], index, epoch, steps)
                     loss = step_fn(batch)
@@ -532,13 +581,16 @@ def train(
                         on_step(epoch, steps, loss)
                 _synchronize(target)
                 wall_time += time.perf_counter() - start
+                if world > 1:  # the mean over the ranks' equal shares: the global batches'
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= world
                 epoch_accuracy = None
                 if curves:
                     handle.remove()
                     model.eval()
-                    epoch_accuracy = accuracy(model, split.x_test, split.y_test)
+                    epoch_accuracy = _shared_accuracy(model, split.x_test, split.y_test, world)
                     model.train()
-                    handle = model.register_forward_pre_hook(count_forward)
+                    handle = net.register_forward_pre_hook(count_forward)
                 stats = EpochStats(
                     epoch, (loss_sum / steps_per_epoch).item(), wall_time, epoch_accuracy
                 )
@@ -549,8 +601,12 @@ def train(
             handle.remove()
 
         model.eval()
-        test_accuracy = accuracy(model, split.x_test, split.y_test)
-        train_accuracy = accuracy(model, split.x_train, split.y_train_clean)
+        test_accuracy = _shared_accuracy(model, split.x_test, split.y_test, world)
+        train_accuracy = _shared_accuracy(model, split.x_train, split.y_train_clean, world)
+        if world > 1:  # samples through the forward passes of all processes
+            samples = torch.tensor([counts[1]], device=target)
+            torch.distributed.all_reduce(samples)
+            counts[1] = int(samples.item())
 
     return Result(
         method=spec.name,
@@ -565,6 +621,26 @@ def train(
         history=tuple(history),
         model=model,
     )
+
+
+def _world(distributed: bool, batch_size: int) -> tuple[int, int]:
+    """(world size, rank) of a run; (1, 0) unless ``distributed``."""
+    if not distributed:
+        return 1, 0
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group: start the "
+            "processes with torchrun (or call torch.distributed.init_process_group first)"
+        )
+    world = dist.get_world_size()
+    if batch_size % world:
+        raise ValueError(
+            f"Invalid batch_size value: {batch_size}; with {world} processes the batch size "
+            f"(the global batch) must be a multiple of {world}"
+        )
+    return world, dist.get_rank()
 
 
 def _synchronize(device: torch.device) -> None:
