@@ -51,6 +51,21 @@ STATE_PREFIX = "sam."
 BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
 
 
+#: tensors of at most this many elements are normed together in one flat buffer on the CPU
+_FLAT_NORM_MAX_NUMEL = 4096
+_PLAIN = (Tensor, nn.Parameter)
+
+
+@dataclass
+class _FlatPlan:
+    """Small tensors of a split gathered in one flat buffer, for one norm on the CPU."""
+
+    small: list[int] | None  # their positions in the split (None: all of them)
+    large: list[int]  # the positions of the others
+    flat: Tensor
+    pieces: list[Tensor]  # views of ``flat`` shaped like the small tensors
+
+
 @dataclass
 class _Layout:
     """What is fixed while a group's set of parameters with gradients does not change.
@@ -65,6 +80,41 @@ class _Layout:
     dtypes: list[torch.dtype] = field(default_factory=list)
     device: torch.device | None = None
     buffers: dict[str, list[Tensor]] = field(default_factory=dict)
+    #: per split: the flat buffer that gathers small CPU tensors for one norm
+    flat: dict[int, _FlatPlan | None] = field(default_factory=dict)
+
+    def flat_buffer(self, index: int, tensors: list[Tensor]) -> _FlatPlan | None:
+        """For split ``index`` on the CPU: the positions of its small tensors, a flat buffer
+        and views of it shaped like them; None where that does not pay (see ``_global_norm``).
+
+        On the CPU a multi-tensor norm is a loop of per-tensor reductions, each with a fixed
+        cost of about a microsecond: for small tensors a copy into one buffer and one norm
+        cost less (on a GPU ``torch._foreach_norm`` is one kernel, and large tensors would pay
+        for the extra pass over memory).
+        """
+        if index not in self.flat:
+            plan: _FlatPlan | None = None
+            first = tensors[0]
+            small = [i for i, t in enumerate(tensors) if t.numel() <= _FLAT_NORM_MAX_NUMEL]
+            if (
+                len(small) > 1
+                and first.device.type == "cpu"
+                and all(type(t) in _PLAIN for t in tensors)
+            ):
+                sizes = [tensors[i].numel() for i in small]
+                flat = torch.empty(sum(sizes), dtype=first.dtype)
+                pieces = [
+                    piece.view(tensors[i].shape)
+                    for piece, i in zip(flat.split(sizes), small, strict=True)
+                ]
+                chosen = set(small)
+                large = [i for i in range(len(tensors)) if i not in chosen]
+                plan = _FlatPlan(None if len(small) == len(tensors) else small, large, flat, pieces)
+            self.flat[index] = plan
+        plan = self.flat[index]
+        if plan is not None and plan.flat.dtype != tensors[0].dtype:
+            return None
+        return plan
 
     def matches(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are this layout's tensors, still of the same dtypes and device.
@@ -891,10 +941,21 @@ class SharpnessAwareOptimizer(Optimizer):
         stacks: list[Tensor] = []
         for view, tensors in zip(views, tensor_lists, strict=True):
             foreach = group_foreach(view.group)
-            for part in view.split(tensors):
+            for i, part in enumerate(view.split(tensors)):
                 if foreach:
                     acc = torch.promote_types(part[0].dtype, torch.float32)
-                    stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
+                    plan = view.layout.flat_buffer(i, part)
+                    if plan is None:
+                        stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
+                        continue
+                    # small CPU tensors: one copy into a flat buffer, one norm
+                    small = part if plan.small is None else [part[j] for j in plan.small]
+                    torch._foreach_copy_(plan.pieces, small)
+                    flat_norm = torch.linalg.vector_norm(plan.flat, dtype=acc, dim=0, keepdim=True)
+                    stacks.append(flat_norm)
+                    if plan.large:
+                        large = [part[j] for j in plan.large]
+                        stacks.append(torch.stack(torch._foreach_norm(large, 2, dtype=acc)))
                 else:
                     part = [real_view(t) for t in part]
                     acc = torch.promote_types(part[0].dtype, torch.float32)

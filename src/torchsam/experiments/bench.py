@@ -24,7 +24,7 @@ Scenarios:
 
 1. many small tensors: 200 tensors of 1,000 elements. Metric: the optimizer's own cost per
    step, time(first_step + second_step) - time(SGD step alone), paired per trial.
-   Target: torchsam <= 0.5x the reference.
+   Target: torchsam <= 0.35x the reference.
 2. ResNet-sized: the 62 parameter shapes of torchvision's ResNet-18 (11,689,512 elements) plus
    138 bias-like 1-D tensors cycling through 64/128/256/512 elements, 200 tensors and about
    11.7M elements in all. Metric: total time per step (including the SGD step).
@@ -33,6 +33,14 @@ Scenarios:
    ``TorchDispatchMode``, that have at least as many elements as the smallest parameter and
    whose storage is not shared with any input of the op, during one step taken after two
    warm-up steps. Target: 0 for torchsam.
+4. host synchronisations and dispatched operators per step (not timed), counted with
+   :class:`torchsam.experiments._dispatch_count.DispatchCounter` for the seed's code
+   (:class:`ReferenceSAM`), SAM and every variant (both kinds of step for LookSAM ``k=5`` and
+   IntermittentSAM ``every=5``), by default and with ``skip_nonfinite=False``, on an MLP of 100
+   ``Linear(10, 10)`` layers (the user's forward and backward passes are not counted). An
+   operator is a proxy for a kernel launch on a GPU (a ``torch._foreach_*`` call is one; views
+   are not counted); a synchronisation stalls a GPU's launch queue. Target: at most 1 per step
+   by default (the decision to skip a step with a non-finite gradient), 0 without the guard.
 
 Timing: warm-up steps, then per trial ``reps`` back-to-back steps of each contender (the order
 of contenders rotates from trial to trial), ``time.perf_counter``, the garbage collector paused
@@ -282,7 +290,7 @@ def scenario_small(warmup: int, reps: int, trials: int) -> tuple[list[Row], list
         f"  {name:<24} total {spread(times[name])}; own {spread(own_trials[name])}"
         for name in SAM_CONTENDERS
     ]
-    return ratio_rows("1 many small: own cost", own, 0.5), notes
+    return ratio_rows("1 many small: own cost", own, 0.35), notes
 
 
 def scenario_resnet(warmup: int, reps: int, trials: int) -> tuple[list[Row], list[str]]:
