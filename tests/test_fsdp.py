@@ -3,7 +3,9 @@
 The workers (gloo, a CPU device mesh) train a sharded float64 model and save the full weights
 that each rank gathers; the tests compare the ranks bit for bit and the weights with one
 process on the whole batch. The model has parameters that split evenly, unevenly (7 rows) and
-one that leaves rank 1 an empty shard (1 row). A second job round-trips the sharded optimizer
+one that leaves rank 1 an empty shard (1 row). ESAM, MSAM and the GradScaler recipe run on the
+model and data of ``tests/test_distributed_two_ranks.py`` and are compared with its DDP
+references (the GradScaler one in float32). A second job round-trips the sharded optimizer
 state through ``torch.distributed.checkpoint`` and compares the resumed run with the
 uninterrupted one, bit for bit.
 """
@@ -25,6 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import torchsam
+from tests import test_distributed_two_ranks as two_ranks
 from tests.test_distributed import (
     LOCAL_BATCH,
     LR,
@@ -43,6 +46,8 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, dict(lr=LR, momentum=0.9)),
     "adam": (torch.optim.Adam, dict(lr=0.01)),
 }
+#: GradScaler runs: steps, which rank overflows in which pass of which step, initial scale
+AMP_STEPS, OVERFLOWS, INIT_SCALE = two_ranks.AMP_STEPS, two_ranks.OVERFLOWS, two_ranks.INIT_SCALE
 #: (variant, call style, foreach) of the runs compared with one process: the per-tensor
 #: kernels (foreach=False) are those of both call styles, so one style tests them
 EQUAL_RUNS = [(n, s, True) for n in VARIANTS for s in ("two_call", "closure")]
@@ -94,9 +99,13 @@ def make_optimizer(
 
 
 def fully_sharded(seed: int = 0) -> nn.Sequential:
+    return shard_layers(make_model(seed))
+
+
+def shard_layers(model: nn.Sequential) -> nn.Sequential:
+    """``fully_shard`` on each linear layer, then on the whole model."""
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(seed)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -169,6 +178,61 @@ def _equal_job(rank: int, out: str) -> dict[str, Any]:
     results.update(_collectives_job(model, data[0]))
     results.update(_one_rank_job(model, data[0], rank))
     results["mixed"] = _mixed_job(data[0])
+    return results
+
+
+def _per_sample_job(rank: int) -> dict[str, Any]:
+    """ESAM and MSAM (backward passes inside their own step) on the model and data of the DDP
+    test of ``tests/test_distributed_two_ranks.py``, sharded, so that its references apply."""
+    data = [two_ranks.shard(b, rank) for b in two_ranks.make_data(3)]
+    results: dict[str, Any] = {}
+    for name, kwargs in two_ranks.ESAM_CASES.items():
+        model = shard_layers(two_ranks.make_model())
+        opt = two_ranks.sgd(torchsam.ESAM, model.parameters(), **kwargs)
+        for x, y in data:
+            opt.step(two_ranks.per_sample_closure(model, x, y))
+        results[name] = full_weights(model)
+    model = shard_layers(two_ranks.make_model())
+    opt = two_ranks.sgd(torchsam.MSAM, model.parameters(), m=two_ranks.MSAM_M)
+    for x, y in data:
+        opt.step(two_ranks.per_sample_closure(model, x, y), batch_size=two_ranks.LOCAL_BATCH)
+    results["msam"] = full_weights(model)
+    return results
+
+
+def _amp_job(rank: int) -> dict[str, Any]:
+    """SAM in the two-call GradScaler recipe (float32). With a scaler, on the steps and passes
+    of ``OVERFLOWS`` an inf is written into one element of this rank's shard of a gradient
+    after the backward (an overflow that the reduce-scatter left on one rank's shard only);
+    without one, those steps are left out."""
+    data = [two_ranks.shard(b, rank) for b in two_ranks.make_data(AMP_STEPS, torch.float32)]
+    results: dict[str, Any] = {}
+    for amp in (True, False):
+        model = shard_layers(two_ranks.make_model(torch.float32))
+        opt = two_ranks.sgd(torchsam.SAM, model.parameters())
+        scaler = None
+        if amp:
+            scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1)
+        for step, (x, y) in enumerate(data):
+            if scaler is None and step in OVERFLOWS:
+                continue
+            for which in ("first", "second"):
+                loss = ((model(x) - y) ** 2).mean()
+                if scaler is None:
+                    loss.backward()
+                else:
+                    scaler.scale(loss).backward()
+                    if OVERFLOWS.get(step) == (rank, which):
+                        next(model.parameters()).grad.to_local()[0, 0] = float("inf")
+                if which == "first":
+                    if scaler is not None:
+                        scaler.unscale_(opt)
+                    opt.first_step(zero_grad=True)
+            opt.second_step(zero_grad=True, grad_scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+        results[f"amp/{amp}"] = full_weights(model)
+        results[f"amp/{amp}/scale"] = scaler.get_scale() if scaler is not None else None
     return results
 
 
@@ -337,6 +401,8 @@ def _run(rank: int, init: str, out: str) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results = _equal_job(rank, out)
+            results.update(_per_sample_job(rank))
+            results.update(_amp_job(rank))
         results["warnings"] = sorted({str(w.message) for w in caught})
         results.update(_checkpoint_job(rank, out))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
@@ -452,3 +518,34 @@ def test_fsdp2_distributed_checkpoint_resumes_bit_exactly(ranks: list[dict[str, 
         expected = {"sgd": {"momentum_buffer"}, "adam": {"exp_avg", "exp_avg_sq"}}[base]
         expected |= {"fsam": {"sam.grad_ema"}, "looksam": {"sam.gv"}}.get(name, set())
         assert expected <= keys, (name, keys)
+
+
+def test_fsdp2_esam_and_msam_equal_their_ddp_references(ranks: list[dict[str, Any]]) -> None:
+    # gamma = 1 (no sample selection), beta = 0.6: one process on the whole batch
+    model = two_ranks.make_model()
+    opt = two_ranks.sgd(torchsam.ESAM, model.parameters(), **two_ranks.ESAM_CASES["esam_swp"])
+    for x, y in two_ranks.make_data(3):
+        opt.step(two_ranks.per_sample_closure(model, x, y))
+    assert not torch.equal(two_ranks.flat(model), two_ranks.flat(two_ranks.make_model()))
+    weights = ranks[0]["esam_swp"]
+    torch.testing.assert_close(weights, two_ranks.flat(model), rtol=1e-12, atol=1e-12)
+    # gamma = 0.5: each rank selects from its own rows, as under DDP
+    weights = ranks[0]["esam_sds"]
+    torch.testing.assert_close(weights, two_ranks.esam_sds_reference(), rtol=1e-12, atol=1e-12)
+    # MSAM: the ranks' j-th micro-batches are averaged, as under DDP
+    weights = ranks[0]["msam"]
+    torch.testing.assert_close(weights, two_ranks.msam_one_process(), rtol=1e-12, atol=1e-12)
+
+
+def test_fsdp2_grad_scaler_overflow_on_one_shard_skips_the_step_on_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    # the ranks are bit-identical (the fixture checks every result), scales included: an inf
+    # on one rank's shard made every rank's scaler back off, on both overflowing steps, and
+    # the scale grew on the three others
+    assert ranks[0]["amp/True/scale"] == INIT_SCALE * 2.0 ** (AMP_STEPS - 2 * len(OVERFLOWS))
+    # no rank took an overflowing step: the weights are those of the run without a scaler
+    # and without those steps (scaling by powers of two is exact)
+    unscaled = ranks[0]["amp/False"]
+    assert not torch.equal(unscaled, two_ranks.flat(two_ranks.make_model(torch.float32)))
+    assert torch.equal(ranks[0]["amp/True"], unscaled)

@@ -32,8 +32,10 @@ The forward must be inside the context too: ``DistributedDataParallel.no_sync`` 
 forward time whether the following backward all-reduces.
 
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``) nothing extra is needed either: the
-optimizers take the sharded (``DTensor``) parameters as they are, and their gradient norms and
-inner products are summed over all shards (see ``docs/design.md``).
+optimizers (ESAM and MSAM included) take the sharded (``DTensor``) parameters as they are, and
+their gradient norms and inner products are summed over all shards (see ``docs/design.md``).
+A plain ``torch.amp.GradScaler`` works too: DTensor takes the maximum of the ranks' overflow
+flags in ``scaler.unscale_``, so an overflow on one rank's shard skips the step on every rank.
 """
 
 from __future__ import annotations
