@@ -64,6 +64,7 @@ class _FlatPlan:
     large: list[int]  # the positions of the others
     flat: Tensor
     pieces: list[Tensor]  # views of ``flat`` shaped like the small tensors
+    vectors: bool  # the small tensors are all 1-D: one torch.cat fills ``flat``
 
 
 @dataclass
@@ -109,7 +110,13 @@ class _Layout:
                 ]
                 chosen = set(small)
                 large = [i for i in range(len(tensors)) if i not in chosen]
-                plan = _FlatPlan(None if len(small) == len(tensors) else small, large, flat, pieces)
+                plan = _FlatPlan(
+                    None if len(small) == len(tensors) else small,
+                    large,
+                    flat,
+                    pieces,
+                    all(tensors[i].dim() == 1 for i in small),
+                )
             self.flat[index] = plan
         plan = self.flat[index]
         if plan is not None and plan.flat.dtype != tensors[0].dtype:
@@ -950,7 +957,10 @@ class SharpnessAwareOptimizer(Optimizer):
                         continue
                     # small CPU tensors: one copy into a flat buffer, one norm
                     small = part if plan.small is None else [part[j] for j in plan.small]
-                    torch._foreach_copy_(plan.pieces, small)
+                    if plan.vectors:  # biases, normalisation weights: one kernel
+                        torch.cat(small, out=plan.flat)
+                    else:
+                        torch._foreach_copy_(plan.pieces, small)
                     flat_norm = torch.linalg.vector_norm(plan.flat, dtype=acc, dim=0, keepdim=True)
                     stacks.append(flat_norm)
                     if plan.large:
@@ -1266,10 +1276,17 @@ def _flag_nonfinite(
     """Set the flag of a device to 1 if a gradient element of ``views`` there is not finite.
 
     Uses the fused check that ``GradScaler`` runs (with a scale of 1, which leaves finite
-    values bit-identical), one pass over the gradients and no synchronisation.
+    values bit-identical), one pass over the gradients and no synchronisation. Small 1-D CPU
+    tensors are gathered first into the flat buffer of the norm (one ``torch.cat``), so that
+    the check is one call on one tensor instead of a loop over them.
     """
     for view in views:
-        for part in view.split(view.grads):
+        for i, part in enumerate(view.split(view.grads)):
+            plan = view.layout.flat_buffer(i, part)
+            if plan is not None and plan.vectors:
+                small = part if plan.small is None else [part[j] for j in plan.small]
+                torch.cat(small, out=plan.flat)
+                part = [plan.flat, *(part[j] for j in plan.large)]
             _flag_nonfinite_values(part, *flag_on(part[0].device))
 
 
