@@ -148,7 +148,13 @@ def test_a_skipped_step_leaves_the_gradient_average_as_it_was(cls: type) -> None
 
 @pytest.mark.parametrize(
     "shapes",
-    [[(10,), (20,), (30,)], [(10,), (5000,), (20,), (9000,)], [(6000,), (7000,)], [(3, 4), (9,)]],
+    [
+        [(10,), (20,), (30,)],
+        [(10,), (5000,), (20,), (9000,)],
+        [(6000,), (7000,)],
+        [(3, 4), (9,)],
+        [(3, 4), (9,), (5, 2), (7,), (80, 90)],
+    ],
 )
 def test_the_gradient_norm_of_small_and_large_tensors(shapes: list[tuple[int, ...]]) -> None:
     """On the CPU small tensors are normed through one flat buffer, large ones one by one: the
@@ -167,3 +173,25 @@ def test_the_gradient_norm_of_small_and_large_tensors(shapes: list[tuple[int, ..
             torch.testing.assert_close(p - p0, 0.1 * g / norm, rtol=1e-12, atol=1e-15)
         with torch.no_grad():
             opt._abort()  # back to w
+
+
+@pytest.mark.parametrize("poisoned", range(5))
+def test_the_check_of_second_gradients_of_mixed_shapes(poisoned: int) -> None:
+    """1-D small tensors are checked through the flat buffer, the others one by one: a NaN in
+    any of them skips the step."""
+    shapes = [(3, 4), (9,), (5, 2), (7,), (80, 90)]
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(n)) for n in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = torchsam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.first_step()
+    grads = [torch.randn_like(p) for p in params]
+    grads[poisoned].view(-1)[-1] = math.nan
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    with pytest.warns(RuntimeWarning, match="second_step"):
+        opt.second_step()
+    for p, p0 in zip(params, start, strict=True):
+        assert torch.equal(p, p0)
