@@ -146,21 +146,52 @@ def test_a_skipped_step_leaves_the_gradient_average_as_it_was(cls: type) -> None
     assert not torch.equal(opt.state[model.bias]["grad_ema"], before[model.bias])
 
 
-@pytest.mark.parametrize("sizes", [[10, 20, 30], [10, 5000, 20, 9000], [6000, 7000]])
-def test_the_gradient_norm_of_small_and_large_tensors(sizes: list[int]) -> None:
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(10,), (20,), (30,)],
+        [(10,), (5000,), (20,), (9000,)],
+        [(6000,), (7000,)],
+        [(3, 4), (9,)],
+        [(3, 4), (9,), (5, 2), (7,), (80, 90)],
+    ],
+)
+def test_the_gradient_norm_of_small_and_large_tensors(shapes: list[tuple[int, ...]]) -> None:
     """On the CPU small tensors are normed through one flat buffer, large ones one by one: the
     perturbation equals rho * g / ||g|| over all of them (float64, to rounding)."""
     torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in sizes]
-    grads = [torch.randn(n, dtype=torch.float64) for n in sizes]
+    params = [nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in shapes]
+    grads = [torch.randn(n, dtype=torch.float64) for n in shapes]
     start = [p.detach().clone() for p in params]
     opt = torchsam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.1)
     for _ in range(2):  # the second step reuses the cached buffer
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         opt.first_step()
-        norm = torch.linalg.vector_norm(torch.cat(grads))
+        norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
         for p, p0, g in zip(params, start, grads, strict=True):
             torch.testing.assert_close(p - p0, 0.1 * g / norm, rtol=1e-12, atol=1e-15)
         with torch.no_grad():
             opt._abort()  # back to w
+
+
+@pytest.mark.parametrize("poisoned", range(5))
+def test_the_check_of_second_gradients_of_mixed_shapes(poisoned: int) -> None:
+    """1-D small tensors are checked through the flat buffer, the others one by one: a NaN in
+    any of them skips the step."""
+    shapes = [(3, 4), (9,), (5, 2), (7,), (80, 90)]
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(n)) for n in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = torchsam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.first_step()
+    grads = [torch.randn_like(p) for p in params]
+    grads[poisoned].view(-1)[-1] = math.nan
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    with pytest.warns(RuntimeWarning, match="second_step"):
+        opt.second_step()
+    for p, p0 in zip(params, start, strict=True):
+        assert torch.equal(p, p0)

@@ -33,7 +33,7 @@ from torchsam import _dtensor, _kernels
 
 __all__ = ["GroupView", "SharpnessAwareOptimizer"]
 
-# Phases of a step: at w; at w + e (second pass due); first gradient not finite (step skipped);
+# Phases of a step: at w; at w + e (second pass due); a _perturb that declined (step skipped);
 # no second pass on this step (the gradients at w are kept for second_step).
 _IDLE, _PERTURBED, _SKIPPED, _ONE_PASS = "idle", "perturbed", "skipped", "one pass"
 
@@ -60,10 +60,22 @@ _PLAIN = (Tensor, nn.Parameter)
 class _FlatPlan:
     """Small tensors of a split gathered in one flat buffer, for one norm on the CPU."""
 
-    small: list[int] | None  # their positions in the split (None: all of them)
+    small: list[int] | None  # their positions in the split, 1-D ones first (None: 0, 1, ...)
     large: list[int]  # the positions of the others
     flat: Tensor
     pieces: list[Tensor]  # views of ``flat`` shaped like the small tensors
+    vectors: int  # how many of the small tensors are 1-D (one torch.cat gathers those)
+    head: Tensor  # the part of ``flat`` that holds them
+
+    def fill(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Copy the small ones of ``tensors`` (a split) into ``flat``; return the others."""
+        small = tensors if self.small is None else [tensors[j] for j in self.small]
+        k = self.vectors
+        if k:  # biases, normalisation weights: one kernel
+            torch.cat(small[:k], out=self.head)
+        if k < len(small):
+            torch._foreach_copy_(self.pieces[k:], small[k:])
+        return [tensors[j] for j in self.large]
 
 
 @dataclass
@@ -101,6 +113,8 @@ class _Layout:
                 and first.device.type == "cpu"
                 and all(type(t) in _PLAIN for t in tensors)
             ):
+                small.sort(key=lambda i: tensors[i].dim() != 1)  # stable: 1-D ones first
+                vectors = sum(tensors[i].dim() == 1 for i in small)
                 sizes = [tensors[i].numel() for i in small]
                 flat = torch.empty(sum(sizes), dtype=first.dtype)
                 pieces = [
@@ -109,7 +123,14 @@ class _Layout:
                 ]
                 chosen = set(small)
                 large = [i for i in range(len(tensors)) if i not in chosen]
-                plan = _FlatPlan(None if len(small) == len(tensors) else small, large, flat, pieces)
+                plan = _FlatPlan(
+                    None if small == list(range(len(tensors))) else small,
+                    large,
+                    flat,
+                    pieces,
+                    vectors,
+                    flat[: sum(sizes[:vectors])],
+                )
             self.flat[index] = plan
         plan = self.flat[index]
         if plan is not None and plan.flat.dtype != tensors[0].dtype:
@@ -949,12 +970,10 @@ class SharpnessAwareOptimizer(Optimizer):
                         stacks.append(torch.stack(torch._foreach_norm(part, 2, dtype=acc)))
                         continue
                     # small CPU tensors: one copy into a flat buffer, one norm
-                    small = part if plan.small is None else [part[j] for j in plan.small]
-                    torch._foreach_copy_(plan.pieces, small)
+                    large = plan.fill(part)
                     flat_norm = torch.linalg.vector_norm(plan.flat, dtype=acc, dim=0, keepdim=True)
                     stacks.append(flat_norm)
-                    if plan.large:
-                        large = [part[j] for j in plan.large]
+                    if large:
                         stacks.append(torch.stack(torch._foreach_norm(large, 2, dtype=acc)))
                 else:
                     part = [real_view(t) for t in part]
@@ -1266,10 +1285,18 @@ def _flag_nonfinite(
     """Set the flag of a device to 1 if a gradient element of ``views`` there is not finite.
 
     Uses the fused check that ``GradScaler`` runs (with a scale of 1, which leaves finite
-    values bit-identical), one pass over the gradients and no synchronisation.
+    values bit-identical), one pass over the gradients and no synchronisation. Small 1-D CPU
+    tensors are gathered first into the flat buffer of the norm (one ``torch.cat``), so that
+    the check is one call on one tensor instead of a loop over them.
     """
     for view in views:
-        for part in view.split(view.grads):
+        for i, part in enumerate(view.split(view.grads)):
+            plan = view.layout.flat_buffer(i, part)
+            if plan is not None and plan.vectors > 1:
+                k = plan.vectors
+                small = part if plan.small is None else [part[j] for j in plan.small]
+                torch.cat(small[:k], out=plan.head)
+                part = [plan.head, *small[k:], *(part[j] for j in plan.large)]
             _flag_nonfinite_values(part, *flag_on(part[0].device))
 
 

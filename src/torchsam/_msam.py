@@ -91,7 +91,7 @@ class MSAM(SAM):
                 (losses.sum() / batch_size).backward()  # weights |S_j| / n
             total = total + losses.detach().sum().to(total.device)
             if not self._first_step(zero_grad=True):
-                break  # non-finite: second_step() below skips the whole step
+                break  # not perturbed: second_step() below skips the whole step
             self._closure_at_perturbed_point(_backward_of(closure, rows, batch_size))
             if j < len(chunks) - 1:
                 views = self._views()

@@ -88,8 +88,8 @@ class SAM(SharpnessAwareOptimizer):
         eta (float, optional): ASAM's offset in :math:`T_w = |w| + \eta` (default: 0.0)
         skip_nonfinite (bool, optional): check every gradient of a step and skip the step
             (with a warning) when one is inf or NaN, at the cost of one host synchronisation
-            per step; False: no check and no synchronisation at all, so that the step can be
-            captured in a CUDA graph, and a non-finite gradient reaches the weights as it would
+            per step; False: no check and no synchronisation at all (which capturing the step
+            in a CUDA graph requires), and a non-finite gradient reaches the weights as it would
             with the base optimizer alone (``second_step(grad_scaler=...)`` still skips an
             overflowing step) (default: True)
         **kwargs: passed to ``base_optimizer`` when it is built here (``lr``, ``momentum``,
