@@ -939,6 +939,33 @@ class SharpnessAwareOptimizer(Optimizer):
                 for p, g in zip(v.params, v.grads, strict=True):
                     p.grad = g
 
+    def _finite_direction(
+        self, view: GroupView, index: int, part: list[Tensor], foreach: bool
+    ) -> list[Tensor]:
+        """``part`` (split ``index`` of a perturbation direction) with its non-finite entries
+        set to 0, for a perturbation that stays finite when the norm is not (its scale is then
+        0, and ``0 * inf`` is NaN). Finite entries are left bit-identical; the step with a
+        non-finite direction is skipped anyway.
+
+        In place, except for the small CPU tensors of a split, which are gathered into the
+        flat buffer of the norm and cleaned there in one pass (the returned list then holds
+        views of that buffer in their places); no synchronisation.
+        """
+        plan = view.layout.flat_buffer(index, part) if foreach else None
+        if plan is None:
+            for t in part:
+                torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+            return part
+        large = plan.fill(part)
+        torch.nan_to_num_(plan.flat, nan=0.0, posinf=0.0, neginf=0.0)
+        for t in large:
+            torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+        out = list(part)
+        order = range(len(part)) if plan.small is None else plan.small
+        for piece, j in zip(plan.pieces, order, strict=True):
+            out[j] = piece
+        return out
+
     def _save_weights(self, view: GroupView, foreach: bool) -> None:
         """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact.
 
