@@ -206,6 +206,14 @@ def main(out_dir: str) -> None:
         results[name] = {"weights": weights, "all_reduces": module.counter.calls}
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # gloo's threads can abort a finished process at interpreter exit (SIGABRT, "terminate
+    # called without an active exception"): tear the group down, then leave without teardown
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,7 @@ def test_ctrl_c_writes_what_was_gathered(tmp_path: Path) -> None:
         assert proc.poll() is None, "the command ended early"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    time.sleep(0.5)  # let the second run begin (the checkpoint is written before it starts)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130

@@ -195,3 +195,23 @@ def test_the_check_of_second_gradients_of_mixed_shapes(poisoned: int) -> None:
         opt.second_step()
     for p, p0 in zip(params, start, strict=True):
         assert torch.equal(p, p0)
+
+
+def test_weights_saved_through_the_flat_buffer_come_back_bit_exactly() -> None:
+    """Small 1-D weights are saved with one torch.cat, the others copied: with lr=0 every
+    weight is back at w after each step."""
+    shapes = [(3, 4), (9,), (5, 2), (7,), (80, 90), (11,)]
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(n)) for n in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = torchsam.SAM(params, torch.optim.SGD, rho=0.5, lr=0.0, momentum=0.9)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.first_step()
+        assert all(not torch.equal(p, p0) for p, p0 in zip(params, start, strict=True))
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.second_step()
+        for p, p0 in zip(params, start, strict=True):
+            assert torch.equal(p, p0)

@@ -93,9 +93,9 @@ class _Layout:
     device: torch.device | None = None
     buffers: dict[str, list[Tensor]] = field(default_factory=dict)
     #: per split: the flat buffer that gathers small CPU tensors for one norm
-    flat: dict[int, _FlatPlan | None] = field(default_factory=dict)
+    flat: dict[int | tuple[str, int], _FlatPlan | None] = field(default_factory=dict)
 
-    def flat_buffer(self, index: int, tensors: list[Tensor]) -> _FlatPlan | None:
+    def flat_buffer(self, index: int | tuple[str, int], tensors: list[Tensor]) -> _FlatPlan | None:
         """For split ``index`` on the CPU: the positions of its small tensors, a flat buffer
         and views of it shaped like them; None where that does not pay (see ``_global_norm``).
 
@@ -939,11 +939,70 @@ class SharpnessAwareOptimizer(Optimizer):
                 for p, g in zip(v.params, v.grads, strict=True):
                     p.grad = g
 
+    def _finite_direction(
+        self, view: GroupView, index: int, part: list[Tensor], foreach: bool
+    ) -> list[Tensor]:
+        """``part`` (split ``index`` of a perturbation direction) with its non-finite entries
+        set to 0, for a perturbation that stays finite when the norm is not (its scale is then
+        0, and ``0 * inf`` is NaN). Finite entries are left bit-identical; the step with a
+        non-finite direction is skipped anyway.
+
+        In place, except for the small CPU tensors of a split, which are gathered into the
+        flat buffer of the norm and cleaned there in one pass (the returned list then holds
+        views of that buffer in their places); no synchronisation.
+        """
+        plan = view.layout.flat_buffer(index, part) if foreach else None
+        if plan is None:
+            for t in part:
+                torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+            return part
+        large = plan.fill(part)
+        torch.nan_to_num_(plan.flat, nan=0.0, posinf=0.0, neginf=0.0)
+        for t in large:
+            torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+        out = list(part)
+        order = range(len(part)) if plan.small is None else plan.small
+        for piece, j in zip(plan.pieces, order, strict=True):
+            out[j] = piece
+        return out
+
     def _save_weights(self, view: GroupView, foreach: bool) -> None:
-        """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact."""
-        backups = self._scratch(view, "backup")
-        _kernels.copy_(backups, view.params, foreach)
+        """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact.
+
+        On the CPU the small 1-D weights (biases, normalisation weights) of a split are saved
+        with one ``torch.cat`` into a flat buffer, instead of one copy each.
+        """
+        backups = self._backups(view)
+        if not foreach:
+            _kernels.copy_(backups, view.params, foreach)
+        else:
+            splits = zip(view.split(view.params), view.split(backups), strict=True)
+            for i, (part, saved) in enumerate(splits):
+                plan = view.layout.flat_buffer(("backup", i), part)
+                if plan is None or plan.vectors < 2:
+                    _kernels.copy_(saved, part, foreach)
+                    continue
+                large = plan.fill(part)
+                if large:
+                    _kernels.copy_([saved[j] for j in plan.large], large, foreach)
         self._saved.append((view.params, backups, foreach))
+
+    def _backups(self, view: GroupView) -> list[Tensor]:
+        """The buffers that hold ``w`` during a step, aligned with ``view.params``: views of a
+        split's flat buffer for its small weights where :meth:`_save_weights` gathers them."""
+        layout = view.layout
+        aligned = layout.buffers.get("backup aligned")
+        if aligned is None:
+            aligned = list(self._scratch(view, "backup"))
+            positions = layout.splits or [list(range(len(view.params)))]
+            for i, (part, where) in enumerate(zip(view.split(view.params), positions, strict=True)):
+                plan = layout.flat_buffer(("backup", i), part)
+                if plan is not None and plan.vectors >= 2:
+                    order = range(len(part)) if plan.small is None else plan.small
+                    for piece, j in zip(plan.pieces, order, strict=True):
+                        aligned[where[j]] = piece
+            layout.buffers["backup aligned"] = aligned
+        return aligned
 
     def _restore(self) -> None:
         for params, backups, foreach in self._saved:

@@ -221,11 +221,11 @@ class SAM(SharpnessAwareOptimizer):
         norm = self._global_norm(views, [d for d, _ in directions])
         self._flag_nonfinite_norm(norm, first_pass=True)
         # The scale stays on the device, as the seed's (rho / (norm + eps)). A non-finite norm
-        # (the step will be skipped) gives a zero scale, so that the weights of the second pass
-        # are w wherever the gradient is finite.
+        # (the step will be skipped) gives a zero scale, and the direction's non-finite entries
+        # are taken as 0, so that the second pass runs at w exactly.
         denominator = norm + _NORM_EPS
         if self._skip_nonfinite:
-            denominator = torch.nan_to_num(denominator, nan=math.inf)
+            denominator = torch.nan_to_num(denominator, nan=math.inf, posinf=math.inf)
         for v, (d, t) in zip(views, directions, strict=True):
             foreach = group_foreach(v.group)
             self._save_weights(v, foreach)
@@ -235,7 +235,9 @@ class SAM(SharpnessAwareOptimizer):
             scale = radius / denominator
             if t is not None:  # ASAM: d = T g becomes T^2 g (d is a temporary)
                 _mul_(d, t, foreach)
-            for params, part in zip(v.split(v.params), v.split(d), strict=True):
+            for i, (params, part) in enumerate(zip(v.split(v.params), v.split(d), strict=True)):
+                if self._skip_nonfinite:  # 0 * inf would put NaN into the second pass
+                    part = self._finite_direction(v, i, part, foreach)
                 _kernels.addcmul_(params, part, scale.to(params[0].device), foreach)
         self._on_perturbed(views)
         return True
