@@ -940,7 +940,7 @@ class SharpnessAwareOptimizer(Optimizer):
                     p.grad = g
 
     def _finite_direction(
-        self, view: GroupView, index: int, part: list[Tensor], foreach: bool
+        self, view: GroupView, index: int, part: list[Tensor], foreach: bool, *, normed: bool
     ) -> list[Tensor]:
         """``part`` (split ``index`` of a perturbation direction) with its non-finite entries
         set to 0, for a perturbation that stays finite when the norm is not (its scale is then
@@ -949,14 +949,15 @@ class SharpnessAwareOptimizer(Optimizer):
 
         In place, except for the small CPU tensors of a split, which are gathered into the
         flat buffer of the norm and cleaned there in one pass (the returned list then holds
-        views of that buffer in their places); no synchronisation.
+        views of that buffer in their places); ``normed`` says that the buffer still holds
+        ``part`` from :meth:`_global_norm`. No synchronisation.
         """
         plan = view.layout.flat_buffer(index, part) if foreach else None
         if plan is None:
             for t in part:
                 torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
             return part
-        large = plan.fill(part)
+        large = [part[j] for j in plan.large] if normed else plan.fill(part)
         torch.nan_to_num_(plan.flat, nan=0.0, posinf=0.0, neginf=0.0)
         for t in large:
             torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)

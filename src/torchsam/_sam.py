@@ -237,7 +237,7 @@ class SAM(SharpnessAwareOptimizer):
                 _mul_(d, t, foreach)
             for i, (params, part) in enumerate(zip(v.split(v.params), v.split(d), strict=True)):
                 if self._skip_nonfinite:  # 0 * inf would put NaN into the second pass
-                    part = self._finite_direction(v, i, part, foreach)
+                    part = self._finite_direction(v, i, part, foreach, normed=t is None)
                 _kernels.addcmul_(params, part, scale.to(params[0].device), foreach)
         self._on_perturbed(views)
         return True
