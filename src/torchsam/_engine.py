@@ -67,9 +67,21 @@ class _FlatPlan:
     vectors: int  # how many of the small tensors are 1-D (one torch.cat gathers those)
     head: Tensor  # the part of ``flat`` that holds them
 
+    def small_of(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The small ones of ``tensors`` (a split), in the order of :attr:`pieces`."""
+        return tensors if self.small is None else [tensors[j] for j in self.small]
+
+    def with_pieces(self, tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors`` (a split) with each small one replaced by its piece of ``flat``."""
+        out = list(tensors)
+        order = range(len(tensors)) if self.small is None else self.small
+        for piece, j in zip(self.pieces, order, strict=True):
+            out[j] = piece
+        return out
+
     def fill(self, tensors: list[Tensor]) -> list[Tensor]:
         """Copy the small ones of ``tensors`` (a split) into ``flat``; return the others."""
-        small = tensors if self.small is None else [tensors[j] for j in self.small]
+        small = self.small_of(tensors)
         k = self.vectors
         if k:  # biases, normalisation weights: one kernel
             torch.cat(small[:k], out=self.head)
@@ -427,7 +439,7 @@ class SharpnessAwareOptimizer(Optimizer):
         It does not synchronise with the device: the gradient norm and the perturbation's scale
         stay on the device, so whether the norm is finite is not known here. A non-finite norm
         is recorded on the device and :meth:`second_step` skips the whole step (see
-        ``skip_nonfinite``); the perturbation is then zero wherever the gradient is finite.
+        ``skip_nonfinite``); the perturbation is then zero, so the second pass runs at ``w``.
 
         Under ``torch.compile`` it runs eagerly (a graph break), like the other steps.
 
@@ -961,11 +973,7 @@ class SharpnessAwareOptimizer(Optimizer):
         torch.nan_to_num_(plan.flat, nan=0.0, posinf=0.0, neginf=0.0)
         for t in large:
             torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
-        out = list(part)
-        order = range(len(part)) if plan.small is None else plan.small
-        for piece, j in zip(plan.pieces, order, strict=True):
-            out[j] = piece
-        return out
+        return plan.with_pieces(part)
 
     def _save_weights(self, view: GroupView, foreach: bool) -> None:
         """Copy the weights of ``view`` aside so that :meth:`_restore` is bit-exact.
@@ -996,12 +1004,12 @@ class SharpnessAwareOptimizer(Optimizer):
         if aligned is None:
             aligned = list(self._scratch(view, "backup"))
             positions = layout.splits or [list(range(len(view.params)))]
-            for i, (part, where) in enumerate(zip(view.split(view.params), positions, strict=True)):
+            splits = zip(view.split(view.params), view.split(aligned), positions, strict=True)
+            for i, (part, saved, where) in enumerate(splits):
                 plan = layout.flat_buffer(("backup", i), part)
                 if plan is not None and plan.vectors >= 2:
-                    order = range(len(part)) if plan.small is None else plan.small
-                    for piece, j in zip(plan.pieces, order, strict=True):
-                        aligned[where[j]] = piece
+                    for j, buffer in zip(where, plan.with_pieces(saved), strict=True):
+                        aligned[j] = buffer
             layout.buffers["backup aligned"] = aligned
         return aligned
 
@@ -1354,7 +1362,7 @@ def _flag_nonfinite(
             plan = view.layout.flat_buffer(i, part)
             if plan is not None and plan.vectors > 1:
                 k = plan.vectors
-                small = part if plan.small is None else [part[j] for j in plan.small]
+                small = plan.small_of(part)
                 torch.cat(small[:k], out=plan.head)
                 part = [plan.head, *small[k:], *(part[j] for j in plan.large)]
             _flag_nonfinite_values(part, *flag_on(part[0].device))
