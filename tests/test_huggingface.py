@@ -24,6 +24,7 @@ import transformers
 from accelerate.utils import DistributedType
 
 import torchsam
+from tests.test_distributed import _exit_cleanly
 from torchsam.huggingface import SAMTrainer, _check_supported
 
 N, DIM, CLASSES = 16, 4, 3
@@ -461,13 +462,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     )
     Counting(model=model, args=args, train_dataset=DictDataset(), optimizers=(opt, None)).train()
     torch.save({"weights": model.state_dict(), "calls": counter.calls}, Path(out) / f"{rank}.pt")
-    # gloo's threads can abort a finished process at interpreter exit (SIGABRT, "terminate
-    # called without an active exception"): tear the group down, then leave without teardown
-    torch.distributed.barrier()
+    torch.distributed.barrier()  # neither rank tears the group down while the other uses it
     torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _exit_cleanly()
 
 
 def test_ddp_with_accumulation_equals_one_process(tmp_path: Any) -> None:
