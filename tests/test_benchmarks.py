@@ -24,6 +24,7 @@ def test_overhead_benchmark_smoke_run() -> None:
         assert scenario in out
     # the allocation count is deterministic: none after the first step
     assert "torchsam: 0 parameter-sized allocations" in out
+    assert "scenario 1 components, torchsam, minimum over 40 single calls: first_step() " in out
 
 
 def test_variants_benchmark_runs_the_cnn_with_batchnorm() -> None:

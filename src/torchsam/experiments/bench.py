@@ -24,7 +24,9 @@ Scenarios:
 
 1. many small tensors: 200 tensors of 1,000 elements. Metric: the optimizer's own cost per
    step, time(first_step + second_step) - time(SGD step alone), paired per trial.
-   Target: torchsam <= 0.35x the reference.
+   Target: torchsam <= 0.35x the reference. A component line follows (see
+   :func:`step_components`): single calls of ``first_step()``, ``second_step()`` and the SGD
+   step, and the two multi-tensor passes over the weights that an exact restore needs.
 2. ResNet-sized: the 62 parameter shapes of torchvision's ResNet-18 (11,689,512 elements) plus
    138 bias-like 1-D tensors cycling through 64/128/256/512 elements, 200 tensors and about
    11.7M elements in all. Metric: total time per step (including the SGD step).
@@ -290,7 +292,52 @@ def scenario_small(warmup: int, reps: int, trials: int) -> tuple[list[Row], list
         f"  {name:<24} total {spread(times[name])}; own {spread(own_trials[name])}"
         for name in SAM_CONTENDERS
     ]
+    notes += step_components(problem, calls=2 * reps)
     return ratio_rows("1 many small: own cost", own, 0.35), notes
+
+
+def step_components(problem: Problem, calls: int) -> list[str]:
+    """Where torchsam's own cost goes on ``problem``: the minimum over ``calls`` single calls
+    of ``first_step()``, ``second_step()`` (base step included) and the SGD step alone, and of
+    the two per-tensor passes over the weights that an exact restore needs whatever the
+    bookkeeping: a multi-tensor copy (the restore) and a multi-tensor ``addcmul_`` with a
+    0-dim scale (the perturbation), on copies of the same tensors."""
+    params = problem.params()
+    opt = torchsam.SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    sgd = torch.optim.SGD(problem.params(), lr=LR, momentum=MOMENTUM)
+    weights = [w.clone() for w in problem.weights]
+    backup = [w.clone() for w in problem.weights]
+    grads = [g.clone() for g in problem.grads]
+    scales = [torch.tensor(1e-3)] * len(grads)
+    parts: dict[str, Callable[[], object]] = {
+        "first_step()": opt.first_step,
+        "second_step()": opt.second_step,
+        "SGD step": sgd.step,
+        "copy": lambda: torch._foreach_copy_(weights, backup),
+        "addcmul": lambda: torch._foreach_addcmul_(weights, grads, scales),
+    }
+    best = dict.fromkeys(parts, float("inf"))
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(calls):
+            for name, call in parts.items():
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    own = best["first_step()"] + best["second_step()"] - best["SGD step"]
+    return [
+        f"scenario 1 components, torchsam, minimum over {calls} single calls: "
+        f"first_step() {fmt_time(best['first_step()'])}, "
+        f"second_step() {fmt_time(best['second_step()'])} of which the SGD step "
+        f"{fmt_time(best['SGD step'])}: own {fmt_time(own)}; the per-tensor passes an exact "
+        f"restore needs, on the same tensors: copy (the restore) {fmt_time(best['copy'])}, "
+        f"addcmul (the perturbation) {fmt_time(best['addcmul'])}",
+    ]
 
 
 def scenario_resnet(warmup: int, reps: int, trials: int) -> tuple[list[Row], list[str]]:
