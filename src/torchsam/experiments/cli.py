@@ -218,7 +218,7 @@ def _parser() -> _Parser:
 
 # --------------------------------------------------------------------------- compare
 def _compare_config(args: argparse.Namespace) -> Any:
-    from torchsam.experiments.compare import CompareConfig
+    from torchsam.experiments.compare import CompareConfig, contenders
 
     values: dict[str, Any] = {}
     if args.config is not None:
@@ -241,6 +241,7 @@ def _compare_config(args: argparse.Namespace) -> Any:
     values.update({k: v for k, v in vars(args).items() if k not in skip})
     config = CompareConfig(**values)
     config.validate()
+    contenders(config.optimizers, config.rho)  # a bad --optimizers list fails here, not later
     if config.data_dir is not None and not Path(config.data_dir).is_dir():
         raise _UsageError(f"--data-dir: no such folder: {config.data_dir}")
     return config
