@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_cli import torchsam
 from torchsam.experiments import compare as compare_module
 from torchsam.experiments.cli import main
 from torchsam.experiments.compare import (
@@ -41,19 +41,6 @@ TINY = [
     "--hessian-iters", "3", "--seeds", "1", "--threads", "1", "--quiet",
 ]  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def torchsam(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "torchsam", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def strict_json(path: Path) -> Any:
@@ -115,13 +102,19 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Co
     return cwd / "run", proc
 
 
+def finished(mixed: tuple[Path, subprocess.CompletedProcess]) -> tuple[Path, dict[str, Any]]:
+    """The output folder of the ``mixed`` run and its results.json, once it ended well."""
+    out, proc = mixed
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return out, strict_json(out / "results.json")
+
+
 # --------------------------------------------------------------------------- item 4
 def test_compare_center_loss_is_the_models_own_loss_with_even_steps(
     mixed: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
-    out, proc = mixed
-    assert proc.returncode == 0, proc.stderr
-    report = strict_json(out / "results.json")
+    out, report = finished(mixed)
     pair = report["landscape"]["models"]
     assert pair[0] == "sgd"
     for label, center in zip(pair, report["landscape"]["center_loss"], strict=True):
@@ -169,10 +162,8 @@ def test_landscape_command_prints_the_models_loss_on_exactly_n_samples(
 def test_one_diverged_optimizer_is_recorded_and_the_others_finish(
     mixed: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
-    out, proc = mixed
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    report = strict_json(out / "results.json")
+    _, report = finished(mixed)
+    proc = mixed[1]
     runs = {r["label"]: r for r in report["runs"]}
     assert set(runs) == {"sgd", "sam rho=0.2", "sam rho=0.1", "sam(lr=1e+30)"}
     bad = runs.pop("sam(lr=1e+30)")
@@ -327,9 +318,7 @@ def test_compare_refuses_a_non_empty_out_folder(
 def test_files_listed_are_exactly_the_files_of_the_run(
     mixed: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
-    out, proc = mixed
-    assert proc.returncode == 0, proc.stderr
-    report = strict_json(out / "results.json")
+    out, report = finished(mixed)
     on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert sorted(report["files"]) == on_disk
     assert len([f for f in on_disk if f.startswith("checkpoints/")]) == 4
@@ -482,9 +471,7 @@ def test_rho_given_to_one_sam_and_swept_for_another(
     for same in ("sam,sam:rho=0.1", "sam:rho=0.2,sam:rho=0.2", "sam:rho=1,sam:rho=1.0"):
         with pytest.raises(ValueError, match="listed twice"):
             contenders(same, [0.1])
-    out, proc = mixed
-    assert proc.returncode == 0, proc.stderr
-    runs = strict_json(out / "results.json")["runs"]
+    runs = finished(mixed)[1]["runs"]
     assert {r["label"]: r["options"]["rho"] for r in runs if r["method"] == "sam"} == {
         "sam rho=0.2": 0.2,
         "sam rho=0.1": 0.1,
