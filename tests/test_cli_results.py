@@ -539,3 +539,40 @@ def test_a_checkpoint_that_does_not_fit_says_what_does_not_fit(
     assert main(["landscape", str(diverged), "--out", png]) == 2
     assert "the model's loss on the data is not finite" in one_line_error(capfd, "landscape")
     assert not Path(png).exists()
+
+
+def test_a_landscape_file_name_not_ending_in_png_is_refused_first(
+    mixed: tuple[Path, subprocess.CompletedProcess],
+    tmp_path: Path,
+    capfd: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _no_work(monkeypatch)
+    ckpt = str(finished(mixed)[0] / "checkpoints" / "sgd.pt")
+    for name in ("pic", "pic.pdf"):  # the picture is a PNG, whatever the name says
+        assert main(["landscape", ckpt, "--out", str(tmp_path / name)]) == 2
+        assert one_line_error(capfd, "landscape") == (
+            "torchsam landscape: error: --out: the landscape is written as a PNG: give a name "
+            "ending in .png"
+        )
+
+
+@pytest.mark.parametrize("command", ["compare", "landscape"])
+def test_a_folder_without_write_permission_is_one_line(
+    command: str,
+    mixed: tuple[Path, subprocess.CompletedProcess],
+    tmp_path: Path,
+    capfd: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # as root (CI containers) no folder is unwritable, so the permission answer is faked
+    _no_work(monkeypatch)
+    ckpt = str(finished(mixed)[0] / "checkpoints" / "sgd.pt")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    target = tmp_path / ("run" if command == "compare" else "pic.png")
+    args = ["compare", "--quiet"] if command == "compare" else ["landscape", ckpt]
+    assert main([*args, "--out", str(target)]) == 2
+    assert one_line_error(capfd, command) == (
+        f"torchsam {command}: error: --out: cannot create {target}: no permission to write "
+        f"in {tmp_path}"
+    )

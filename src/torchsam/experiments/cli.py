@@ -454,6 +454,8 @@ def _run_landscape(args: argparse.Namespace) -> int:
         raise _UsageError("landscape takes one or two checkpoints")
     out = Path(args.out)
     check_output_file(out)
+    if out.suffix.lower() != ".png":
+        raise _UsageError("--out: the landscape is written as a PNG: give a name ending in .png")
     loaded = [_load_checkpoint(Path(name), args) for name in args.checkpoints]
     surfaces = [
         landscape.surface_2d(

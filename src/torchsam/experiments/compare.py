@@ -791,16 +791,22 @@ def run_compare(
 
     report["summary"] = summarise(report["runs"], entries)
     report["verdict"] = verdict(report["summary"])
-    report["files"] = ["results.json"]
+    report["files"] = ["results.json", *sorted(str(p.relative_to(out)) for p in checkpoints)]
     if not writer:
         return report
+    _write_report(out, report)  # the runs are on disk before anything is drawn
     try:
-        report["files"] += _plots(report, out, final_models, probe, config, progress)
+        report["files"][1:1] = _plots(report, out, final_models, probe, config, progress)
     except KeyboardInterrupt:
         report["interrupted"] = True
-    report["files"] += sorted(str(p.relative_to(out)) for p in checkpoints)
-    (out / "results.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    _write_report(out, report)
     return report
+
+
+def _write_report(out: Path, report: Mapping[str, Any]) -> None:
+    """``results.json``: the report, with every number that is not finite as ``null``."""
+    text = json.dumps(_jsonable(report), indent=2, allow_nan=False)
+    (out / "results.json").write_text(text + "\n")
 
 
 def _check_options(
