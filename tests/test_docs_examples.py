@@ -7,10 +7,8 @@ How a page's examples run:
   BatchNorm, a batch ``x, y``, ``loss_fn``, ``loader`` and more: see below), then runs the
   code in ``SETUP[page]`` if the page has an entry, then its blocks in order, so a block may use
   what an earlier block of the same page defined. Files are written in a temporary directory.
-* A block that calls ``step(`` or ``second_step(`` and asserts nothing itself must change the
-  weights of a model made by ``YourModel()`` or present before the block (a block that builds
-  and trains a model of its own only, such as the README's quick start, is run but not checked
-  for that).
+* A block that calls ``step(`` or ``second_step(`` and asserts nothing itself must change a
+  weight of a module that ran a forward pass in it (from its value at that first forward pass).
 * A block is not run only when the line right above its fence is a marker comment:
 
       <!-- not-runnable: REASON -->      a reason is required (a GPU, several machines, ...)
@@ -24,14 +22,17 @@ namespace. Keep each page's examples to a few seconds of CPU time.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 import torchsam
 
@@ -62,12 +63,9 @@ def default_namespace() -> dict[str, Any]:
     """What the examples take for granted: a small classifier, its data and its loss."""
     torch.manual_seed(0)
     x, y = torch.randn(32, 4), torch.randint(0, 10, (32,))
-    made: list[tuple[nn.Module, list[torch.Tensor]]] = []  # each model and its first weights
 
     def your_model() -> nn.Module:
-        model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
-        made.append((model, weights(model)))
-        return model
+        return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
 
     return {
         "torch": torch,
@@ -79,7 +77,6 @@ def default_namespace() -> dict[str, Any]:
         "y": y,
         "loader": [(x, y), (x.flip(0), y.flip(0))],
         "epochs": 2,
-        "__models__": made,
     }
 
 
@@ -99,15 +96,22 @@ def page_id(page: Path) -> str:
     return page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page.name
 
 
-def weights(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
+@contextlib.contextmanager
+def first_forward_weights() -> Iterator[dict[int, tuple[nn.Module, list[torch.Tensor]]]]:
+    """Each module that runs a forward pass inside the block, with its own weights as they were
+    at its first forward pass there (before any step of the block could change them)."""
+    seen: dict[int, tuple[nn.Module, list[torch.Tensor]]] = {}
 
+    def record(module: nn.Module, args: Any) -> None:
+        if id(module) not in seen:
+            own = [p.detach().clone() for p in module.parameters(recurse=False)]
+            seen[id(module)] = (module, own)
 
-def models_in(ns: dict[str, Any]) -> dict[int, tuple[nn.Module, list[torch.Tensor]]]:
-    """Every model the examples can reach now, with its weights now."""
-    models = [m for m, _ in ns["__models__"]]
-    models += [v for v in ns.values() if isinstance(v, nn.Module)]
-    return {id(m): (m, weights(m)) for m in models if weights(m)}  # not a loss module
+    handle = register_module_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def run_page(page: Path) -> None:
@@ -117,10 +121,8 @@ def run_page(page: Path) -> None:
     for i, (code, kind, _) in enumerate(examples(page), start=1):
         if kind is not None:
             continue
-        start = models_in(ns)
-        made_before = len(ns["__models__"])
         name = f"{page_id(page)} block {i}"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), first_forward_weights() as first:
             # CPU-only CI: the float16 example asks for CUDA autocast and a CUDA GradScaler,
             # which PyTorch disables with these warnings
             warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
@@ -129,16 +131,12 @@ def run_page(page: Path) -> None:
                 exec(compile(code, name, "exec"), ns)
             except Exception as error:
                 raise AssertionError(f"{name} failed:\n{code}") from error
-        if "step(" not in code or "assert " in code:
+        if "step(" not in code or "assert " in code or not first:
             continue  # trains nothing, or checks its own outcome
-        # the models from before the block, and those YourModel() made in it, as they were made
-        tracked = list(start.values()) + ns["__models__"][made_before:]
-        if not tracked:
-            continue  # the block trains a model of its own only (the README's quick start)
         moved = any(
-            not torch.equal(a, b)
-            for model, old in tracked
-            for a, b in zip(old, model.parameters(), strict=True)
+            not torch.equal(old, new)
+            for module, weights in first.values()
+            for old, new in zip(weights, module.parameters(recurse=False), strict=True)
         )
         assert moved, f"{name} trains but no weight moved"
 
@@ -191,10 +189,27 @@ def test_an_example_that_trains_nothing_is_caught(tmp_path: Path) -> None:
     page.write_text(
         "```python\nmodel = YourModel()\n```\n\n"
         "```python\noptimizer = torchsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)\n"
-        "# no backward: optimizer.step( is never reached\n```\n"
+        "loss = loss_fn(model(x), y)  # no backward: optimizer.step( is never reached\n```\n"
     )
     with pytest.raises(AssertionError, match="no weight moved"):
         run_page(page)
+
+
+def test_a_model_built_and_stepped_in_the_block_is_checked_too(tmp_path: Path) -> None:
+    """A block with a model of its own (as the README's quick start) whose step changes
+    nothing (lr=0: SAM restores w bit-exactly) is caught; with lr=0.1 it passes."""
+    block = (
+        "```python\nnet = torch.nn.Linear(4, 10)\n"
+        "opt = torchsam.SAM(net.parameters(), torch.optim.SGD, lr={lr})\n"
+        "loss_fn(net(x), y).backward()\nopt.first_step(zero_grad=True)\n"
+        "loss_fn(net(x), y).backward()\nopt.second_step(zero_grad=True)\n```\n"
+    )
+    page = tmp_path / "own.md"
+    page.write_text(block.format(lr=0.0))
+    with pytest.raises(AssertionError, match="no weight moved"):
+        run_page(page)
+    page.write_text(block.format(lr=0.1))
+    run_page(page)
 
 
 def test_every_example_of_the_site_is_accounted_for() -> None:
