@@ -28,6 +28,7 @@ only when a plot is asked for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,10 @@ from torchsam._measure import (
     LossFn,
     Progress,
     check_batch_norm,
-    check_data,
+    fixed_batches,
     mean_loss,
     measuring,
+    not_finite,
     random_generator,
 )
 
@@ -242,15 +244,26 @@ class _Grid:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
-        check_data(data)
         check_batch_norm(batch_norm)
         self.model = model
         self.loss_fn = loss_fn
-        self.data = data
+        self.data = fixed_batches(data)
         self.batch_norm = batch_norm
 
     def loss(self) -> float:
         return mean_loss(self.model, self.loss_fn, self.data)
+
+
+def _finite(center: float, losses: list[float]) -> tuple[float, list[float]]:
+    """Non-finite losses as NaN, with one warning."""
+    bad = [v for v in [center, *losses] if not math.isfinite(v)]
+    if not bad:
+        return center, losses
+    not_finite(f"the loss at {len(bad)} of {len(losses) + 1} points (the centre included)")
+    return (
+        center if math.isfinite(center) else math.nan,
+        [v if math.isfinite(v) else math.nan for v in losses],
+    )
 
 
 def _walk(
@@ -278,7 +291,7 @@ def _walk(
             for p, b in zip(params, base, strict=True):
                 p.copy_(b)
             bar.close()
-    return center, losses
+    return _finite(center, losses)
 
 
 def surface_2d(
@@ -348,8 +361,10 @@ def surface_2d(
         if (
             isinstance(span, (tuple, list))
             and len(span) == 2
-            and all(isinstance(s, (tuple, list)) for s in span)
+            and any(isinstance(s, (tuple, list)) for s in span)
         ):
+            # one span per axis, each a number or a (low, high) pair; a pair of two numbers
+            # is (low, high) for both axes
             span_x, span_y = span[0], span[1]
         else:
             span_x = span_y = span  # type: ignore[assignment]
@@ -476,6 +491,7 @@ def interpolate(
             for x, a in zip(targets, base, strict=True):
                 x.copy_(a)
             bar.close()
+    center, losses = _finite(center, losses)
     return LossCurve(
         x=torch.tensor(ts, dtype=torch.float64),
         loss=torch.tensor(losses, dtype=torch.float64),

@@ -45,10 +45,11 @@ from torchsam._measure import (
     ParamSpec,
     batch_loss,
     batches,
-    check_data,
+    fixed_batches,
     mean_loss,
     measuring,
     model_device,
+    not_finite,
     random_generator,
     select_params,
 )
@@ -131,10 +132,19 @@ class HessianSpectrum:
 
 
 # --------------------------------------------------------------------------- the operator
+class _NotFinite(Exception):
+    """The loss or a Hessian-vector product is not finite: the measurement is NaN."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
 class _Hessian:
     """Hessian-vector products of the loss over ``data`` with respect to ``params``.
 
-    Vectors are flat float64 tensors over the concatenated parameters.
+    Vectors are flat float64 tensors over the concatenated parameters. A non-finite loss or
+    product raises :class:`_NotFinite`.
     """
 
     def __init__(
@@ -163,6 +173,8 @@ class _Hessian:
                 count += n
             if total is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
+            if not bool(torch.isfinite(total)):
+                raise _NotFinite("the loss")
             self._grads = self._gradient(total / count)
 
     def _gradient(self, loss: Tensor) -> list[Tensor]:
@@ -191,6 +203,7 @@ class _Hessian:
     def __call__(self, v: Tensor) -> Tensor:
         self.products += 1
         vs = self._split(v)
+        losses: list[Tensor] = []
         if self._grads is not None:
             hv = self._product(self._grads, vs, retain=True)
         else:
@@ -198,6 +211,7 @@ class _Hessian:
             count = 0
             for inputs, targets, n in batches(self.data, model_device(self.model)):
                 loss = batch_loss(self.model, self.loss_fn, inputs, targets)
+                losses.append(loss.detach())
                 part = self._product(self._gradient(loss), vs, retain=False)
                 if acc is None:
                     acc = [h * n for h in part]
@@ -208,13 +222,28 @@ class _Hessian:
             if acc is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
             hv = [a / count for a in acc]
-        return torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
+        out = torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
+        finite = torch.isfinite(out).all()
+        if losses:
+            finite = finite & torch.isfinite(torch.stack(losses)).all().to(finite.device)
+        if not bool(finite):  # one synchronisation per product
+            raise _NotFinite("the loss or a Hessian-vector product")
+        return out
 
 
 # --------------------------------------------------------------------------- helpers
 def _fill(tensors: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     """Zeros for the parameters autograd reports as unused."""
     return [torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like, strict=True)]
+
+
+def _unflatten(v: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """A flat vector as new tensors shaped like the parameters ``like``."""
+    sizes = [p.numel() for p in like]
+    return [
+        piece.reshape(p.shape).to(device=p.device, dtype=p.dtype).clone()
+        for piece, p in zip(v.split(sizes), like, strict=True)
+    ]
 
 
 def _normal(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -239,13 +268,16 @@ def _check_tol(tol: object) -> float:
     return float(tol)
 
 
-def _prepare(model: nn.Module, loss_fn: LossFn, data: Data, params: ParamSpec) -> list[Tensor]:
+def _prepare(
+    model: nn.Module, loss_fn: LossFn, data: Data, params: ParamSpec
+) -> tuple[list[Tensor], list[object]]:
+    """The parameters measured, and ``data`` read once into a fixed list of batches."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
-    check_data(data)
-    return select_params(model, params)
+    chosen = select_params(model, params)
+    return chosen, fixed_batches(data)
 
 
 def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
@@ -262,17 +294,26 @@ def _lanczos(
     start: Tensor,
     steps: int,
     *,
-    restart: Callable[[], Tensor] | None,
-    done: Callable[[Tensor, float], bool] | None,
-) -> tuple[Tensor, Tensor]:
+    locked: Tensor | None = None,
+    done: Callable[[Tensor, float], bool] | None = None,
+) -> tuple[Tensor, Tensor, float, bool]:
     """Lanczos with full reorthogonalisation from ``start``, at most ``steps`` steps.
 
-    Returns the tridiagonal matrix ``T`` (float64, CPU) and the basis (rows). After each step
-    ``done(T, beta)`` may stop the iteration. When the Krylov space is exhausted (``beta`` ~ 0)
-    it stops, or continues from ``restart()`` orthogonalised against the basis.
+    Every new vector is orthogonalised against the basis and against the rows of ``locked``
+    (orthonormal vectors already found, which ``start`` must be orthogonal to), so the
+    iteration works on the Hessian restricted to their orthogonal complement. After each step
+    ``done(T, beta)`` may stop it.
+
+    Returns the tridiagonal matrix ``T`` (float64, CPU), the basis (rows), the last ``beta``
+    (the residual of a Ritz pair ``(theta_i, basis.T @ s_i)`` is ``beta * |s_i[-1]|``) and
+    whether the Krylov space is exhausted (``beta`` ~ 0, or the basis fills the complement):
+    then every Ritz pair is an eigenpair, with residual 0 up to rounding.
     """
     n = start.numel()
-    steps = min(steps, n)
+    if locked is None:
+        locked = start.new_empty(0, n)
+    room = n - locked.shape[0]
+    steps = min(steps, room)
     basis = torch.empty(steps, n, dtype=torch.float64, device=start.device)
     q = start / start.norm()
     alphas: list[float] = []
@@ -280,6 +321,7 @@ def _lanczos(
     beta = 0.0
     scale = 0.0
     j = 0
+    exhausted = False
     for j in range(steps):
         basis[j] = q
         w = op(q)
@@ -287,23 +329,18 @@ def _lanczos(
         w = w - alpha * q
         if j > 0:
             w = w - beta * basis[j - 1]
-        w = _orthogonalize(w, basis[: j + 1])
+        w = _orthogonalize(_orthogonalize(w, basis[: j + 1]), locked)
         beta = float(w.norm())
         alphas.append(alpha)
         scale = max(scale, abs(alpha), beta)
-        t = _tridiagonal(alphas, betas)
-        if j + 1 == steps or (done is not None and done(t, beta)):
+        if beta <= 1e-10 * max(scale, 1e-30) or j + 1 == room:
+            exhausted = True
             break
-        if beta <= 1e-10 * max(scale, 1e-30):
-            if restart is None:
-                break
-            w = _orthogonalize(restart(), basis[: j + 1])
-            q = w / w.norm()
-            beta = 0.0
-        else:
-            q = w / beta
+        if j + 1 == steps or (done is not None and done(_tridiagonal(alphas, betas), beta)):
+            break
+        q = w / beta
         betas.append(beta)
-    return _tridiagonal(alphas, betas), basis[: j + 1]
+    return _tridiagonal(alphas, betas), basis[: j + 1], beta, exhausted
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
@@ -380,53 +417,100 @@ def hessian_eigenvalues(
         raise ValueError(f'method must be "lanczos" or "power", got {method!r}')
     if method == "lanczos" and max_iter < k:
         raise ValueError(f"max_iter={max_iter} is less than k={k}: Lanczos needs at least k steps")
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
+    size = sum(p.numel() for p in chosen)
+    if k > size:
+        raise ValueError(f"k={k} exceeds the number of parameters measured ({size})")
     gen = random_generator(generator)
+    op: _Hessian | None = None
     with measuring(model, batch_norm):
-        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
-        if k > op.size:
-            raise ValueError(f"k={k} exceeds the number of parameters measured ({op.size})")
-        if method == "lanczos":
-            values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen)
-        else:
-            values, vectors, converged = _top_power(op, k, tol, max_iter, gen)
+        try:
+            op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
+            if method == "lanczos":
+                values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen)
+            else:
+                values, vectors, converged = _top_power(op, k, tol, max_iter, gen)
+        except _NotFinite as error:
+            not_finite(error.what)
+            values, converged = [math.nan] * k, False
+            vectors = [torch.full((size,), math.nan, dtype=torch.float64)] * k
     result = Eigenvalues(values)
-    result.products = op.products
+    result.products = op.products if op is not None else 0
     result.converged = converged
-    result.eigenvectors = (
-        [[t.detach().clone() for t in op._split(v)] for v in vectors]
-        if return_eigenvectors
-        else None
-    )
+    result.eigenvectors = [_unflatten(v, chosen) for v in vectors] if return_eigenvectors else None
     return result
 
 
 def _top_lanczos(
     op: _Hessian, k: int, tol: float, max_iter: int, gen: torch.Generator
 ) -> tuple[list[float], list[Tensor], bool]:
-    converged = False
+    """Lanczos runs with locking until the top ``k`` eigenpairs, multiplicities included, are
+    found; see :func:`hessian_eigenvalues`."""
+    values: list[float] = []  # the eigenpairs found (each with residual <= tol * scale)
+    vectors: list[Tensor] = []
+    checked: list[bool] = []  # found in the first run: its residual bound is exact
+    pending: list[tuple[float, Tensor]] = []  # unconverged Ritz pairs of a run out of budget
+    verified = False
+    while op.products < max_iter and len(vectors) < op.size:
+        locked = torch.stack(vectors) if vectors else torch.empty(0, op.size, device=op.device)
+        locked = locked.to(torch.float64)
+        want = max(k - len(values), 1)
+        kth = sorted(values, reverse=True)[k - 1] if len(values) >= k else None
+        found_scale = max((abs(v) for v in values), default=0.0)
 
-    def done(t: Tensor, beta: float) -> bool:
-        nonlocal converged
-        if t.shape[0] < k:
-            return False
+        def done(
+            t: Tensor, beta: float, want: int = want, found_scale: float = found_scale
+        ) -> bool:
+            if t.shape[0] < want:
+                return False
+            theta, s = torch.linalg.eigh(t)
+            scale = max(found_scale, float(theta.abs().max()), 1e-30)
+            return bool((beta * s[-1, -want:].abs() <= tol * scale).all())
+
+        start = _orthogonalize(_normal(op.size, gen, op.device), locked)
+        t, basis, beta, exhausted = _lanczos(
+            op, start, max_iter - op.products, locked=locked, done=done
+        )
         theta, s = torch.linalg.eigh(t)
-        scale = max(float(theta.abs().max()), 1e-30)
-        residuals = beta * s[-1, -k:].abs()
-        converged = bool((residuals <= tol * scale).all())
-        return converged
-
-    start = _normal(op.size, gen, op.device)
-    t, basis = _lanczos(
-        op, start, max_iter, restart=lambda: _normal(op.size, gen, op.device), done=done
-    )
-    theta, s = torch.linalg.eigh(t)
-    if t.shape[0] == op.size:
-        converged = True  # the whole space: T is similar to H
-    order = torch.argsort(theta, descending=True)[:k]
-    values = [float(theta[i]) for i in order]
-    vectors = [basis.T @ s[:, i].to(basis.device) for i in order]
-    return values, vectors, converged
+        residuals = torch.zeros_like(theta) if exhausted else beta * s[-1].abs()
+        scale = max(found_scale, float(theta.abs().max()), 1e-30)
+        order = torch.argsort(theta, descending=True)
+        top = order if exhausted else order[:k]
+        new = [int(i) for i in top if float(residuals[i]) <= tol * scale]
+        for i in new:
+            values.append(float(theta[i]))
+            vectors.append(basis.T @ s[:, i].to(basis.device))
+            checked.append(not locked.shape[0])
+        pending = [
+            (float(theta[i]), basis.T @ s[:, i].to(basis.device))
+            for i in order[:k]
+            if int(i) not in new
+        ]
+        if len(values) >= k and (
+            k == 1  # a copy of the largest eigenvalue does not change the answer
+            or (kth is not None and new and max(float(theta[i]) for i in new) <= kth + tol * scale)
+            or len(vectors) == op.size
+        ):
+            verified = True
+            break
+    pairs = sorted(
+        [(v, x, c) for v, x, c in zip(values, vectors, checked, strict=True)]
+        + ([] if verified else [(v, x, True) for v, x in pending]),
+        key=lambda pair: -pair[0],
+    )[:k]
+    converged = verified
+    while len(pairs) < k:  # out of budget before k pairs were seen
+        converged = False
+        pairs.append((math.nan, torch.full((op.size,), math.nan, dtype=torch.float64), True))
+    if converged:
+        # a pair found after others were locked is a Ritz pair of the Hessian restricted to
+        # their complement: its residual for the whole Hessian is measured, not bounded
+        scale = max(abs(v) for v, _, _ in pairs)
+        for value, vector, exact in pairs:
+            if not exact and float((op(vector) - value * vector).norm()) > tol * scale:
+                converged = False
+                break
+    return [v for v, _, _ in pairs], [x for _, x, _ in pairs], converged
 
 
 def _top_power(
@@ -437,25 +521,27 @@ def _top_power(
     all_converged = True
     for _ in range(k):
         found = torch.stack(vectors) if vectors else torch.empty(0, op.size, device=op.device)
-        v = _orthogonalize(_normal(op.size, gen, op.device), found.to(torch.float64))
+        found = found.to(torch.float64)
+        v = _orthogonalize(_normal(op.size, gen, op.device), found)
         v = v / v.norm()
-        value: float | None = None
+        value = 0.0
         converged = False
         for _ in range(max_iter):
-            w = _orthogonalize(op(v), found.to(torch.float64))
-            current = float(w @ v)
-            norm = w.norm()
-            if value is not None and abs(current - value) <= tol * (abs(value) + 1e-12):
-                value = current
+            hv = op(v)
+            value = float(hv @ v)
+            # the residual of (value, v) for the whole Hessian, not only its deflated part
+            residual = float((hv - value * v).norm())
+            scale = max([abs(value), *(abs(x) for x in values), 1e-30])
+            if residual <= tol * scale:
                 converged = True
                 break
-            value = current
+            w = _orthogonalize(hv, found)
+            norm = w.norm()
             if float(norm) == 0.0:
-                converged = True
                 break
             v = w / norm
         all_converged = all_converged and converged
-        values.append(float(value if value is not None else 0.0))
+        values.append(value)
         vectors.append(v)
     order = sorted(range(k), key=lambda i: -values[i])
     return [values[i] for i in order], [vectors[i] for i in order], all_converged
@@ -495,14 +581,18 @@ def hessian_trace(
     samples = _check_positive_int("samples", samples)
     if samples < 2:
         raise ValueError("samples must be at least 2 to estimate a standard error")
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
     gen = random_generator(generator)
     with measuring(model, batch_norm):
-        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
-        draws = []
-        for _ in range(samples):
-            v = _rademacher(op.size, gen, op.device)
-            draws.append(float(op(v) @ v))
+        try:
+            op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
+            draws = []
+            for _ in range(samples):
+                v = _rademacher(op.size, gen, op.device)
+                draws.append(float(op(v) @ v))
+        except _NotFinite as error:
+            not_finite(error.what)
+            return TraceEstimate(math.nan, math.nan, samples)
     values = torch.tensor(draws, dtype=torch.float64)
     stderr = float(values.std(unbiased=True)) / math.sqrt(samples)
     return TraceEstimate(float(values.mean()), stderr, samples)
@@ -568,18 +658,24 @@ def hessian_spectrum(
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if not sigma_squared > 0:
         raise ValueError("sigma_squared must be positive")
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
     gen = random_generator(generator)
     all_nodes: list[Tensor] = []
     all_weights: list[Tensor] = []
     with measuring(model, batch_norm):
-        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
-        for _ in range(runs):
-            start = _rademacher(op.size, gen, op.device)
-            t, _ = _lanczos(op, start, steps, restart=None, done=None)
-            theta, s = torch.linalg.eigh(t)
-            all_nodes.append(theta)
-            all_weights.append(s[0] ** 2)
+        try:
+            op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
+            for _ in range(runs):
+                start = _rademacher(op.size, gen, op.device)
+                t, _, _, _ = _lanczos(op, start, steps)
+                theta, s = torch.linalg.eigh(t)
+                all_nodes.append(theta)
+                all_weights.append(s[0] ** 2)
+        except _NotFinite as error:
+            not_finite(error.what)
+            nan = torch.full((runs, 1), math.nan, dtype=torch.float64)
+            flat = torch.full((points,), math.nan, dtype=torch.float64)
+            return HessianSpectrum(nodes=nan, weights=nan.clone(), grid=flat, density=flat.clone())
     width = max(len(n) for n in all_nodes)
     nodes = torch.full((runs, width), float("nan"), dtype=torch.float64)
     weights = torch.zeros(runs, width, dtype=torch.float64)
@@ -619,8 +715,13 @@ def _smooth(
 ) -> tuple[Tensor, Tensor]:
     low = min(float(n.min()) for n in nodes) - margin
     high = max(float(n.max()) for n in nodes) + margin
-    grid = torch.linspace(low, high, points, dtype=torch.float64)
     var = sigma_squared * max(1.0, high - low)
+    if not high > low:
+        # a grid of zero width (one distinct node and margin=0): widen it to 6 standard
+        # deviations on each side of the node, where the density is 1.5e-8 of its peak
+        middle = (low + high) / 2
+        low, high = middle - 6 * math.sqrt(var), middle + 6 * math.sqrt(var)
+    grid = torch.linspace(low, high, points, dtype=torch.float64)
     density = torch.zeros(points, dtype=torch.float64)
     for theta, tau in zip(nodes, weights, strict=True):
         diff = grid[:, None] - theta[None, :]
@@ -699,25 +800,29 @@ def sam_sharpness(
         raise ValueError(f"Invalid eta value: {eta}")
     if generator is not None:
         random_generator(generator)
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
     with measuring(model, batch_norm):
-        if m is None:
-            return _sharpness(model, loss_fn, data, chosen, float(rho), adaptive, steps, eta)
-        total = 0.0
-        count = 0
-        device = model_device(model)
-        for inputs, targets, _ in batches(data, device):
-            if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-                raise TypeError(
-                    "m-sharpness cuts batches into chunks: inputs and targets must be tensors"
-                )
-            for x, y in zip(inputs.split(m), targets.split(m), strict=True):
-                n = int(y.shape[0])
-                total += n * _sharpness(
-                    model, loss_fn, [(x, y)], chosen, float(rho), adaptive, steps, eta
-                )
-                count += n
-        return total / count
+        try:
+            if m is None:
+                return _sharpness(model, loss_fn, fixed, chosen, float(rho), adaptive, steps, eta)
+            total = 0.0
+            count = 0
+            device = model_device(model)
+            for inputs, targets, _ in batches(fixed, device):
+                if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+                    raise TypeError(
+                        "m-sharpness cuts batches into chunks: inputs and targets must be tensors"
+                    )
+                for x, y in zip(inputs.split(m), targets.split(m), strict=True):
+                    n = int(y.shape[0])
+                    total += n * _sharpness(
+                        model, loss_fn, [(x, y)], chosen, float(rho), adaptive, steps, eta
+                    )
+                    count += n
+            return total / count
+        except _NotFinite as error:
+            not_finite(error.what)
+            return math.nan
 
 
 def _loss_and_grad(
@@ -756,6 +861,8 @@ def _sharpness(
         for step in range(steps):
             d = [g * t for g, t in zip(grads, scale, strict=True)] if scale is not None else grads
             norm = float(torch.linalg.vector_norm(torch.stack([x.norm() for x in d])))
+            if not math.isfinite(loss0) or not math.isfinite(norm):
+                raise _NotFinite("the loss or its gradient")
             u = [ui + (rho / (norm + 1e-12)) * di for ui, di in zip(u, d, strict=True)]
             u_norm = float(torch.linalg.vector_norm(torch.stack([x.norm() for x in u])))
             if u_norm > rho:
@@ -767,6 +874,8 @@ def _sharpness(
                 loss, grads = _loss_and_grad(model, loss_fn, data, params)
             else:
                 loss = mean_loss(model, loss_fn, data)
+            if not math.isfinite(loss):
+                raise _NotFinite("the loss at the perturbed weights")
             best = max(best, loss - loss0)
         return best
     finally:
