@@ -108,7 +108,8 @@ def plot_contour(
         title (str, optional): the title
         levels (int, optional): number of contour levels (default: 30)
         vmin, vmax (float, optional): the colour scale (default: the surface's range); values
-            outside are clipped to it
+            outside are clipped to it. A ValueError if ``vmin >= vmax``, or if the one given
+            leaves an empty scale with the surface's range
         cmap (str, optional): a matplotlib colour map name (default: "viridis")
     """
     _check_surface(surface, "surface")

@@ -2,9 +2,12 @@ r"""Sharpness of a model's loss: Hessian eigenvalues, trace and spectral density
 
 Every function here is a pure function of ``(model, loss_fn, data, ...)``:
 
-* ``data`` is an iterable of ``(inputs, targets)`` batches that can be read more than once (a
-  list or a ``DataLoader``); ``loss_fn(outputs, targets)`` returns the mean loss of a batch; the
-  loss measured is the sample-weighted mean over all batches of ``data``,
+* ``data`` is an iterable of ``(inputs, targets)`` batches (a list, a tuple or a
+  ``DataLoader``; not an iterator). Each call reads it exactly once, at the start, into a list
+  of batches, and measures on that list: every pass sees the same batches in the same order,
+  so a shuffling loader, or one with ``drop_last=True``, measures one fixed function (the
+  batches of one pass, held in memory for the call). ``loss_fn(outputs, targets)`` returns the
+  mean loss of a batch; the loss measured is the sample-weighted mean over those batches,
 
   .. math:: L(w) = \frac{1}{N} \sum_b n_b\, \mathrm{loss\_fn}(f_w(x_b), y_b).
 
@@ -14,9 +17,16 @@ Every function here is a pure function of ``(model, loss_fn, data, ...)``:
   the running statistics are left untouched.
 * The model comes back exactly as it came: weights and buffers bit-identical, ``.grad``
   untouched (the functions use ``torch.autograd.grad``, never ``backward()``), every module's
-  train/eval flag, and torch's global RNG state.
+  train/eval flag, and torch's global RNG state (CPU, and CUDA when initialised), which is also
+  given back around the reading of ``data`` (a ``DataLoader`` draws its base seed, and a
+  shuffling sampler its order, from it): a measurement taken during training does not change
+  the training.
 * Random vectors come from ``generator`` (a ``torch.Generator``); without one, a new generator
   seeded with 0 is used, so the results are reproducible and the global RNG is never drawn from.
+* A diverged model: when the loss or a Hessian-vector product is not finite (NaN or
+  infinite), the result is NaN (every eigenvalue, eigenvector entry, the trace and its
+  standard error, the spectrum's nodes, weights, grid and density, the SAM sharpness) and a
+  ``RuntimeWarning`` says so.
 * ``params`` restricts the Hessian to a subset of the parameters (the others held fixed): a
   submodule, a parameter or submodule name, a parameter, or a list of those; by default every
   parameter that requires a gradient. This answers "which layer is sharp?".
@@ -310,9 +320,7 @@ def _lanczos(
     then every Ritz pair is an eigenpair, with residual 0 up to rounding.
     """
     n = start.numel()
-    if locked is None:
-        locked = start.new_empty(0, n)
-    room = n - locked.shape[0]
+    room = n - (0 if locked is None else locked.shape[0])
     steps = min(steps, room)
     basis = torch.empty(steps, n, dtype=torch.float64, device=start.device)
     q = start / start.norm()
@@ -329,7 +337,9 @@ def _lanczos(
         w = w - alpha * q
         if j > 0:
             w = w - beta * basis[j - 1]
-        w = _orthogonalize(_orthogonalize(w, basis[: j + 1]), locked)
+        w = _orthogonalize(w, basis[: j + 1])
+        if locked is not None:
+            w = _orthogonalize(w, locked)
         beta = float(w.norm())
         alphas.append(alpha)
         scale = max(scale, abs(alpha), beta)
@@ -370,29 +380,50 @@ def hessian_eigenvalues(
 ) -> Eigenvalues:
     r"""The ``k`` largest eigenvalues of the Hessian of the loss over ``data``, largest first.
 
+    Repeated eigenvalues are returned as often as they occur: with a Hessian
+    :math:`I_3 \otimes A` (a linear layer of three outputs under a squared loss), the top three
+    values are the top eigenvalue of :math:`A` three times.
+
     ``method="lanczos"`` (the default) runs the Lanczos iteration with full reorthogonalisation
     from a random Gaussian start. After each Hessian-vector product it computes the Ritz pairs
-    :math:`(\theta_i, y_i)` of the tridiagonal matrix; it stops when each of the top ``k`` has
-    residual :math:`\lVert H y_i - \theta_i y_i \rVert = \beta\, |s_{m,i}| \le` ``tol`` times
-    the largest :math:`|\theta|`, which bounds each eigenvalue's error by the same amount
-    (Parlett, "The Symmetric Eigenvalue Problem", Thm. 11.5.1 with full reorthogonalisation).
-    The eigenvalues are the largest *algebraic* ones.
+    :math:`(\theta_i, y_i)` of the tridiagonal matrix; a run stops when each of the top ``k``
+    has residual :math:`\lVert H y_i - \theta_i y_i \rVert = \beta\, |s_{m,i}| \le` ``tol``
+    times the largest :math:`|\theta|`, which bounds each eigenvalue's error by the same amount
+    (Parlett, "The Symmetric Eigenvalue Problem", Thm. 11.5.1 with full reorthogonalisation),
+    or when its Krylov space is exhausted (:math:`\beta \approx 0`: its Ritz pairs are then
+    exact). The pairs found are locked, and a new run starts from a random vector, every vector
+    orthogonalised against the locked ones as well as its own basis. One Krylov space holds one
+    direction of each eigenspace, so a single run sees a repeated eigenvalue once; for
+    ``k >= 2`` the search therefore ends only when a run in the complement of the pairs found
+    converges to nothing above the ``k``-th of them (else its pair joins them and another run
+    follows). The eigenvalues are the largest *algebraic* ones.
 
     ``method="power"`` is power iteration with deflation, as PyHessian does it: one eigenvalue
-    at a time, each iterate projected off the eigenvectors already found, stopping when the
-    Rayleigh quotient changes by less than ``tol`` (relative) from one product to the next, at
-    most ``max_iter`` products per eigenvalue. It finds the eigenvalues of largest *magnitude*.
+    at a time, from a new random vector, each iterate projected off the eigenvectors already
+    found, at most ``max_iter`` products per eigenvalue. It finds the eigenvalues of largest
+    *magnitude*. It stops when the residual of the current pair is within ``tol`` times the
+    largest :math:`|\lambda|` (PyHessian stops when the Rayleigh quotient changes by less than
+    ``tol``, a weaker test).
+
+    ``result.converged`` is True exactly when every reported pair :math:`(\lambda, v)` has
+    residual :math:`\lVert H v - \lambda v \rVert \le` ``tol`` times the largest reported
+    :math:`|\lambda|` (for Lanczos pairs found after others were locked, this residual is
+    measured with one more product each) and, with Lanczos and ``k >= 2``, the run that looked
+    for a missing copy found none. When the budget runs out first, the best estimates are
+    returned with ``converged=False``.
 
     Args:
         model (nn.Module): the model
         loss_fn (callable): ``loss_fn(outputs, targets)``, the mean loss of a batch
-        data (iterable): ``(inputs, targets)`` batches, read as often as needed
+        data (iterable): ``(inputs, targets)`` batches, read once into a fixed list (see the
+            module docs)
         k (int, optional): how many eigenvalues (default: 1)
         params (optional): the parameters to differentiate (see the module docs; default: all
             that require a gradient)
         tol (float, optional): relative tolerance, see above (default: 1e-3)
-        max_iter (int, optional): at most this many Hessian-vector products (Lanczos) or this
-            many per eigenvalue (power) (default: 100)
+        max_iter (int, optional): at most this many Hessian-vector products (Lanczos, all runs
+            together, plus at most ``k`` to measure residuals) or this many per eigenvalue
+            (power) (default: 100)
         method (str, optional): ``"lanczos"`` or ``"power"`` (default: ``"lanczos"``)
         batch_norm (str, optional): ``"eval"`` or ``"train"`` (default: ``"eval"``)
         keep_graphs (bool, optional): keep each batch's gradient graph between products
@@ -441,73 +472,73 @@ def hessian_eigenvalues(
     return result
 
 
+def _top_scale(values: Sequence[float], k: int) -> float:
+    """The scale of the relative tolerance: the largest ``|value|`` among the top ``k``."""
+    top = sorted(values, reverse=True)[:k]
+    return max([abs(v) for v in top if math.isfinite(v)] + [1e-30])
+
+
 def _top_lanczos(
     op: _Hessian, k: int, tol: float, max_iter: int, gen: torch.Generator
 ) -> tuple[list[float], list[Tensor], bool]:
     """Lanczos runs with locking until the top ``k`` eigenpairs, multiplicities included, are
     found; see :func:`hessian_eigenvalues`."""
-    values: list[float] = []  # the eigenpairs found (each with residual <= tol * scale)
-    vectors: list[Tensor] = []
-    checked: list[bool] = []  # found in the first run: its residual bound is exact
-    pending: list[tuple[float, Tensor]] = []  # unconverged Ritz pairs of a run out of budget
+    # the pairs found: value, unit vector, residual (None: bounded only for the Hessian
+    # restricted to the complement of the pairs locked before it, to be measured)
+    found: list[tuple[float, Tensor, float | None]] = []
+    pending: list[tuple[float, Tensor, float | None]] = []  # the last run's unconverged pairs
     verified = False
-    while op.products < max_iter and len(vectors) < op.size:
-        locked = torch.stack(vectors) if vectors else torch.empty(0, op.size, device=op.device)
-        locked = locked.to(torch.float64)
-        want = max(k - len(values), 1)
-        kth = sorted(values, reverse=True)[k - 1] if len(values) >= k else None
-        found_scale = max((abs(v) for v in values), default=0.0)
+    while op.products < max_iter and len(found) < op.size:
+        locked = torch.stack([x for _, x, _ in found]) if found else None
+        want = max(k - len(found), 1)
+        values = [v for v, _, _ in found]
+        kth = sorted(values, reverse=True)[k - 1] if len(found) >= k else None
 
-        def done(
-            t: Tensor, beta: float, want: int = want, found_scale: float = found_scale
-        ) -> bool:
+        def done(t: Tensor, beta: float, want: int = want, values: list[float] = values) -> bool:
             if t.shape[0] < want:
                 return False
             theta, s = torch.linalg.eigh(t)
-            scale = max(found_scale, float(theta.abs().max()), 1e-30)
+            scale = _top_scale(values + theta.tolist(), k)
             return bool((beta * s[-1, -want:].abs() <= tol * scale).all())
 
-        start = _orthogonalize(_normal(op.size, gen, op.device), locked)
+        start = _normal(op.size, gen, op.device)
+        if locked is not None:
+            start = _orthogonalize(start, locked)
         t, basis, beta, exhausted = _lanczos(
             op, start, max_iter - op.products, locked=locked, done=done
         )
         theta, s = torch.linalg.eigh(t)
         residuals = torch.zeros_like(theta) if exhausted else beta * s[-1].abs()
-        scale = max(found_scale, float(theta.abs().max()), 1e-30)
-        order = torch.argsort(theta, descending=True)
-        top = order if exhausted else order[:k]
-        new = [int(i) for i in top if float(residuals[i]) <= tol * scale]
+        scale = _top_scale(values + theta.tolist(), k)
+        order = [int(i) for i in torch.argsort(theta, descending=True)]
+        new = [i for i in (order if exhausted else order[:k]) if residuals[i] <= tol * scale]
         for i in new:
-            values.append(float(theta[i]))
-            vectors.append(basis.T @ s[:, i].to(basis.device))
-            checked.append(not locked.shape[0])
+            residual = float(residuals[i]) if locked is None else None
+            found.append((float(theta[i]), basis.T @ s[:, i].to(basis.device), residual))
         pending = [
-            (float(theta[i]), basis.T @ s[:, i].to(basis.device))
+            (float(theta[i]), basis.T @ s[:, i].to(basis.device), float(residuals[i]))
             for i in order[:k]
-            if int(i) not in new
+            if i not in new
         ]
-        if len(values) >= k and (
+        if len(found) >= k and (
             k == 1  # a copy of the largest eigenvalue does not change the answer
-            or (kth is not None and new and max(float(theta[i]) for i in new) <= kth + tol * scale)
-            or len(vectors) == op.size
+            or (kth is not None and new and float(theta[new[0]]) <= kth + tol * scale)
+            or len(found) == op.size
         ):
             verified = True
             break
-    pairs = sorted(
-        [(v, x, c) for v, x, c in zip(values, vectors, checked, strict=True)]
-        + ([] if verified else [(v, x, True) for v, x in pending]),
-        key=lambda pair: -pair[0],
-    )[:k]
-    converged = verified
+    pairs = sorted(found + ([] if verified else pending), key=lambda pair: -pair[0])[:k]
     while len(pairs) < k:  # out of budget before k pairs were seen
-        converged = False
-        pairs.append((math.nan, torch.full((op.size,), math.nan, dtype=torch.float64), True))
+        pairs.append((math.nan, torch.full((op.size,), math.nan, dtype=torch.float64), math.nan))
+    converged = verified
     if converged:
-        # a pair found after others were locked is a Ritz pair of the Hessian restricted to
-        # their complement: its residual for the whole Hessian is measured, not bounded
-        scale = max(abs(v) for v, _, _ in pairs)
-        for value, vector, exact in pairs:
-            if not exact and float((op(vector) - value * vector).norm()) > tol * scale:
+        scale = _top_scale([v for v, _, _ in pairs], k)
+        for value, vector, residual in pairs:
+            if residual is None:
+                # found after others were locked: a Ritz pair of the Hessian restricted to
+                # their complement, whose residual for the whole Hessian is measured
+                residual = float((op(vector) - value * vector).norm())
+            if not residual <= tol * scale:
                 converged = False
                 break
     return [v for v, _, _ in pairs], [x for _, x, _ in pairs], converged
@@ -628,8 +659,11 @@ def hessian_spectrum(
 
     with :math:`\sigma^2` = ``sigma_squared`` times ``max(1, width of the spectrum)``, on
     ``points`` equally spaced points from the smallest node minus ``margin`` to the largest
-    plus ``margin``, normalised to integrate to 1 there (the conventions of PyHessian's
-    example). A run stops early if its Krylov space is exhausted (then the quadrature is exact).
+    plus ``margin``, normalised to integrate to 1 there (the sum of the density times the
+    grid's spacing is 1; the conventions of PyHessian's example). A grid that would have zero
+    width (one distinct node and ``margin=0``, as with ``steps=1``) extends 6 standard deviations
+    of the kernel on each side of the node instead. A run stops early if its Krylov space is
+    exhausted (then the quadrature is exact).
 
     Args:
         model, loss_fn, data: as for :func:`hessian_eigenvalues`
