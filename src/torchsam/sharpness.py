@@ -388,8 +388,9 @@ def hessian_eigenvalues(
     from a random Gaussian start. After each Hessian-vector product it computes the Ritz pairs
     :math:`(\theta_i, y_i)` of the tridiagonal matrix; a run stops when each of the top ``k``
     has residual :math:`\lVert H y_i - \theta_i y_i \rVert = \beta\, |s_{m,i}| \le` ``tol``
-    times the largest :math:`|\theta|`, which bounds each eigenvalue's error by the same amount
-    (Parlett, "The Symmetric Eigenvalue Problem", Thm. 11.5.1 with full reorthogonalisation),
+    times the largest :math:`|\theta|` among the top ``k``, which bounds each eigenvalue's error
+    by the same amount (Parlett, "The Symmetric Eigenvalue Problem", Thm. 11.5.1 with full
+    reorthogonalisation),
     or when its Krylov space is exhausted (:math:`\beta \approx 0`: its Ritz pairs are then
     exact). The pairs found are locked, and a new run starts from a random vector, every vector
     orthogonalised against the locked ones as well as its own basis. One Krylov space holds one
