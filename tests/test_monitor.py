@@ -1,0 +1,477 @@
+"""SharpnessMonitor: exact eigenvalues while training, a training left unchanged, the outputs.
+
+The answer key for the eigenvalue is the top eigenvalue of the whole Hessian of a tiny float64
+model, built by ``torch.autograd.functional.hessian`` and diagonalised by ``eigvalsh``, at each
+measurement of a training run. "Never changes training" is checked bit for bit: the same run
+with and without the monitor gives equal weights, buffers, gradients (None included), global
+RNG state and train/eval flags after every step.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import torchsam
+from torchsam import sharpness
+from torchsam.monitor import SharpnessMonitor, SharpnessRecord
+
+DIM, HIDDEN, CLASSES = 3, 5, 2
+
+
+def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)).double()
+
+
+def tiny_batches(count: int = 2, size: int = 16, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(size, DIM, generator=g, dtype=torch.float64),
+            torch.randint(0, CLASSES, (size,), generator=g),
+        )
+        for _ in range(count)
+    ]
+
+
+def exact_top(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> float:
+    """The largest eigenvalue of the full Hessian of the sample-weighted mean loss."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    sizes = [p.numel() for p in params]
+    total = sum(int(y.shape[0]) for _, y in data)
+
+    def loss(flat: Tensor) -> Tensor:
+        pieces = [piece.view_as(p) for piece, p in zip(flat.split(sizes), params, strict=True)]
+        weights = dict(zip(names, pieces, strict=True))
+        return (
+            sum(loss_fn(functional_call(model, weights, (x,)), y) * y.shape[0] for x, y in data)
+            / total
+        )
+
+    flat = torch.cat([p.reshape(-1) for p in params])
+    hessian = torch.autograd.functional.hessian(loss, flat)
+    return float(torch.linalg.eigvalsh(hessian)[-1])
+
+
+# --------------------------------------------------------------------------- eigenvalues
+@pytest.mark.parametrize("tol", [1e-3, 1e-8])
+def test_warm_started_eigenvalue_is_the_exact_top_eigenvalue_at_each_measurement(
+    tol: float,
+) -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    monitor = SharpnessMonitor(model, loss_fn, data, every=2, tol=tol, max_iter=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    exact: list[float] = []
+    cold: list[int] = []
+    for step in range(24):
+        x, y = data[step % len(data)]
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        if monitor.step() is not None:
+            exact.append(exact_top(model, data))
+            cold.append(
+                sharpness.hessian_eigenvalues(model, loss_fn, data, tol=tol, max_iter=64).products
+            )
+    assert [r.step for r in monitor.records] == list(range(2, 25, 2))
+    for record, value in zip(monitor.records, exact, strict=True):
+        assert record.converged
+        # a residual within tol * |theta| bounds the error by as much (Parlett, Thm. 11.5.1)
+        assert abs(record.top_eigenvalue - value) <= tol * abs(value) * 1.01 + 1e-12
+    warm = [r.products for r in monitor.records]
+    # the first measurement is a cold start; the warm ones cost fewer products than cold ones
+    assert warm[0] == cold[0]
+    assert sum(warm[1:]) < sum(cold[1:])
+
+
+def test_start_vector_at_the_top_eigenvector_converges_at_once() -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    top = sharpness.hessian_eigenvalues(
+        model, loss_fn, data, tol=1e-12, max_iter=64, return_eigenvectors=True
+    )
+    assert top.eigenvectors is not None
+    for method in ("lanczos", "power"):
+        warm = sharpness.hessian_eigenvalues(
+            model, loss_fn, data, tol=1e-6, method=method, start=top.eigenvectors[0]
+        )
+        assert warm.converged
+        assert warm.products <= 2
+        assert warm[0] == pytest.approx(exact_top(model, data), rel=1e-6)
+
+
+def test_start_vector_is_checked() -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    shapes = [torch.ones_like(p) for p in model.parameters()]
+    with pytest.raises(ValueError, match="shapes"):
+        sharpness.hessian_eigenvalues(model, loss_fn, data, start=shapes[:-1])
+    with pytest.raises(ValueError, match="finite and not zero"):
+        sharpness.hessian_eigenvalues(model, loss_fn, data, start=[s * 0 for s in shapes])
+    with pytest.raises(ValueError, match="finite and not zero"):
+        sharpness.hessian_eigenvalues(model, loss_fn, data, start=[s * math.nan for s in shapes])
+    with pytest.raises(TypeError, match="sequence of tensors"):
+        sharpness.hessian_eigenvalues(model, loss_fn, data, start=torch.ones(3))  # type: ignore[arg-type]
+
+
+def test_trace_and_sam_sharpness_are_the_instruments_values() -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    monitor = SharpnessMonitor(
+        model,
+        loss_fn,
+        data,
+        trace_samples=8,
+        sam_rho=0.1,
+        generator=torch.Generator().manual_seed(5),
+    )
+    record = monitor.measure()
+    g = torch.Generator().manual_seed(5)
+    top = sharpness.hessian_eigenvalues(model, loss_fn, data, max_iter=20, generator=g)
+    trace = sharpness.hessian_trace(model, loss_fn, data, samples=8, generator=g)
+    assert record.top_eigenvalue == top[0]
+    assert record.products == top.products
+    assert record.trace == float(trace)
+    assert record.trace_stderr == trace.stderr
+    assert record.sam_sharpness == sharpness.sam_sharpness(model, loss_fn, data, rho=0.1)
+
+
+def test_a_diverged_model_is_recorded_as_nan_and_the_next_measurement_starts_cold() -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    monitor = SharpnessMonitor(model, loss_fn, data, every=1, max_iter=64)
+    first = monitor.step()
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        next(model.parameters()).fill_(math.nan)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        second = monitor.step()
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), saved, strict=True):
+            p.copy_(s)
+    third = monitor.step()
+    assert first is not None
+    assert second is not None
+    assert third is not None
+    assert math.isnan(second.top_eigenvalue)
+    assert not second.converged
+    assert third.top_eigenvalue == pytest.approx(exact_top(model, data), rel=1e-3)
+
+
+# --------------------------------------------------------------------------- never changes training
+class Net(nn.Module):
+    """BatchNorm (running statistics), dropout (the global RNG) and a parameter left unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(DIM, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(8, CLASSES)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.drop(torch.tanh(self.norm(self.hidden(x)))))
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "modes": [m.training for m in model.modules()],
+    }
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def equal(x: Any, y: Any) -> bool:
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            return x.dtype == y.dtype and x.shape == y.shape and bool(torch.equal(x, y))
+        if isinstance(x, list) and isinstance(y, list):
+            return len(x) == len(y) and all(equal(u, v) for u, v in zip(x, y, strict=True))
+        return bool(x == y)
+
+    return all(equal(a[key], b[key]) for key in a)
+
+
+def sam_run(monitor_options: dict[str, Any] | None, set_to_none: bool) -> list[dict[str, Any]]:
+    """Train ``Net`` with SAM for 8 steps; a monitor (when given options) after each step."""
+    torch.manual_seed(0)
+    model = Net().double()
+    model.train()
+    data = tiny_batches(count=4, size=12, seed=3)
+    optimizer = torchsam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.3, momentum=0.9)
+    monitor = None
+    if monitor_options is not None:
+        monitor = SharpnessMonitor(model, loss_fn, data[:2], **monitor_options)
+    torch.manual_seed(1)  # the same global RNG stream for the dropout of both runs
+    states = []
+    for step in range(8):
+        x, y = data[step % len(data)]
+        loss_fn(model(x), y).backward()
+        optimizer.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        optimizer.second_step(zero_grad=set_to_none)
+        if monitor is not None:
+            monitor.step()
+        states.append(snapshot(model))
+    if monitor is not None:
+        assert len(monitor.records) == 8 // monitor.every
+    return states
+
+
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["grads-kept", "grads-none"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"every": 2, "trace_samples": 4, "sam_rho": 0.05},
+        {"every": 1, "trace_samples": 3, "sam_rho": 0.1, "batch_norm": "train"},
+    ],
+    ids=["eval-bn", "train-bn"],
+)
+def test_the_monitor_never_changes_training(options: dict[str, Any], set_to_none: bool) -> None:
+    plain = sam_run(None, set_to_none)
+    watched = sam_run(options, set_to_none)
+    assert len(plain) == len(watched)
+    for a, b in zip(plain, watched, strict=True):
+        assert same(a, b)
+    # the check can fail: the runs moved, and grads are kept or None as asked
+    assert not torch.equal(plain[0]["params"][0], plain[-1]["params"][0])
+    assert (plain[-1]["grads"][0] is None) == set_to_none
+
+
+# --------------------------------------------------------------------------- schedule, outputs
+def test_the_schedule_in_steps_and_epochs() -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    monitor = SharpnessMonitor(model, loss_fn, data, every=3)
+    taken = [monitor.step() is not None for _ in range(10)]
+    assert [i + 1 for i, t in enumerate(taken) if t] == [3, 6, 9]
+    assert monitor.epoch_end() is None  # counted, not measured, in unit="step"
+    # a global step reported again (a trainer's batches within one accumulation) measures once
+    assert monitor.step(12) is not None
+    assert monitor.step(12) is None
+    assert monitor.step(13) is None
+    assert [r.step for r in monitor.records] == [3, 6, 9, 12]
+    assert all(r.epoch == (1 if r.step == 12 else 0) for r in monitor.records)
+
+    by_epoch = SharpnessMonitor(model, loss_fn, data, every=2, unit="epoch")
+    assert all(by_epoch.step() is None for _ in range(5))
+    taken = [by_epoch.epoch_end() is not None for _ in range(4)]
+    assert taken == [False, True, False, True]
+    assert [(r.epoch, r.step) for r in by_epoch.records] == [(2, 5), (4, 5)]
+
+
+class Writer:
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+        self.scalars.append((tag, value, global_step))
+
+
+def test_records_go_to_csv_and_to_a_writer(tmp_path: Path) -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    writer = Writer()
+    monitor = SharpnessMonitor(
+        model, loss_fn, data, every=1, trace_samples=4, writer=writer, tag="probe"
+    )
+    monitor.step()
+    monitor.step()
+    path = monitor.to_csv(tmp_path / "sharpness.csv")
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == [
+        "step",
+        "epoch",
+        "top_eigenvalue",
+        "converged",
+        "products",
+        "trace",
+        "trace_stderr",
+        "sam_sharpness",
+        "seconds",
+    ]
+    for row, record in zip(rows, monitor.records, strict=True):
+        assert int(row["step"]) == record.step
+        assert float(row["top_eigenvalue"]) == record.top_eigenvalue
+        assert float(row["trace"]) == record.trace
+        assert row["sam_sharpness"] == ""  # not asked for
+    expected = [
+        (f"probe/{name}", value, r.step)
+        for r in monitor.records
+        for name, value in (("top_eigenvalue", r.top_eigenvalue), ("trace", r.trace))
+    ]
+    assert writer.scalars == expected
+
+
+def test_a_real_summary_writer(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    monitor = SharpnessMonitor(tiny_model(), loss_fn, tiny_batches(), every=1, writer=writer)
+    monitor.step()
+    writer.close()
+    assert any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"every": 0}, ValueError, "every"),
+        ({"unit": "batch"}, ValueError, "unit"),
+        ({"tol": 0}, ValueError, "tol"),
+        ({"max_iter": 0}, ValueError, "max_iter"),
+        ({"trace_samples": 1}, ValueError, "trace_samples"),
+        ({"sam_rho": -1.0}, ValueError, "sam_rho"),
+        ({"batch_norm": "frozen"}, ValueError, "batch_norm"),
+        ({"writer": object()}, TypeError, "add_scalar"),
+        ({"params": "nope"}, ValueError, "nope"),
+        ({"generator": 0}, TypeError, "generator"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(options: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        SharpnessMonitor(tiny_model(), loss_fn, tiny_batches(), **options)
+
+
+def test_bad_probe_and_counts() -> None:
+    with pytest.raises(TypeError, match="iterator"):
+        SharpnessMonitor(tiny_model(), loss_fn, iter(tiny_batches()))
+    with pytest.raises(ValueError, match="no batch"):
+        SharpnessMonitor(tiny_model(), loss_fn, [])
+    monitor = SharpnessMonitor(tiny_model(), loss_fn, tiny_batches())
+    with pytest.raises(ValueError, match="step"):
+        monitor.step(-1)
+    assert SharpnessRecord.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- integrations
+def test_lightning_callback_measures_and_leaves_training_unchanged() -> None:
+    pytest.importorskip("lightning")
+    import lightning as L
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net().double()
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            x, y = batch
+            return loss_fn(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torchsam.SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.3)
+
+    data = tiny_batches(count=6, size=8, seed=4)
+
+    def fit(monitor_every: int | None) -> tuple[Lit, SharpnessMonitor | None]:
+        torch.manual_seed(0)
+        module = Lit()
+        callbacks = []
+        monitor = None
+        if monitor_every is not None:
+            monitor = SharpnessMonitor(module.net, loss_fn, data[:2], every=monitor_every)
+            callbacks.append(monitor.lightning_callback())
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=False,
+            enable_checkpointing=False,
+            callbacks=callbacks,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            loader = torch.utils.data.DataLoader(data, batch_size=None)
+            torch.manual_seed(1)
+            trainer.fit(module, loader)
+        return module, monitor
+
+    plain, _ = fit(None)
+    watched, monitor = fit(4)
+    assert monitor is not None
+    assert [(r.step, r.epoch) for r in monitor.records] == [(4, 0), (8, 1), (12, 1)]
+    assert all(math.isfinite(r.top_eigenvalue) for r in monitor.records)
+    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_huggingface_callback_measures_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    class Classifier(nn.Module):
+        """forward(input, labels) -> {"loss", "logits"}; the monitor calls forward(input)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, input: Tensor, labels: Tensor | None = None) -> Any:
+            logits = self.net(input)
+            if labels is None:
+                return logits
+            return {"loss": loss_fn(logits, labels), "logits": logits}
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(16, DIM, generator=g)
+    y = torch.randint(0, CLASSES, (16,), generator=g)
+    dataset = [{"input": x[i], "labels": y[i]} for i in range(16)]
+    probe = [(x[:8], y[:8])]
+
+    def fit(monitor_every: int | None) -> tuple[nn.Module, SharpnessMonitor | None]:
+        torch.manual_seed(0)
+        model = Classifier()
+        monitor = None
+        callbacks = []
+        if monitor_every is not None:
+            monitor = SharpnessMonitor(model, loss_fn, probe, every=monitor_every)
+            callbacks.append(monitor.trainer_callback())
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            per_device_train_batch_size=4,
+            num_train_epochs=2,
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=dataset, callbacks=callbacks
+        )
+        trainer.train()
+        return model, monitor
+
+    plain, _ = fit(None)
+    watched, monitor = fit(3)
+    assert monitor is not None
+    assert [(r.step, r.epoch) for r in monitor.records] == [(3, 0), (6, 1)]
+    assert monitor.epochs == 2
+    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
