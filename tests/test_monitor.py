@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -475,3 +477,20 @@ def test_huggingface_callback_measures_and_leaves_training_unchanged(tmp_path: P
     assert monitor.epochs == 2
     for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- the benchmark
+def test_benchmark_smoke_run() -> None:
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_monitor.py"
+    args = ["--methods", "sgd", "--epochs", "2", "--every", "10", "--probe", "32"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    assert "monitor: 3 measurements" in out  # steps 10, 20, 30 of 2 x 19
+    assert "(target <= 5%: " in out
+    assert "same final weights and buffers, bit for bit: True" in out
