@@ -12,9 +12,11 @@ rate 0.02 on a cosine schedule, one intra-op thread, seed 0, trained by
 default ``every`` and ``tol`` unless told, on a probe of the first ``--probe`` training
 samples (:func:`torchsam.experiments.compare.probe_data`).
 
-Reported per method: the training time of the run without the monitor (the loop's own
-``wall_time``), the time the monitor's measurements took in the other run (the sum of the
-records' ``seconds``), their ratio (issue 22's target: at most 5%), the number of
+Reported per method: the training time of the runs without and with the monitor (the loop's
+own ``wall_time``), the time the monitor's measurements took (the sum of the records'
+``seconds``), its ratio to the rest of the same run's training time (issue 22's target: at most
+5%; numerator and denominator are timed under the same load) and to the run without the
+monitor, the number of
 measurements, the Hessian-vector products of each (deterministic: they do not depend on the
 machine's load), and whether the two runs ended with the same weights and buffers, bit for
 bit (the monitor never changes training).
@@ -103,12 +105,15 @@ def main() -> None:
             raise RuntimeError("the monitored run built no monitor")
         spent = sum(r.seconds for r in monitor.records)
         same = all(torch.equal(plain_state[k], watched_state[k]) for k in plain_state)
-        ratio = spent / plain
+        # the share within the monitored run (numerator and denominator timed under the same
+        # load), and against the run without the monitor
+        ratio = spent / (watched_time - spent)
         verdict = "meets" if ratio <= TARGET else "MISSES"
         print(f"\n{method}: training {plain:.2f} s without the monitor, {watched_time:.2f} s with")
         print(
-            f"  monitor: {len(monitor.records)} measurements, {spent:.3f} s = {ratio:.1%} of "
-            f"training (target <= {TARGET:.0%}: {verdict})"
+            f"  monitor: {len(monitor.records)} measurements, {spent:.3f} s = {ratio:.1%} of the "
+            f"same run's training (target <= {TARGET:.0%}: {verdict}); "
+            f"{spent / plain:.1%} of the run without it"
         )
         print(f"  products per measurement: {[r.products for r in monitor.records]}")
         print(f"  top eigenvalue: {[round(r.top_eigenvalue, 2) for r in monitor.records]}")

@@ -4,7 +4,8 @@ The answer key for the eigenvalue is the top eigenvalue of the whole Hessian of 
 model, built by ``torch.autograd.functional.hessian`` and diagonalised by ``eigvalsh``, at each
 measurement of a training run. "Never changes training" is checked bit for bit: the same run
 with and without the monitor gives equal weights, buffers, gradients (None included), global
-RNG state and train/eval flags after every step.
+RNG state and train/eval flags after every step. The Lightning and Hugging Face examples of
+docs/monitor.md run here, as written.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def exact_top(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> float:
 
 
 # --------------------------------------------------------------------------- eigenvalues
-@pytest.mark.parametrize("tol", [1e-3, 1e-8])
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-8])
 def test_warm_started_eigenvalue_is_the_exact_top_eigenvalue_at_each_measurement(
     tol: float,
 ) -> None:
@@ -144,7 +145,7 @@ def test_trace_and_sam_sharpness_are_the_instruments_values() -> None:
     )
     record = monitor.measure()
     g = torch.Generator().manual_seed(5)
-    top = sharpness.hessian_eigenvalues(model, loss_fn, data, max_iter=20, generator=g)
+    top = sharpness.hessian_eigenvalues(model, loss_fn, data, tol=1e-2, max_iter=20, generator=g)
     trace = sharpness.hessian_trace(model, loss_fn, data, samples=8, generator=g)
     assert record.top_eigenvalue == top[0]
     assert record.products == top.products
@@ -368,11 +369,31 @@ def test_bad_probe_and_counts() -> None:
 
 
 # --------------------------------------------------------------------------- integrations
-def test_lightning_callback_measures_and_leaves_training_unchanged() -> None:
-    pytest.importorskip("lightning")
-    import lightning as L
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "monitor.md"
 
-    class Lit(L.LightningModule):
+
+def page_block(first_line: str) -> str:
+    """The example of docs/monitor.md marked to run here whose code contains ``first_line``."""
+    from tests.test_docs_examples import examples
+
+    found = [
+        code
+        for code, kind, note in examples(PAGE)
+        if kind == "runs-in" and note.startswith("tests/test_monitor.py") and first_line in code
+    ]
+    assert len(found) == 1, f"docs/monitor.md: no single block with {first_line!r}"
+    return found[0]
+
+
+def test_lightning_callback_measures_and_leaves_training_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Lightning example of docs/monitor.md, as written, against the same fit without
+    the monitor."""
+    pytest.importorskip("lightning")
+    import lightning
+
+    class Lit(lightning.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = Net().double()
@@ -384,43 +405,46 @@ def test_lightning_callback_measures_and_leaves_training_unchanged() -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torchsam.SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.3)
 
+    monkeypatch.chdir(tmp_path)  # the default Trainer writes its logs and checkpoints
     data = tiny_batches(count=6, size=8, seed=4)
+    code = page_block("monitor.lightning_callback()")
 
-    def fit(monitor_every: int | None) -> tuple[Lit, SharpnessMonitor | None]:
+    def fit(watched: bool) -> dict[str, Any]:
         torch.manual_seed(0)
-        module = Lit()
-        callbacks = []
-        monitor = None
-        if monitor_every is not None:
-            monitor = SharpnessMonitor(module.net, loss_fn, data[:2], every=monitor_every)
-            callbacks.append(monitor.lightning_callback())
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=2,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            logger=False,
-            enable_checkpointing=False,
-            callbacks=callbacks,
-        )
+        namespace: dict[str, Any] = {
+            "torchsam": torchsam,
+            "lightning": lightning,
+            "loss_fn": loss_fn,
+            "module": Lit(),
+            "probe": data[:2],
+            "train_loader": torch.utils.data.DataLoader(data, batch_size=None),
+        }
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            loader = torch.utils.data.DataLoader(data, batch_size=None)
+            warnings.filterwarnings("ignore", message=".*tensorboardX.*")
+            warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
             torch.manual_seed(1)
-            trainer.fit(module, loader)
-        return module, monitor
+            if watched:
+                exec(code, namespace)
+            else:
+                lightning.Trainer(max_epochs=2).fit(namespace["module"], namespace["train_loader"])
+        return namespace
 
-    plain, _ = fit(None)
-    watched, monitor = fit(4)
-    assert monitor is not None
+    plain = fit(False)
+    watched = fit(True)
+    monitor = watched["monitor"]
     assert [(r.step, r.epoch) for r in monitor.records] == [(4, 0), (8, 1), (12, 1)]
     assert all(math.isfinite(r.top_eigenvalue) for r in monitor.records)
-    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert (tmp_path / "sharpness.csv").is_file()
+    a, b = plain["module"].state_dict(), watched["module"].state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key])
 
 
 def test_huggingface_callback_measures_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    """The Hugging Face example of docs/monitor.md, as written, against the same training
+    without the monitor."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     import transformers
@@ -441,42 +465,46 @@ def test_huggingface_callback_measures_and_leaves_training_unchanged(tmp_path: P
     g = torch.Generator().manual_seed(6)
     x = torch.randn(16, DIM, generator=g)
     y = torch.randint(0, CLASSES, (16,), generator=g)
-    dataset = [{"input": x[i], "labels": y[i]} for i in range(16)]
-    probe = [(x[:8], y[:8])]
+    code = page_block("monitor.trainer_callback()")
 
-    def fit(monitor_every: int | None) -> tuple[nn.Module, SharpnessMonitor | None]:
+    def fit(watched: bool) -> dict[str, Any]:
         torch.manual_seed(0)
-        model = Classifier()
-        monitor = None
-        callbacks = []
-        if monitor_every is not None:
-            monitor = SharpnessMonitor(model, loss_fn, probe, every=monitor_every)
-            callbacks.append(monitor.trainer_callback())
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path),
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            per_device_train_batch_size=4,
-            num_train_epochs=2,
-            seed=0,
-            dataloader_num_workers=0,
-        )
-        trainer = transformers.Trainer(
-            model=model, args=args, train_dataset=dataset, callbacks=callbacks
-        )
-        trainer.train()
-        return model, monitor
+        namespace: dict[str, Any] = {
+            "torchsam": torchsam,
+            "transformers": transformers,
+            "loss_fn": loss_fn,
+            "model": Classifier(),
+            "probe": [(x[:8], y[:8])],
+            "dataset": [{"input": x[i], "labels": y[i]} for i in range(16)],
+            "args": transformers.TrainingArguments(
+                output_dir=str(tmp_path),
+                use_cpu=True,
+                report_to=[],
+                save_strategy="no",
+                logging_strategy="no",
+                disable_tqdm=True,
+                per_device_train_batch_size=4,
+                num_train_epochs=2,
+                seed=0,
+                dataloader_num_workers=0,
+            ),
+        }
+        if watched:
+            exec(code, namespace)
+        else:
+            transformers.Trainer(
+                model=namespace["model"], args=namespace["args"], train_dataset=namespace["dataset"]
+            ).train()
+        return namespace
 
-    plain, _ = fit(None)
-    watched, monitor = fit(3)
-    assert monitor is not None
+    plain = fit(False)
+    watched = fit(True)
+    monitor = watched["monitor"]
     assert [(r.step, r.epoch) for r in monitor.records] == [(3, 0), (6, 1)]
     assert monitor.epochs == 2
-    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    a, b = plain["model"].state_dict(), watched["model"].state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key])
 
 
 # --------------------------------------------------------------------------- the benchmark
