@@ -214,12 +214,14 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(equal(a[key], b[key]) for key in a)
 
 
-def sam_run(monitor_options: dict[str, Any] | None, set_to_none: bool) -> list[dict[str, Any]]:
+def sam_run(
+    monitor_options: dict[str, Any] | None, set_to_none: bool, device: str = "cpu"
+) -> list[dict[str, Any]]:
     """Train ``Net`` with SAM for 8 steps; a monitor (when given options) after each step."""
     torch.manual_seed(0)
-    model = Net().double()
+    model = Net().double().to(device)
     model.train()
-    data = tiny_batches(count=4, size=12, seed=3)
+    data = [(x.to(device), y.to(device)) for x, y in tiny_batches(count=4, size=12, seed=3)]
     optimizer = torchsam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.3, momentum=0.9)
     monitor = None
     if monitor_options is not None:
@@ -258,6 +260,17 @@ def test_the_monitor_never_changes_training(options: dict[str, Any], set_to_none
     # the check can fail: the runs moved, and grads are kept or None as asked
     assert not torch.equal(plain[0]["params"][0], plain[-1]["params"][0])
     assert (plain[-1]["grads"][0] is None) == set_to_none
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_monitor_never_changes_training_on_cuda() -> None:
+    """On a GPU the dropout draws from CUDA's RNG, which the snapshots compare too."""
+    options = {"every": 2, "trace_samples": 4, "sam_rho": 0.05}
+    plain = sam_run(None, False, "cuda")
+    watched = sam_run(options, False, "cuda")
+    assert plain[-1]["cuda_rng"] is not None
+    for a, b in zip(plain, watched, strict=True):
+        assert same(a, b)
 
 
 # --------------------------------------------------------------------------- schedule, outputs
