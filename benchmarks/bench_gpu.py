@@ -38,6 +38,11 @@ Measurements:
   ``torch.cuda.set_sync_debug_mode("warn")``, counted from the warnings, divided by 10.
 * **kernels/step**: CUDA kernels (memory copies and sets apart) recorded by
   ``torch.profiler`` over 10 steps at batch ``--profile-batch`` (64), divided by 10.
+* **CUDA graphs** (``--graphs``): a whole SAM step with ``skip_nonfinite=False`` on a small
+  CNN (32/64 channels, BatchNorm, batch 256 of 32x32, float32), with SGD and with
+  Adam(``capturable=True``): eager, replayed from a ``torch.cuda.CUDAGraph`` and, by default,
+  with the model compiled by ``torch.compile(mode="reduce-overhead")`` (docs/gpu.md's
+  recipes); ms per step (best of the rounds) and the gain over eager.
 * With ``--cpu-proxy``: syncs and operators per step counted on the CPU by
   :class:`torchsam.experiments._dispatch_count.DispatchCounter` (ResNet-18 of width 4, batch
   4 of 8x8 images, float32: counts, not times; an operator is a proxy for a kernel launch;
@@ -62,7 +67,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +76,7 @@ from torch import Tensor, nn
 import torchsam
 from torchsam.experiments._dispatch_count import DispatchCounter
 from torchsam.experiments.bench import ReferenceSAM
-from torchsam.experiments.models import resnet18
+from torchsam.experiments.models import resnet18, small_cnn
 
 LR = 0.1
 MOMENTUM = 0.9
@@ -400,6 +405,133 @@ def count_on_cpu(contender: Contender, setup: Setup, result: Result) -> None:
     result.sync_ops = dict(counter.sync_ops)
 
 
+# --------------------------------------------------------------------------- CUDA graphs
+GRAPH_BATCH = 256
+
+
+def _sam_step(model: nn.Module, optimizer: Any, x: Tensor, y: Tensor) -> None:
+    F.cross_entropy(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    with torchsam.freeze_running_stats(model):
+        F.cross_entropy(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+
+
+def _best_ms(fn: Callable[[], None], warmup: int, steps: int, rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / steps)
+    return best
+
+
+def graph_gain(warmup: int, steps: int, rounds: int, compile_too: bool) -> list[dict[str, Any]]:
+    """A whole SAM step (``skip_nonfinite=False``) on a small CNN (32x32 inputs, 32/64
+    channels, BatchNorm, batch 256, float32): eager, replayed from a CUDA graph (the recipe of
+    docs/gpu.md) and, with ``compile_too``, with the model compiled by
+    ``torch.compile(mode="reduce-overhead")``; ms per step, best of ``rounds``; with SGD and
+    with Adam(``capturable=True``) as the base optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(GRAPH_BATCH, 3, 32, 32, generator=gen).cuda()
+    y = torch.randint(NUM_CLASSES, (GRAPH_BATCH,), generator=gen).cuda()
+    timing = dict(warmup=warmup, steps=steps, rounds=rounds)
+    return [
+        _graph_row("SGD", torch.optim.SGD, sgd_kwargs(), x, y, timing, compile_too),
+        _graph_row(
+            "Adam capturable=True",
+            torch.optim.Adam,
+            dict(lr=1e-3, capturable=True),
+            x,
+            y,
+            timing,
+            compile_too,
+        ),
+    ]
+
+
+def _graph_row(
+    name: str,
+    base: Any,
+    kwargs: dict[str, Any],
+    x: Tensor,
+    y: Tensor,
+    timing: dict[str, int],
+    compile_too: bool,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"base": name, "errors": []}
+
+    def build() -> tuple[nn.Module, Any]:
+        torch.manual_seed(0)
+        model = small_cnn((3, 32, 32), NUM_CLASSES, channels=32).cuda()
+        return model, torchsam.SAM(
+            model.parameters(), base, rho=RHO, skip_nonfinite=False, **kwargs
+        )
+
+    try:
+        model, opt = build()
+        row["eager_ms"] = _best_ms(lambda: _sam_step(model, opt, x, y), **timing)
+        captured, captured_opt = build()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: the optimizer's state is made here
+            for _ in range(3):
+                _sam_step(captured, captured_opt, x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _sam_step(captured, captured_opt, x, y)
+        row["graph_ms"] = _best_ms(graph.replay, **timing)
+        row["graph_gain"] = row["eager_ms"] / row["graph_ms"]
+    except Exception as exc:
+        row["errors"].append(f"graph: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+    if not compile_too:
+        return row
+    try:
+        plain, compiled_opt = build()
+        compiled = cast(nn.Module, torch.compile(plain, mode="reduce-overhead"))
+
+        def compiled_step() -> None:
+            torch.compiler.cudagraph_mark_step_begin()
+            _sam_step(compiled, compiled_opt, x, y)
+
+        row["compiled_ms"] = _best_ms(compiled_step, **{**timing, "warmup": 5})
+        row["compiled_gain"] = row["eager_ms"] / row["compiled_ms"]
+    except Exception as exc:
+        row["errors"].append(f"compile: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+    return row
+
+
+def print_graph_gain(rows: list[dict[str, Any]]) -> None:
+    print(
+        "CUDA graphs: a whole SAM step (skip_nonfinite=False), small CNN 32/64 channels + "
+        f"BatchNorm, batch {GRAPH_BATCH} of 32x32, float32; ms/step, best of rounds"
+    )
+    table = [("base optimizer", "eager", "CUDA graph", "gain", "compiled", "gain")]
+    for row in rows:
+        table.append(
+            (
+                row["base"],
+                _fmt(row.get("eager_ms"), ".2f"),
+                _fmt(row.get("graph_ms"), ".2f"),
+                _fmt(row.get("graph_gain"), ".2f") + "x",
+                _fmt(row.get("compiled_ms"), ".2f"),
+                _fmt(row.get("compiled_gain"), ".2f") + "x",
+            )
+        )
+    print_table(table)
+    for row in rows:
+        for error in row["errors"]:
+            print(f"  {row['base']}: {error}")
+
+
 # --------------------------------------------------------------------------- the report
 def verdict(value: float | None, limit: float | None) -> str:
     if value is None or limit is None:
@@ -502,7 +634,7 @@ def report(
     return table, rows
 
 
-def print_table(table: list[tuple[str, ...]]) -> None:
+def print_table(table: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[k]) for row in table) for k in range(len(table[0]))]
     for n, row in enumerate(table):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -538,6 +670,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile-batch", type=int, default=64, help="batch of the kernel count; 0: skip (64)"
     )
     parser.add_argument("--only", default="", help="comma-separated contender names (all)")
+    parser.add_argument(
+        "--graphs",
+        choices=("none", "capture", "compile"),
+        default="compile",
+        help="the CUDA-graph gain: none, capture only, or capture and torch.compile (compile)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
         "--cpu-proxy",
@@ -639,8 +777,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"kernels: CUDA kernels per step at batch {args.profile_batch} (torch.profiler)"
     )
     _print_errors(rows)
+    graphs: list[dict[str, Any]] = []
+    if args.graphs != "none":
+        graphs = graph_gain(args.warmup, args.steps, args.rounds, args.graphs == "compile")
+        print_graph_gain(graphs)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    write_json(args.json, {"mode": "gpu", "environment": env, "args": config, "rows": rows})
+    payload = {"mode": "gpu", "environment": env, "args": config, "rows": rows, "graphs": graphs}
+    write_json(args.json, payload)
     return 0
 
 
