@@ -38,11 +38,12 @@ Measurements:
   ``torch.cuda.set_sync_debug_mode("warn")``, counted from the warnings, divided by 10.
 * **kernels/step**: CUDA kernels (memory copies and sets apart) recorded by
   ``torch.profiler`` over 10 steps at batch ``--profile-batch`` (64), divided by 10.
-* **CUDA graphs** (``--graphs``): a whole SAM step with ``skip_nonfinite=False`` on a small
-  CNN (32/64 channels, BatchNorm, batch 256 of 32x32, float32), with SGD and with
-  Adam(``capturable=True``): eager, replayed from a ``torch.cuda.CUDAGraph`` and, by default,
-  with the model compiled by ``torch.compile(mode="reduce-overhead")`` (docs/gpu.md's
-  recipes); ms per step (best of the rounds) and the gain over eager.
+* **CUDA graphs** (``--part graphs``, or after the table by default): a whole SAM step with
+  ``skip_nonfinite=False`` on a small CNN (32/64 channels, BatchNorm, batch 256 of 32x32,
+  float32), with SGD and with Adam(``capturable=True``): eager and replayed from a
+  ``torch.cuda.CUDAGraph``, and, unless ``--no-compile``, with SGD, the model compiled by
+  ``torch.compile(mode="reduce-overhead")`` (docs/gpu.md's recipes); ms per step (``--warmup``
+  and ``--steps`` per round, best of ``--rounds``) and the gain over eager.
 * With ``--cpu-proxy``: syncs and operators per step counted on the CPU by
   :class:`torchsam.experiments._dispatch_count.DispatchCounter` (ResNet-18 of width 4, batch
   4 of 8x8 images, float32: counts, not times; an operator is a proxy for a kernel launch;
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import platform
 import sys
@@ -433,80 +435,75 @@ def _best_ms(fn: Callable[[], None], warmup: int, steps: int, rounds: int) -> fl
     return best
 
 
-def graph_gain(warmup: int, steps: int, rounds: int, compile_too: bool) -> list[dict[str, Any]]:
-    """A whole SAM step (``skip_nonfinite=False``) on a small CNN (32x32 inputs, 32/64
-    channels, BatchNorm, batch 256, float32): eager, replayed from a CUDA graph (the recipe of
-    docs/gpu.md) and, with ``compile_too``, with the model compiled by
-    ``torch.compile(mode="reduce-overhead")``; ms per step, best of ``rounds``; with SGD and
-    with Adam(``capturable=True``) as the base optimizer."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(GRAPH_BATCH, 3, 32, 32, generator=gen).cuda()
-    y = torch.randint(NUM_CLASSES, (GRAPH_BATCH,), generator=gen).cuda()
-    timing = dict(warmup=warmup, steps=steps, rounds=rounds)
-    return [
-        _graph_row("SGD", torch.optim.SGD, sgd_kwargs(), x, y, timing, compile_too),
-        _graph_row(
-            "Adam capturable=True",
-            torch.optim.Adam,
-            dict(lr=1e-3, capturable=True),
-            x,
-            y,
-            timing,
-            compile_too,
-        ),
-    ]
+class GraphSetup:
+    """The problem of the CUDA-graph timing: a small CNN (32x32 inputs, 32/64 channels,
+    BatchNorm, float32), one batch of ``GRAPH_BATCH``, SAM with ``skip_nonfinite=False``."""
 
+    def __init__(self, warmup: int, steps: int, rounds: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(GRAPH_BATCH, 3, 32, 32, generator=gen).cuda()
+        self.y = torch.randint(NUM_CLASSES, (GRAPH_BATCH,), generator=gen).cuda()
+        self.timing = dict(warmup=warmup, steps=steps, rounds=rounds)
 
-def _graph_row(
-    name: str,
-    base: Any,
-    kwargs: dict[str, Any],
-    x: Tensor,
-    y: Tensor,
-    timing: dict[str, int],
-    compile_too: bool,
-) -> dict[str, Any]:
-    row: dict[str, Any] = {"base": name, "errors": []}
-
-    def build() -> tuple[nn.Module, Any]:
+    def build(self, base: Any, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
         torch.manual_seed(0)
         model = small_cnn((3, 32, 32), NUM_CLASSES, channels=32).cuda()
-        return model, torchsam.SAM(
-            model.parameters(), base, rho=RHO, skip_nonfinite=False, **kwargs
-        )
+        sam = torchsam.SAM(model.parameters(), base, rho=RHO, skip_nonfinite=False, **kwargs)
+        return model, sam
 
+
+GRAPH_BASES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "SGD": (torch.optim.SGD, sgd_kwargs()),
+    "Adam capturable=True": (torch.optim.Adam, dict(lr=1e-3, capturable=True)),
+}
+
+
+def graph_gain(problem: GraphSetup) -> list[dict[str, Any]]:
+    """Eager against CUDA-graph replay of a whole SAM step (docs/gpu.md's first recipe), with
+    each base optimizer of ``GRAPH_BASES``: ms per step, best of the rounds, and the gain."""
+    rows = []
+    for name, (base, kwargs) in GRAPH_BASES.items():
+        row: dict[str, Any] = {"base": name, "errors": []}
+        rows.append(row)
+        try:
+            model, opt = problem.build(base, kwargs)
+            x, y = problem.x, problem.y
+            eager = functools.partial(_sam_step, model, opt, x, y)
+            row["eager_ms"] = _best_ms(eager, **problem.timing)
+            model, opt = problem.build(base, kwargs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: the optimizer's state is made here
+                for _ in range(3):
+                    _sam_step(model, opt, x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _sam_step(model, opt, x, y)
+            row["graph_ms"] = _best_ms(graph.replay, **problem.timing)
+            row["graph_gain"] = row["eager_ms"] / row["graph_ms"]
+        except Exception as exc:
+            row["errors"].append(f"graph: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+    return rows
+
+
+def add_compiled(problem: GraphSetup, row: dict[str, Any]) -> None:
+    """docs/gpu.md's second recipe, the model compiled with ``mode="reduce-overhead"`` (the
+    optimizer runs eagerly, so one base optimizer, ``row``'s, is enough)."""
     try:
-        model, opt = build()
-        row["eager_ms"] = _best_ms(lambda: _sam_step(model, opt, x, y), **timing)
-        captured, captured_opt = build()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: the optimizer's state is made here
-            for _ in range(3):
-                _sam_step(captured, captured_opt, x, y)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _sam_step(captured, captured_opt, x, y)
-        row["graph_ms"] = _best_ms(graph.replay, **timing)
-        row["graph_gain"] = row["eager_ms"] / row["graph_ms"]
-    except Exception as exc:
-        row["errors"].append(f"graph: {type(exc).__name__}: {exc}".splitlines()[0][:300])
-    if not compile_too:
-        return row
-    try:
-        plain, compiled_opt = build()
+        plain, opt = problem.build(*GRAPH_BASES[row["base"]])
         compiled = cast(nn.Module, torch.compile(plain, mode="reduce-overhead"))
+        x, y = problem.x, problem.y
 
         def compiled_step() -> None:
             torch.compiler.cudagraph_mark_step_begin()
-            _sam_step(compiled, compiled_opt, x, y)
+            _sam_step(compiled, opt, x, y)
 
-        row["compiled_ms"] = _best_ms(compiled_step, **{**timing, "warmup": 5})
-        row["compiled_gain"] = row["eager_ms"] / row["compiled_ms"]
+        row["compiled_ms"] = _best_ms(compiled_step, **{**problem.timing, "warmup": 5})
+        if "eager_ms" in row:
+            row["compiled_gain"] = row["eager_ms"] / row["compiled_ms"]
     except Exception as exc:
         row["errors"].append(f"compile: {type(exc).__name__}: {exc}".splitlines()[0][:300])
-    return row
 
 
 def print_graph_gain(rows: list[dict[str, Any]]) -> None:
@@ -671,10 +668,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", default="", help="comma-separated contender names (all)")
     parser.add_argument(
-        "--graphs",
-        choices=("none", "capture", "compile"),
-        default="compile",
-        help="the CUDA-graph gain: none, capture only, or capture and torch.compile (compile)",
+        "--part",
+        choices=("all", "table", "graphs"),
+        default="all",
+        help="the contenders' table, the CUDA-graph gain, or both (all)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave torch.compile out of the CUDA-graph gain",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
@@ -744,8 +746,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     torch.backends.cudnn.benchmark = True
-    device = torch.device("cuda")
     env = environment()
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload: dict[str, Any] = {"mode": "gpu", "environment": env, "args": config}
+    if args.part in ("all", "table"):
+        payload["rows"] = contenders_table(args, chosen, results, env)
+        write_json(args.json, payload)
+    if args.part in ("all", "graphs"):
+        problem = GraphSetup(args.warmup, args.steps, args.rounds)
+        payload["graphs"] = graphs = graph_gain(problem)
+        write_json(args.json, payload)  # kept even if compiling runs out of time
+        if not args.no_compile:
+            add_compiled(problem, graphs[0])
+            write_json(args.json, payload)
+        print_graph_gain(graphs)
+    return 0
+
+
+def contenders_table(
+    args: argparse.Namespace,
+    chosen: list[Contender],
+    results: dict[str, Result],
+    env: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Time, syncs and kernels of every chosen contender on the GPU; prints the table."""
+    device = torch.device("cuda")
     print(
         f"bench_gpu.py on {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}: ResNet-18 "
         f"(CIFAR), batch {args.batch} of 32x32, bf16 autocast, channels_last, SGD lr {LR} "
@@ -763,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, trainer in trainers.items():
         if not results[name].errors:
             count_syncs(trainer, results[name])
-    del trainers
+    del trainers, setup
     torch.cuda.empty_cache()
     if args.profile_batch:
         small = Setup(device, args.profile_batch)
@@ -777,14 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"kernels: CUDA kernels per step at batch {args.profile_batch} (torch.profiler)"
     )
     _print_errors(rows)
-    graphs: list[dict[str, Any]] = []
-    if args.graphs != "none":
-        graphs = graph_gain(args.warmup, args.steps, args.rounds, args.graphs == "compile")
-        print_graph_gain(graphs)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    payload = {"mode": "gpu", "environment": env, "args": config, "rows": rows, "graphs": graphs}
-    write_json(args.json, payload)
-    return 0
+    return rows
 
 
 def _print_errors(rows: list[dict[str, Any]]) -> None:
