@@ -37,7 +37,7 @@ Measurements:
 * **syncs/step**: host synchronisations over 10 steps (two cycles) under
   ``torch.cuda.set_sync_debug_mode("warn")``, counted from the warnings, divided by 10.
 * **kernels/step**: CUDA kernels (memory copies and sets apart) recorded by
-  ``torch.profiler`` over 10 steps at batch ``--profile-batch`` (64), divided by 10.
+  ``torch.profiler`` over 5 steps (one cycle) at batch ``--profile-batch`` (64), divided by 5.
 * **CUDA graphs** (``--part graphs``, or after the table by default): a whole SAM step with
   ``skip_nonfinite=False`` on a small CNN (32/64 channels, BatchNorm, batch 256 of 32x32,
   float32), with SGD and with Adam(``capturable=True``): eager and replayed from a
@@ -88,7 +88,8 @@ NUM_CLASSES = 10
 NUM_SAMPLES = 50_000  # SAF's history: CIFAR's training set
 EPOCH = 5  # SAF's and MESA's terms are active from their default start_epoch, 5
 BATCHES = 5  # distinct batches, cycled
-COUNTED_STEPS = 10  # steps over which syncs and kernels are counted (two 5-step cycles)
+COUNTED_STEPS = 10  # steps over which syncs are counted (two 5-step cycles)
+PROFILED_STEPS = 5  # steps over which kernels are counted (one cycle: one LookSAM sharp step)
 SYNC_WARNING = "called a synchronizing CUDA operation"
 
 
@@ -375,8 +376,8 @@ def count_kernels(contender: Contender, setup: Setup, result: Result) -> None:
         for i in range(BATCHES):  # warm-up: lazy state, cuDNN's autotuning
             step(i)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for i in range(BATCHES, BATCHES + COUNTED_STEPS):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(BATCHES, BATCHES + PROFILED_STEPS):
                 step(i)
             torch.cuda.synchronize()
         events = list(prof.events())
@@ -386,8 +387,8 @@ def count_kernels(contender: Contender, setup: Setup, result: Result) -> None:
     on_device = [e for e in events if e.device_type == DeviceType.CUDA]
     kernels = [e for e in on_device if not e.name.startswith(("Memcpy", "Memset"))]
     launches = [e for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel")]
-    result.kernels = len(kernels) / COUNTED_STEPS
-    result.launches = len(launches) / COUNTED_STEPS
+    result.kernels = len(kernels) / PROFILED_STEPS
+    result.launches = len(launches) / PROFILED_STEPS
 
 
 def count_on_cpu(contender: Contender, setup: Setup, result: Result) -> None:
@@ -750,8 +751,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload: dict[str, Any] = {"mode": "gpu", "environment": env, "args": config}
     if args.part in ("all", "table"):
-        payload["rows"] = contenders_table(args, chosen, results, env)
-        write_json(args.json, payload)
+
+        def save(rows: list[dict[str, Any]]) -> None:
+            payload["rows"] = rows
+            write_json(args.json, payload)
+
+        contenders_table(args, chosen, results, env, save)
     if args.part in ("all", "graphs"):
         problem = GraphSetup(args.warmup, args.steps, args.rounds)
         payload["graphs"] = graphs = graph_gain(problem)
@@ -768,8 +773,10 @@ def contenders_table(
     chosen: list[Contender],
     results: dict[str, Result],
     env: dict[str, Any],
-) -> list[dict[str, Any]]:
-    """Time, syncs and kernels of every chosen contender on the GPU; prints the table."""
+    save: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Time, syncs and kernels of every chosen contender on the GPU; prints the table and
+    passes the rows to ``save`` (also before the kernel count, which takes longest)."""
     device = torch.device("cuda")
     print(
         f"bench_gpu.py on {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}: ResNet-18 "
@@ -790,6 +797,7 @@ def contenders_table(
             count_syncs(trainer, results[name])
     del trainers, setup
     torch.cuda.empty_cache()
+    save(report(chosen, results, cpu_proxy=False)[1])
     if args.profile_batch:
         small = Setup(device, args.profile_batch)
         for c in chosen:
@@ -799,10 +807,11 @@ def contenders_table(
     print_table(table)
     print(
         f"syncs: per step over {COUNTED_STEPS} steps (torch.cuda.set_sync_debug_mode('warn')); "
-        f"kernels: CUDA kernels per step at batch {args.profile_batch} (torch.profiler)"
+        f"kernels: CUDA kernels per step over {PROFILED_STEPS} steps at batch "
+        f"{args.profile_batch} (torch.profiler)"
     )
     _print_errors(rows)
-    return rows
+    save(rows)
 
 
 def _print_errors(rows: list[dict[str, Any]]) -> None:
