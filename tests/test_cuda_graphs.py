@@ -38,7 +38,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
         torch.optim.SGD,
         rho=0.05,
         skip_nonfinite=False,
-        lr=0.01,
+        lr=0.001,
         momentum=0.9,
         weight_decay=5e-4,
     ),
@@ -51,6 +51,13 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
         capturable=True,
     ),
 }
+
+
+# How far a replayed (or compiled) run may drift from eager in 20 steps. Small learning rates
+# keep the training well-conditioned: a relative change of 1e-6 in the initial weights moves
+# the final ones by about 1e-6 with SGD, by about 4e-4 with Adam (whose normalised steps
+# amplify rounding); eager and replay should agree far better than that.
+TOLERANCE = {"SGD": 1e-4, "Adam capturable": 1e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +147,10 @@ def assert_same_training(
     start = new_model().state_dict()
     state, expected = model.state_dict(), eager.state_dict()
     for name, value in expected.items():
-        torch.testing.assert_close(state[name], value, rtol=tolerance, atol=tolerance, msg=name)
+        try:
+            torch.testing.assert_close(state[name], value, rtol=tolerance, atol=tolerance)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None
     torch.testing.assert_close(losses, eager_losses, rtol=tolerance, atol=tolerance)
     # the comparison can fail: training moved the weights much further than the tolerance
     moved = max(
@@ -167,7 +177,7 @@ def test_a_captured_sam_step_replays_as_eager(name: str) -> None:
         graph.replay()
         losses.append(static_loss.clone())
     torch.cuda.synchronize()
-    assert_same_training(model, torch.stack(losses), eager, eager_losses, tolerance=1e-4)
+    assert_same_training(model, torch.stack(losses), eager, eager_losses, TOLERANCE[name])
 
 
 def test_the_capture_records_the_step_without_running_it() -> None:
@@ -214,8 +224,7 @@ def test_the_step_never_synchronises() -> None:
 
 def test_a_model_compiled_with_reduce_overhead_trains_as_eager() -> None:
     """docs/gpu.md's second recipe: the model compiled with ``mode="reduce-overhead"`` (CUDA
-    graphs of its forward and backward passes, the optimizer eager); the compiled kernels
-    round differently from eager ones, hence a looser tolerance."""
+    graphs of its forward and backward passes, the optimizer eager)."""
     torch._dynamo.reset()
     data = batches(STEPS)
     eager, eager_losses = eager_run(OPTIMIZERS["SGD"], data)
@@ -231,5 +240,5 @@ def test_a_model_compiled_with_reduce_overhead_trains_as_eager() -> None:
         torch.compiler.cudagraph_mark_step_begin()
         losses.append(sam_step(compiled, optimizer, x, y).clone())
     torch.cuda.synchronize()
-    assert_same_training(model, torch.stack(losses), eager, eager_losses, tolerance=2e-3)
+    assert_same_training(model, torch.stack(losses), eager, eager_losses, TOLERANCE["SGD"])
     torch._dynamo.reset()
