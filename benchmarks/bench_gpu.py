@@ -35,7 +35,9 @@ Measurements:
   Warm-up and timed steps are multiples of 5 by default, so that LookSAM k=5 and
   IntermittentSAM every=5 take whole cycles.
 * **syncs/step**: host synchronisations over 10 steps (two cycles) under
-  ``torch.cuda.set_sync_debug_mode("warn")``, counted from the warnings, divided by 10.
+  ``torch.cuda.set_sync_debug_mode("warn")``, counted from the warnings, divided by 10 (the
+  warnings of the calling thread: a synchronisation inside a backward pass, which autograd
+  runs in its own thread on a GPU, would be printed but not counted).
 * **kernels/step**: CUDA kernels (memory copies and sets apart) recorded by
   ``torch.profiler`` over 5 steps (one cycle) at batch ``--profile-batch`` (64), divided by 5.
 * **CUDA graphs** (``--part graphs``, or after the table by default): a whole SAM step with
