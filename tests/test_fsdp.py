@@ -39,7 +39,8 @@ from tests.test_distributed import (
     _exit_cleanly,
     loss_fn,
 )
-from torchsam import _dtensor, _kernels
+from torchsam import _dtensor
+from torchsam._engine import _functional as _kernels
 
 #: base optimizers of the checkpoint test: SGD's momentum buffer, Adam's moments and step
 BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {

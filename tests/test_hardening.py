@@ -372,7 +372,7 @@ def test_exception_inside_the_perturbation_restores_w(name: str) -> None:
     x, y = data[0]
     step(name, opt, model, x, y)
     start = weights(model)
-    radius = opt._radius
+    radius = opt.radius
     seen: list[int] = []
 
     def failing_radius(group: dict[str, Any]) -> float:
@@ -381,13 +381,13 @@ def test_exception_inside_the_perturbation_restores_w(name: str) -> None:
             raise KeyboardInterrupt
         return radius(group)
 
-    opt._radius = failing_radius
+    opt.radius = failing_radius
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(KeyboardInterrupt):
         opt.first_step(zero_grad=True)
     _assert_same(weights(model), start)
     assert not opt.perturbed
-    del opt._radius
+    del opt.radius
     step(name, opt, model, x, y)  # usable again
 
 

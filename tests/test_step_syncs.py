@@ -172,7 +172,7 @@ def test_the_gradient_norm_of_small_and_large_tensors(shapes: list[tuple[int, ..
         for p, p0, g in zip(params, start, grads, strict=True):
             torch.testing.assert_close(p - p0, 0.1 * g / norm, rtol=1e-12, atol=1e-15)
         with torch.no_grad():
-            opt._abort()  # back to w
+            opt.abort()  # back to w
 
 
 @pytest.mark.parametrize("poisoned", range(5))
