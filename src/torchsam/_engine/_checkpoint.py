@@ -78,6 +78,47 @@ class WideState:
             group[WIDE_PREFIX + key] = value
 
 
+#: the kinds of hooks ``torch.optim.Optimizer`` keeps (``_optimizer_<kind>_hooks``)
+HOOK_KINDS = (
+    "step_pre",
+    "step_post",
+    "state_dict_pre",
+    "state_dict_post",
+    "load_state_dict_pre",
+    "load_state_dict_post",
+)
+
+
+def pack_with_hooks(opt: SharpnessAwareOptimizer) -> dict[str, Any]:
+    """:func:`pack` between the state-dict hooks registered on ``opt``, as torch.optim runs
+    them."""
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    packed = pack(opt)
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, packed)
+        if result is not None:
+            packed = result
+    return packed
+
+
+def unpack_with_hooks(opt: SharpnessAwareOptimizer, state_dict: Any) -> None:
+    """:func:`unpack` between the load-state-dict hooks registered on ``opt``."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise TypeError(
+            "load_state_dict() expects a dict made by state_dict(), with 'state' and "
+            f"'param_groups'; got {type(state_dict).__name__}"
+        )
+    state_dict = dict(state_dict)
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    unpack(opt, state_dict)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
+
+
 def pack(opt: SharpnessAwareOptimizer) -> dict[str, Any]:
     """The base optimizer's state dict with torchsam's own state merged into its entries."""
     packed = opt.base_optimizer.state_dict()

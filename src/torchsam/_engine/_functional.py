@@ -20,7 +20,17 @@ from torch import Tensor
 from torchsam import _dtensor
 from torchsam._engine._layout import GroupView, real_view
 
-__all__ = ["add_", "addcmul_", "combine_", "copy_", "dot", "finite_direction_", "lerp_", "norm"]
+__all__ = [
+    "add_",
+    "addcmul_",
+    "all_zero",
+    "combine_",
+    "copy_",
+    "dot",
+    "finite_direction_",
+    "lerp_",
+    "norm",
+]
 
 Coefficient = float | Tensor
 
@@ -167,6 +177,18 @@ def dot(xs: list[list[Tensor]], ys: list[list[Tensor]]) -> Tensor:
     if not parts:  # no parameter has a gradient on this step
         return torch.zeros((), dtype=torch.float64)
     return _dtensor.full(torch.stack(parts).to(torch.float64).sum())
+
+
+def all_zero(views: list[GroupView]) -> bool:
+    """Whether every gradient of ``views`` is zero (one host synchronisation per split).
+
+    The 1-norm, over all shards under FSDP2 (the max-norm has no value on an empty shard).
+    """
+    return not any(
+        bool(_dtensor.full(torch.stack(torch._foreach_norm(part, 1))).any())
+        for v in views
+        for part in v.split(v.grads)
+    )
 
 
 # --------------------------------------------------------------------- finite direction

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from torchsam._engine._layout import GroupView
 
-__all__ = ["NonFiniteGuard", "Status", "flag_nonfinite", "flag_nonfinite_values"]
+__all__ = [
+    "NonFiniteGuard",
+    "Status",
+    "flag_nonfinite",
+    "flag_nonfinite_values",
+    "grad_scaler_step_message",
+    "unscale",
+]
 
 
 class Status(enum.Enum):
@@ -149,3 +158,39 @@ def flag_nonfinite_values(tensors: list[Tensor], found: Tensor, one: Tensor) -> 
     except (RuntimeError, NotImplementedError):
         peak = torch.stack(torch._foreach_norm(tensors, float("inf"))).max()
         found.copy_(torch.where(torch.isfinite(peak), found, torch.ones_like(found)))
+
+
+# --------------------------------------------------------------------- GradScaler
+def unscale(grad_scaler: Any, optimizer: Any, two_pass: bool) -> None:
+    """Unscale the gradients of ``second_step(grad_scaler=...)`` for the base optimizer: true
+    gradients for the variant, and the scaler records any inf/NaN it finds for its update().
+
+    After a second pass: ``grad_scaler.unscale_(optimizer.base_optimizer)``. On a step without
+    one the gradients are the first pass's, which the recipe unscales with
+    ``grad_scaler.unscale_(optimizer)`` before ``first_step()``: unscaled here only if that
+    has not happened (the scaler refuses a second call).
+    """
+    if two_pass:
+        grad_scaler.unscale_(optimizer.base_optimizer)
+    else:
+        _unscale_once(grad_scaler, optimizer)
+
+
+def _unscale_once(grad_scaler: Any, optimizer: Optimizer) -> None:
+    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration."""
+    try:
+        grad_scaler.unscale_(optimizer)
+    except RuntimeError as error:
+        if "already been called" not in str(error):
+            raise
+
+
+def grad_scaler_step_message(name: str) -> str:
+    """The error for ``GradScaler.step(optimizer)`` on a sharpness-aware optimizer."""
+    return (
+        f"GradScaler.step() cannot drive {name}: it would step with the "
+        "second gradients still scaled and without the sharpness-aware update. Call "
+        "scaler.unscale_(optimizer) before first_step() and "
+        "optimizer.second_step(grad_scaler=scaler) instead of scaler.step(optimizer), "
+        "then scaler.update()."
+    )

@@ -12,17 +12,24 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torchsam import _dtensor
-from torchsam._engine import _checkpoint, _construct
+from torchsam._engine import _checkpoint, _construct, _guard, _protocol
 from torchsam._engine import _functional as F
 from torchsam._engine._checkpoint import STEP, WIDE_PREFIX, OwnState, WideState
 from torchsam._engine._construct import BaseOptimizerArg
 from torchsam._engine._contract import StepContext, VariantContract
 from torchsam._engine._guard import NonFiniteGuard, Status
-from torchsam._engine._layout import GroupView, same_objects, to_param
+from torchsam._engine._layout import GroupView
+from torchsam._engine._protocol import BackwardWatch
 from torchsam._engine._workspace import Workspace
 
 __all__ = ["SharpnessAwareOptimizer"]
+
+#: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks (as
+#: for torch.optim) and a scheduler's wrapper of ``step`` (bound to the original)
+_NOT_COPIED = frozenset(
+    {"step", "_opt_called", "_phase", "_ctx", "_kept_grads", "_backward", "_workspace", "_guard"}
+    | {f"_optimizer_{kind}_hooks" for kind in _checkpoint.HOOK_KINDS}
+)
 
 
 class _Phase(enum.Enum):
@@ -90,40 +97,17 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         self._phase = _Phase.IDLE
         self._ctx: StepContext | None = None
         self._kept_grads: list[Tensor] = []
-        self._backward_watch: Any = None
-        self._backward_seen = False
+        self._backward = BackwardWatch()
         self._workspace = Workspace()
         self._guard = NonFiniteGuard()
 
     # ------------------------------------------------------------------ copies and pickling
-    #: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks
-    #: (as for torch.optim) and a scheduler's wrapper of ``step`` (bound to the original)
-    _NOT_COPIED = frozenset(
-        {
-            "step",
-            "_opt_called",
-            "_optimizer_step_pre_hooks",
-            "_optimizer_step_post_hooks",
-            "_optimizer_state_dict_pre_hooks",
-            "_optimizer_state_dict_post_hooks",
-            "_optimizer_load_state_dict_pre_hooks",
-            "_optimizer_load_state_dict_post_hooks",
-            "_phase",
-            "_ctx",
-            "_kept_grads",
-            "_backward_watch",
-            "_backward_seen",
-            "_workspace",
-            "_guard",
-        }
-    )
-
     def __getstate__(self) -> dict[str, Any]:
         """Everything a copy needs to step exactly like this optimizer (``copy.deepcopy``,
         pickling, ``torch.save`` of the whole object), unlike ``Optimizer.__getstate__``, which
         keeps only ``defaults``, ``state`` and ``param_groups``."""
         self.require_idle("copying or pickling the optimizer")
-        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -223,36 +207,15 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
                 "first_step() after the first backward pass and second_step() after the second."
             )
         self.require_idle("step()")
-        probe = _first_grad(self.param_groups)
+        probe = _protocol.first_grad(self.param_groups)
         with torch.enable_grad():
             loss = closure()
         if probe is not None and probe[0] is probe[1].grad:
-            self._check_closure_backward(probe[0]._version - probe[2])
+            _protocol.check_closure_backward(type(self).__name__, probe[0]._version - probe[2])
         if self.begin_step(zero_grad=True, user_backward=True):
             self.at_perturbed_point(closure)
         self.finish_step(own_closure=True)
         return loss
-
-    def _check_closure_backward(self, versions: int) -> None:
-        """The closure left the first gradient object in place and changed it ``versions``
-        times: 0 means no backward reached it, 1 that backward added to it without clearing."""
-        if versions == 0:
-            warnings.warn(
-                f"{type(self).__name__}.step(closure): the closure did not change the gradients "
-                "(did it call loss.backward()?); the step uses the gradients that were there.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        elif versions == 1:
-            raise RuntimeError(
-                f"{type(self).__name__}.step(closure): the closure added its gradients to "
-                "gradients that were already there. step() evaluates the closure at w and at "
-                "w + e(w), so the closure must clear the gradients first (optimizer.zero_grad() "
-                "before loss.backward()). If you ported the reference implementation's loop "
-                "(loss.backward() before optimizer.step(closure)), remove that backward and add "
-                "optimizer.zero_grad() to the closure, or keep it and call first_step() and "
-                "second_step() instead of step(closure)."
-            )
 
     def step_without_closure(self, message: str) -> Any:
         """``step()`` without closure: the all-zero-gradient step (how DCP creates the state),
@@ -261,20 +224,9 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         self.require_idle("step()")
         if self.__dict__.pop("found_inf", None) is not None:
             self.__dict__.pop("grad_scale", None)
-            raise RuntimeError(
-                f"GradScaler.step() cannot drive {type(self).__name__}: it would step with the "
-                "second gradients still scaled and without the sharpness-aware update. Call "
-                "scaler.unscale_(optimizer) before first_step() and "
-                "optimizer.second_step(grad_scaler=scaler) instead of scaler.step(optimizer), "
-                "then scaler.update()."
-            )
+            raise RuntimeError(_guard.grad_scaler_step_message(type(self).__name__))
         views = self._views()
-        # the 1-norm (the max-norm has no value on an empty FSDP2 shard), over all shards
-        if views and not any(
-            bool(_dtensor.full(torch.stack(torch._foreach_norm(part, 1))).any())
-            for v in views
-            for part in v.split(v.grads)
-        ):
+        if views and F.all_zero(views):
             self.begin_step(zero_grad=False)
             self.finish_step(own_closure=True)
             return None
@@ -335,7 +287,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
             ctx.two_pass = False
             self._kept_grads = [g for v in views for g in v.grads]
             if two_call and views:
-                self._watch_backward(views[0].params[0])
+                self._backward.watch(views[0].params[0])
             return False
         try:
             if views:
@@ -352,28 +304,6 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         if zero_grad:
             self.zero_grad()
         return True
-
-    def _watch_backward(self, param: Tensor) -> None:
-        """Notice a backward pass that accumulates into ``param.grad`` before second_step().
-
-        On a step without second pass the kept gradients may be changed in place (clipping,
-        unscaling), but not added to by another backward; one hook on one parameter tells the
-        two apart (any backward through the model reaches it).
-        """
-        self._backward_seen = False
-
-        def seen(_: Tensor) -> None:
-            self._backward_seen = True
-
-        self._backward_watch = param.register_post_accumulate_grad_hook(seen)
-
-    def _unwatch_backward(self) -> bool:
-        """Remove the hook of :meth:`_watch_backward`; whether a backward was seen."""
-        if self._backward_watch is not None:
-            self._backward_watch.remove()
-            self._backward_watch = None
-        seen, self._backward_seen = self._backward_seen, False
-        return seen
 
     # ------------------------------------------------------------------ the second pass
     def at_perturbed_point(self, closure: Callable[[], Any], *, grad: bool = True) -> Any:
@@ -397,7 +327,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         """Put the weights back at ``w`` and end the phase; what the step recorded on the
         device (its finiteness flags) is kept (MSAM, between micro-batches)."""
         self._workspace.restore()
-        self._unwatch_backward()
+        self._backward.stop()
         self._phase = _Phase.IDLE
 
     # ------------------------------------------------------------------ second_step
@@ -441,16 +371,19 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         self._workspace.restore()
         self._phase = _Phase.IDLE
         self._ctx = None
-        backward_seen = self._unwatch_backward()
+        backward_seen = self._backward.stop()
         try:
             if phase is _Phase.ONE_PASS and own_closure:
                 self._kept_grads = []
             else:
                 ctx.views = self._views()
+                name = type(self).__name__
                 if phase is _Phase.ONE_PASS:
-                    self._check_kept_grads(ctx.views, backward_seen)
+                    kept, self._kept_grads = self._kept_grads, []
+                    _protocol.check_kept_grads(name, ctx.views, kept, backward_seen)
                 else:
-                    self._check_second_pass(ctx)
+                    same_set = self.needs_first_grads
+                    _protocol.check_second_pass(name, ctx.views, ctx.first_layouts, same_set)
             self._finish(ctx, grad_scaler)
         finally:
             self._guard.clear()
@@ -460,45 +393,10 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         # wrapper of ``step`` records), so two-call users get no ordering warning.
         self._opt_called = True
 
-    def _check_second_pass(self, ctx: StepContext) -> None:
-        """Raise if the second pass left no gradient at all (no backward at ``w + e``), or
-        gradients for another set of parameters where the variant needs the first ones."""
-        if not ctx.views and ctx.first_layouts:
-            raise RuntimeError(
-                f"{type(self).__name__}.second_step(): no parameter has a gradient at the "
-                "perturbed weights; run the second forward/backward pass (loss.backward() at "
-                "w + e(w)) between first_step() and second_step() (with step(closure), the "
-                "closure must call loss.backward()). The weights are back at w and no step was "
-                "taken."
-            )
-        layouts = [v.layout for v in ctx.views]
-        if self.needs_first_grads and not same_objects(layouts, ctx.first_layouts):
-            raise RuntimeError(
-                f"{type(self).__name__} needs gradients for the same parameters in both passes, "
-                "but the second pass produced gradients for a different set of parameters"
-            )
-
-    def _check_kept_grads(self, views: list[GroupView], backward_seen: bool) -> None:
-        now = [g for v in views for g in v.grads]
-        kept, self._kept_grads = self._kept_grads, []
-        if backward_seen or not same_objects(now, kept):
-            raise RuntimeError(
-                f"{type(self).__name__} takes no second pass on this step (first_step() "
-                "returned False), but a backward pass ran before second_step(); run the "
-                "second forward/backward pass only when first_step() returns True, or use "
-                "step(closure). (Changing the gradients in place, e.g. clipping, is fine.)"
-            )
-
     def _finish(self, ctx: StepContext, grad_scaler: Any) -> None:
         """Check the gradients of the step, let the variant shape them, take the base step."""
         if grad_scaler is not None:
-            # Unscale for the base optimizer: true gradients for the variant, and the scaler
-            # records any inf/NaN it finds here for its update(). On a step without second pass
-            # the gradients are the first pass's, which the recipe has already unscaled.
-            if ctx.two_pass:
-                grad_scaler.unscale_(self.base_optimizer)
-            else:
-                _unscale_once(grad_scaler, self)
+            _guard.unscale(grad_scaler, self, ctx.two_pass)
         # the check runs with a GradScaler even when skip_nonfinite is False: skipping an
         # overflowing step is what the scaler relies on
         checking = grad_scaler is not None or self.skip_nonfinite
@@ -517,85 +415,13 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
                 return
         ctx.commit()
         self.base_gradient(ctx)
-        self._base_optimizer_step(ctx.views)
+        _construct.step_with(self.base_optimizer, ctx.views)
         self.after_base_step(ctx)
-
-    def _base_optimizer_step(self, views: list[GroupView]) -> None:
-        """Run the base optimizer's step with each view's ``base_grads`` in place of ``p.grad``.
-
-        ``p.grad`` points at the scratch buffers only for the duration of the base step and is
-        put back to the user's gradient tensors afterwards, also when the step raises.
-        """
-        swapped = [v for v in views if v.base_grads is not None]
-        try:
-            for v in swapped:
-                for p, g in zip(v.params, cast(list[Tensor], v.base_grads), strict=True):
-                    p.grad = g
-            self._base_step()
-        finally:
-            for v in swapped:
-                for p, g in zip(v.params, v.grads, strict=True):
-                    p.grad = g
-
-    def _base_step(self) -> None:
-        """The base optimizer's step, as part of this optimizer's step.
-
-        It runs the hooks registered on the base optimizer itself, but not the global step
-        hooks nor a second profiler ``Optimizer.step#`` event: those belong to this optimizer's
-        step, which wraps it (one step, one pair of hook calls, one event).
-        """
-        base = self.base_optimizer
-        hooked = type(base).step
-        inner = getattr(hooked, "__wrapped__", None)
-        if inner is None or not getattr(hooked, "hooked", False) or "step" in base.__dict__:
-            base.step()  # not the wrapper torch.optim installs (or patched on the instance)
-            return
-        for pre_hook in base._optimizer_step_pre_hooks.values():
-            pre_hook(base, (), {})
-        inner(base)
-        for post_hook in base._optimizer_step_post_hooks.values():
-            post_hook(base, (), {})
 
     # ------------------------------------------------------------------ views
     def _views(self) -> list[GroupView]:
         """The param groups reduced to the parameters that have a gradient now."""
-        views = []
-        rebuilt = False
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    params.append(p)
-                    grads.append(g)
-            if not params:
-                continue
-            layout, new = self._workspace.layout(group, params)
-            if new:
-                self._adopt_layout(params, grads)
-                rebuilt = True
-            views.append(GroupView(group, params, grads, layout))
-        if rebuilt:
-            _dtensor.check_not_mixed(type(self).__name__, [p for v in views for p in v.params])
-        return views
-
-    def _adopt_layout(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        """Checks and state moves when a group's set of parameters, dtypes or device changed.
-
-        A parameter's gradient layout is fixed by its module (``sparse=True``), so checking
-        when the set of parameters changes is enough.
-        """
-        if any(g.is_sparse for g in grads):
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients; use a dense "
-                "embedding or a different optimizer for sparse parameters"
-            )
-        for p in params:  # own state follows a dtype or device change of its parameter
-            own = self.state.get(p)
-            if own:
-                for key, value in own.items():
-                    own[key] = to_param(value, p)
+        return self._workspace.views(type(self).__name__, self.param_groups, self.state)
 
     # ------------------------------------------------------------------ state dict
     @torch._disable_dynamo
@@ -608,14 +434,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         registered on this optimizer run as for any ``torch.optim`` optimizer.
         """
         self.require_idle("state_dict()")
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        packed = _checkpoint.pack(self)
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, packed)
-            if result is not None:
-                packed = result
-        return packed
+        return _checkpoint.pack_with_hooks(self)
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -628,36 +447,5 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         State-dict hooks registered on this optimizer run as for any ``torch.optim`` optimizer.
         """
         self.require_idle("load_state_dict()")
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise TypeError(
-                "load_state_dict() expects a dict made by state_dict(), with 'state' and "
-                f"'param_groups'; got {type(state_dict).__name__}"
-            )
-        state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        _checkpoint.unpack(self, state_dict)
+        _checkpoint.unpack_with_hooks(self, state_dict)
         self._workspace.layouts = {}  # the group dicts are new
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-
-def _unscale_once(grad_scaler: Any, optimizer: Optimizer) -> None:
-    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration."""
-    try:
-        grad_scaler.unscale_(optimizer)
-    except RuntimeError as error:
-        if "already been called" not in str(error):
-            raise
-
-
-def _first_grad(groups: list[dict[str, Any]]) -> tuple[Tensor, Tensor, int] | None:
-    """(gradient, parameter, version) of the first parameter that has a gradient."""
-    for group in groups:
-        for p in group["params"]:
-            g = p.grad
-            if g is not None:
-                return g, p, g._version
-    return None

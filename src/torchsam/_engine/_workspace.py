@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchsam import _dtensor
 from torchsam._engine import _functional as F
-from torchsam._engine._layout import GroupView, Layout
+from torchsam._engine._layout import GroupView, Layout, to_param
 
 __all__ = ["Workspace"]
 
@@ -25,14 +26,41 @@ class Workspace:
         self.layouts: dict[int, Layout] = {}
         self._saved: list[tuple[list[Tensor], list[Tensor], bool]] = []
 
-    def layout(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Layout, bool]:
-        """The cached layout of ``group`` for ``params``; whether it was (re)built."""
-        layout = self.layouts.get(id(group))
-        if layout is not None and layout.matches(params):
-            return layout, False
-        layout = Layout.of(params)
-        self.layouts[id(group)] = layout
-        return layout, True
+    def views(
+        self, name: str, groups: list[dict[str, Any]], state: dict[Any, dict[str, Any]]
+    ) -> list[GroupView]:
+        """The param groups reduced to the parameters that have a gradient now.
+
+        When a group's set of parameters, their dtypes or the device changed, its layout is
+        rebuilt, sparse gradients are refused (a parameter's gradient layout is fixed by its
+        module, so checking then is enough) and the own ``state`` follows its parameters.
+        """
+        views = []
+        rebuilt = False
+        for group in groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    params.append(p)
+                    grads.append(g)
+            if not params:
+                continue
+            layout = self.layouts.get(id(group))
+            if layout is None or not layout.matches(params):
+                if any(g.is_sparse for g in grads):
+                    raise RuntimeError(
+                        f"{name} does not support sparse gradients; use a dense "
+                        "embedding or a different optimizer for sparse parameters"
+                    )
+                layout = self.layouts[id(group)] = Layout.of(params)
+                _follow(params, state)
+                rebuilt = True
+            views.append(GroupView(group, params, grads, layout))
+        if rebuilt:
+            _dtensor.check_not_mixed(name, [p for v in views for p in v.params])
+        return views
 
     def scratch(self, view: GroupView, name: str) -> list[Tensor]:
         """Persistent per-parameter buffers called ``name``, aligned with ``view.params``.
@@ -98,3 +126,12 @@ class Workspace:
         for params, backups, foreach in self._saved:
             F.copy_(params, backups, foreach)
         self._saved = []
+
+
+def _follow(params: list[Tensor], state: dict[Any, dict[str, Any]]) -> None:
+    """Move own state to its parameter's dtype and device (after ``model.double()``, ...)."""
+    for p in params:
+        own = state.get(p)
+        if own:
+            for key, value in own.items():
+                own[key] = to_param(value, p)
