@@ -97,10 +97,10 @@ class LookSAM(SAM):
         for v, first in zip(ctx.views, g, strict=True):
             bufs = []
             for p, gs in zip(v.params, v.grads, strict=True):
-                buf = self.state[p].get("gv")
+                buf = self.own_state[p].get("gv")
                 if buf is None or buf.shape != gs.shape:
                     buf = torch.empty_like(gs)
-                    self.state[p]["gv"] = buf
+                    self.own_state[p]["gv"] = buf
                 bufs.append(buf)
             F.combine_(bufs, v.grads, 1.0, first, -coef, v.foreach)
             gv.append(bufs)
@@ -111,8 +111,8 @@ class LookSAM(SAM):
 
     def _reuse_orthogonal_part(self, ctx: StepContext) -> None:
         """``g + alpha ||g|| / ||g_v|| g_v`` (``g`` alone before the first sharpness step)."""
-        gv = [
-            v.layout.buffers.get("gv") or [self.state[p].get("gv") for p in v.params]
+        gv: list[list[Any]] = [
+            v.layout.buffers.get("gv") or [self.own_state[p].get("gv") for p in v.params]
             for v in ctx.views
         ]
         gv_norm = self.wide_state.get("gv_norm")

@@ -244,7 +244,7 @@ class SAM(SharpnessAwareOptimizer):
     # Shared by the variants that perturb along a moving average of the gradient.
     def gradient_ema(self, view: GroupView, key: str) -> list[Tensor | None]:
         """The per-parameter gradient EMA kept under ``key`` (None where there is none yet)."""
-        return [self.state[p].get(key) for p in view.params]
+        return [self.own_state[p].get(key) for p in view.params]
 
     def update_gradient_ema(
         self, ctx: StepContext, key: str, new_weight: Callable[[dict[str, Any]], float]
@@ -276,9 +276,9 @@ class SAM(SharpnessAwareOptimizer):
     ) -> None:
         targets, sources = [], []
         for p, nxt in zip(params, following, strict=True):
-            m = self.state[p].get(key)
+            m = self.own_state[p].get(key)
             if m is None:
-                self.state[p][key] = nxt.clone()
+                self.own_state[p][key] = nxt.clone()
             else:
                 targets.append(m)
                 sources.append(nxt)

@@ -8,29 +8,22 @@ variant's options and the optimizer-wide state (``"sam_step"``, ...).
 from __future__ import annotations
 
 import weakref
-from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
-from torch.optim import Optimizer
 
 from torchsam._engine._layout import to_param
+from torchsam._engine._state import STATE_PREFIX, WIDE_PREFIX, OwnState, WholeState
 
 if TYPE_CHECKING:
     from torchsam._engine._optimizer import SharpnessAwareOptimizer
 
-__all__ = ["STATE_PREFIX", "STEP", "WIDE_PREFIX", "OwnState", "WideState", "pack", "unpack"]
+__all__ = ["STEP", "pack", "pack_with_hooks", "register", "unpack", "unpack_with_hooks"]
 
-# Optimizer-wide state (the step counter, LookSAM's ||g_v||, ...) is kept in every param group
-# under keys with this prefix (``"sam_step"``), where torch.optim keeps what every checkpoint
-# format must carry. Checkpoints written before kept it in ``state["sam"]``; they still load.
-WIDE_PREFIX = "sam_"
 STEP = WIDE_PREFIX + "step"
+# Checkpoints written before the wide state moved to the param groups kept it in
+# ``state["sam"]``; they still load.
 _LEGACY_GLOBAL = "sam"
-
-# Keys of torchsam's own per-parameter state are stored under this prefix in ``state_dict()``
-# so that they never collide with the base optimizer's keys ("momentum_buffer", "exp_avg", ...).
-STATE_PREFIX = "sam."
 
 #: every torchsam optimizer class, with the hyper-parameters and options it declares; filled
 #: when a class is created (``SharpnessAwareOptimizer.__init_subclass__``), and a class that is
@@ -42,40 +35,6 @@ def register(cls: type) -> None:
     """Record the arguments ``cls`` declares, to name it when its checkpoint is misloaded."""
     declared = set(getattr(cls, "hyperparameters", {})) | set(getattr(cls, "options", {}))
     REGISTRY[cls] = frozenset(declared)
-
-
-class OwnState(defaultdict[Any, dict[str, Any]]):
-    """torchsam's own per-parameter state; true when it or the base optimizer's state holds
-    anything (``torch.distributed.checkpoint`` tests ``optimizer.state`` to decide whether the
-    state still has to be created by a step)."""
-
-    def __init__(self, base: Optimizer) -> None:
-        super().__init__(dict)
-        self.base = base
-
-    def __bool__(self) -> bool:
-        return len(self) > 0 or bool(self.base.state)
-
-    def __reduce__(self) -> Any:
-        return (OwnState, (self.base,), None, None, iter(self.items()))
-
-
-class WideState:
-    """The optimizer-wide state, kept under ``"sam_<key>"`` in every param group (read from the
-    first; each group holds the same value, so any one group carries it)."""
-
-    def __init__(self, groups: list[dict[str, Any]]) -> None:
-        self._groups = groups
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._groups[0].get(WIDE_PREFIX + key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._groups[0][WIDE_PREFIX + key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        for group in self._groups:
-            group[WIDE_PREFIX + key] = value
 
 
 #: the kinds of hooks ``torch.optim.Optimizer`` keeps (``_optimizer_<kind>_hooks``)
@@ -130,11 +89,12 @@ def pack(opt: SharpnessAwareOptimizer) -> dict[str, Any]:
     for group in opt.param_groups:
         for p in group["params"]:
             index.setdefault(id(p), len(index))
-    state: dict[Any, dict[str, Any]] = dict(packed["state"])
-    for key, own in opt.state.items():
-        if own and isinstance(key, Tensor):
+    state: dict[Any, Any] = dict(packed["state"])
+    for key, own in opt.own_state.items():
+        if own:
             i = index[id(key)]
             state[i] = {**state.get(i, {}), **{STATE_PREFIX + k: v for k, v in own.items()}}
+    state.update(opt.state.extra)  # keys that are not parameters, kept as they are
     packed["state"] = state
     return packed
 
@@ -144,8 +104,9 @@ def unpack(opt: SharpnessAwareOptimizer, state_dict: dict[str, Any]) -> None:
     groups are validated first, so nothing changes when they are refused."""
     entries = dict(state_dict["state"])
     legacy = entries.pop(_LEGACY_GLOBAL, None) or {}  # older checkpoints' wide state
-    _refuse_flattened(type(opt).__name__, entries)
     groups = _checked_groups(opt, state_dict["param_groups"], legacy)
+    ids = {i for group in groups for i in group["params"]}
+    extra = {key: entries.pop(key) for key in list(entries) if key not in ids}
     base_state: dict[Any, dict[str, Any]] = {}
     own_state: dict[Any, dict[str, Any]] = {}
     for key, entry in entries.items():
@@ -168,26 +129,14 @@ def unpack(opt: SharpnessAwareOptimizer, state_dict: dict[str, Any]) -> None:
             strict=True,
         )
     )
-    restored = OwnState(opt.base_optimizer)
+    restored = OwnState()
     for key, entry in own_state.items():
         p = id_map[key]
         restored[p] = {k: to_param(v, p) for k, v in entry.items()}
-    opt.state = restored
-
-
-def _refuse_flattened(name: str, entries: dict[Any, dict[str, Any]]) -> None:
-    if entries and not any(
-        not isinstance(v, dict) for entry in entries.values() for v in entry.values()
-    ):
-        raise RuntimeError(
-            f"{name}.load_state_dict(): the per-parameter entries hold no "
-            "state values (only empty dicts), which is what torch.distributed.checkpoint's "
-            "set_state_dict / set_optimizer_state_dict pass with "
-            "StateDictOptions(flatten_optimizer_state_dict=True): it rebuilds the entries "
-            "from optimizer.state, which holds torchsam's own state only, and would drop "
-            "the base optimizer's. Save and load with flatten_optimizer_state_dict=False "
-            "(the default)"
-        )
+    opt.own_state = restored
+    whole = WholeState(opt.base_optimizer, restored)
+    whole.extra.update(extra)
+    opt.state = whole
 
 
 def _checked_groups(

@@ -14,12 +14,13 @@ from torch.optim import Optimizer
 
 from torchsam._engine import _checkpoint, _construct, _guard, _protocol
 from torchsam._engine import _functional as F
-from torchsam._engine._checkpoint import STEP, WIDE_PREFIX, OwnState, WideState
+from torchsam._engine._checkpoint import STEP
 from torchsam._engine._construct import BaseOptimizerArg
 from torchsam._engine._contract import StepContext, VariantContract
 from torchsam._engine._guard import NonFiniteGuard, Status
 from torchsam._engine._layout import GroupView
 from torchsam._engine._protocol import BackwardWatch
+from torchsam._engine._state import WIDE_PREFIX, OwnState, WholeState, WideState
 from torchsam._engine._workspace import Workspace
 
 __all__ = ["SharpnessAwareOptimizer"]
@@ -54,6 +55,9 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     :class:`~torchsam._engine.VariantContract`; see :class:`torchsam.SAM`.
     """
 
+    #: the whole optimizer's per-parameter state (the base optimizer's and torchsam's own)
+    state: WholeState  # type: ignore[assignment]
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -82,7 +86,10 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
             self.base_optimizer = _construct.build(name, factory, self.param_groups, base_kwargs)
         # One list of group dicts, shared: what a scheduler writes, the base optimizer reads.
         self.param_groups = self.base_optimizer.param_groups
-        self.state = OwnState(self.base_optimizer)
+        #: torchsam's own per-parameter state (keys without prefix); ``optimizer.state``
+        #: shows it under ``"sam.<key>"`` next to the base optimizer's
+        self.own_state = OwnState()
+        self.state = WholeState(self.base_optimizer, self.own_state)
         self.defaults = {**self.base_optimizer.defaults, **self.defaults}
         for group in self.param_groups:
             self.complete_group(group)
@@ -421,7 +428,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     # ------------------------------------------------------------------ views
     def _views(self) -> list[GroupView]:
         """The param groups reduced to the parameters that have a gradient now."""
-        return self._workspace.views(type(self).__name__, self.param_groups, self.state)
+        return self._workspace.views(type(self).__name__, self.param_groups, self.own_state)
 
     # ------------------------------------------------------------------ state dict
     @torch._disable_dynamo
