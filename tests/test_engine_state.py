@@ -165,3 +165,24 @@ def test_dcp_flattened_optimizer_state_dict_round_trips(name: str) -> None:
     train(name, fresh_model, fresh, steps=1)
     for p, q in zip(model.parameters(), fresh_model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_older_pickle_without_the_newer_flags_unpickles_and_steps(name: str) -> None:
+    """The state of an older pickle (groups without the flags newer torch versions added)
+    unpickles into an optimizer that steps like the original."""
+    model, opt = build(name)
+    train(name, model, opt, steps=2)
+    state = copy.deepcopy({"model": model, "opt": opt})
+    old = state["opt"].__getstate__()
+    for group in old["param_groups"]:
+        for flag in ("maximize", "foreach", "capturable", "fused"):
+            group.pop(flag, None)
+    unpickled = type(opt).__new__(type(opt))
+    unpickled.__setstate__(old)
+    assert unpickled.param_groups is unpickled.base_optimizer.param_groups
+    assert all(group["maximize"] is False for group in unpickled.param_groups)
+    train(name, state["model"], unpickled, steps=1)
+    train(name, model, opt, steps=1)
+    for p, q in zip(model.parameters(), state["model"].parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -118,6 +118,11 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            # the shared groups of an older pickle may lack flags newer torch versions added
+            # ("foreach", "maximize", ...): the base optimizer's own __setstate__ fills them
+            base.__setstate__(base.__getstate__())
         self._reset_workspace()
 
     # ------------------------------------------------------------------ groups
