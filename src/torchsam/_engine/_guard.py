@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from torchsam._engine._layout import GroupView
@@ -177,12 +178,14 @@ def unscale(grad_scaler: Any, optimizer: Any, two_pass: bool) -> None:
 
 
 def _unscale_once(grad_scaler: Any, optimizer: Optimizer) -> None:
-    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration."""
-    try:
-        grad_scaler.unscale_(optimizer)
-    except RuntimeError as error:
-        if "already been called" not in str(error):
-            raise
+    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration,
+    as the scaler records it: the stage it keeps per optimizer (what ``GradScaler.step`` reads
+    to decide the same question)."""
+    stages = getattr(grad_scaler, "_per_optimizer_states", None)
+    stage = None if stages is None else stages[id(optimizer)].get("stage")
+    if stage is OptState.UNSCALED and grad_scaler.is_enabled():
+        return
+    grad_scaler.unscale_(optimizer)
 
 
 def grad_scaler_step_message(name: str) -> str:
