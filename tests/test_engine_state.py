@@ -45,6 +45,16 @@ def train(name: str, model: Net, opt: Any, steps: int = 3) -> None:
         _one_step(model, opt, x, y, name, VARIANTS[name][3][-1])
 
 
+def assert_step_alike(name: str, *runs: tuple[Net, Any]) -> None:
+    """One more step of each (model, optimizer) leaves the same weights, bit for bit."""
+    for model, opt in runs:
+        train(name, model, opt, steps=1)
+    first = list(runs[0][0].parameters())
+    for model, _ in runs[1:]:
+        for p, q in zip(first, model.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
 def assert_same_state_dict(loaded: dict[str, Any], saved: dict[str, Any]) -> None:
     """``loaded`` holds every entry of ``saved``, equal. (DCP creates the state of a fresh
     optimizer with a step on zero gradients of every trainable parameter, as it does for
@@ -138,10 +148,7 @@ def test_older_state_dict_without_the_newer_flags_loads_and_steps(name: str) -> 
     fresh.load_state_dict(old)
     for group in fresh.param_groups:
         assert group["maximize"] is False  # filled by the base optimizer, as torch.optim does
-    train(name, fresh_model, fresh, steps=1)
-    train(name, model, opt, steps=1)
-    for p, q in zip(model.parameters(), fresh_model.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_step_alike(name, (model, opt), (fresh_model, fresh))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -161,10 +168,7 @@ def test_dcp_flattened_optimizer_state_dict_round_trips(name: str) -> None:
         options=options,
     )
     assert_same_state_dict(fresh.state_dict(), opt.state_dict())
-    train(name, model, opt, steps=1)
-    train(name, fresh_model, fresh, steps=1)
-    for p, q in zip(model.parameters(), fresh_model.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_step_alike(name, (model, opt), (fresh_model, fresh))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -182,7 +186,4 @@ def test_older_pickle_without_the_newer_flags_unpickles_and_steps(name: str) -> 
     unpickled.__setstate__(old)
     assert unpickled.param_groups is unpickled.base_optimizer.param_groups
     assert all(group["maximize"] is False for group in unpickled.param_groups)
-    train(name, state["model"], unpickled, steps=1)
-    train(name, model, opt, steps=1)
-    for p, q in zip(model.parameters(), state["model"].parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert_step_alike(name, (model, opt), (state["model"], unpickled))

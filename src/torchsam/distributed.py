@@ -107,6 +107,17 @@ def sam_pass(
     if not local:
         yield
         return
+    _check_local(optimizer)
+    if optimizer.perturbed or not optimizer.second_pass_due():
+        yield
+        return
+    with no_sync():
+        yield
+    _spread_non_finite(model, optimizer)
+
+
+def _check_local(optimizer: SharpnessAwareOptimizer) -> None:
+    """Refuse a local first pass where the optimizer's public capabilities rule it out."""
     name = type(optimizer).__name__
     if optimizer.needs_first_grads:
         raise ValueError(
@@ -119,12 +130,6 @@ def sam_pass(
             "inside step(closure), where no context can make its first pass local. Under DDP "
             "call optimizer.step(closure) without sam_pass: both passes are then synchronised"
         )
-    if optimizer.perturbed or not optimizer.second_pass_due():
-        yield
-        return
-    with no_sync():
-        yield
-    _spread_non_finite(model, optimizer)
 
 
 def _spread_non_finite(model: nn.Module, optimizer: SharpnessAwareOptimizer) -> None:
