@@ -40,7 +40,7 @@ from tests.test_distributed import (
     loss_fn,
 )
 from torchsam import _dtensor
-from torchsam._engine import _functional as _kernels
+from torchsam._engine import _functional
 
 #: base optimizers of the checkpoint test: SGD's momentum buffer, Adam's moments and step
 BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
@@ -311,7 +311,7 @@ def _layouts_job(model: nn.Module) -> dict[str, Any]:
     weight = next(model.parameters())  # 8 x 4, sharded by rows
     whole = weight.redistribute(placements=[Replicate()])
     copied = torch.empty_like(weight)
-    _kernels.copy_([copied], [whole], True)  # one tensor at a time, redistributed
+    _functional.copy_([copied], [whole], True)  # one tensor at a time, redistributed
     results: dict[str, Any] = {"copied": copied.full_tensor()}
     results["dot"] = _dtensor.full(_dtensor.dot(weight, whole, torch.float64)).item()
     try:
