@@ -170,6 +170,30 @@ def _parser() -> _Parser:
     add("--landscape-steps", type=_positive_int, default=S, help="grid points per axis (21)")
     add("--landscape-span", type=_positive_float, default=S, help="half-width of the grid (1)")
     add("--list-optimizers", action="store_true", help="describe the optimizers and exit")
+    add(
+        "--augment",
+        choices=("none", "basic", "cutout"),
+        default=S,
+        help="CIFAR augmentation on the device: basic = 4-px pad random crop + flip, cutout = "
+        "basic + a 16x16 square (default: basic for CIFAR, none for digits and toy)",
+    )
+    add(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=S,
+        help="bf16: autocast and channels_last; auto: bf16 on CUDA, fp32 on the CPU (auto)",
+    )
+    add(
+        "--preset",
+        default=S,
+        help="a paper's protocol, e.g. foret2021 (WRN-28-10, CIFAR, SGD vs SAM, 200 epochs) "
+        "or foret2021-noise; options given here win; see docs/cifar.md",
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the runs of an interrupted comparison in --out from their checkpoints",
+    )
 
     landscape = commands.add_parser(
         "landscape",
@@ -217,8 +241,12 @@ def _compare_config(args: argparse.Namespace) -> Any:
         if not isinstance(loaded, dict):
             raise _UsageError(f"--config: {path} holds no configuration")
         values = CompareConfig.from_dict(loaded).to_dict()
-    skip = {"command", "out", "config", "quiet", "list_optimizers"}
+    skip = {"command", "out", "config", "quiet", "list_optimizers", "resume"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})
+    if values.get("preset") is not None:
+        from torchsam.experiments.presets import expand_preset
+
+        values = expand_preset(values["preset"], values)
     if values.get("data_dir") is not None and not Path(values["data_dir"]).is_dir():
         raise _UsageError(f"--data-dir: no such folder: {values['data_dir']}")
     return CompareConfig(**values)
@@ -283,6 +311,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     from torchsam.experiments.compare import init_distributed
 
     config = _compare_config(args)
+    if args.resume and args.out is None:
+        raise _UsageError("--resume continues the comparison in --out DIR: name that folder")
     out = Path(args.out) if args.out is not None else _default_out()
     if out.exists() and not out.is_dir():
         raise _UsageError(f"--out: {out} exists and is not a folder")
@@ -308,7 +338,7 @@ def _compare_and_print(args: argparse.Namespace, config: Any, out: Path, rank: i
     from torchsam.experiments.compare import Progress, format_table, run_compare
 
     progress = _progress(args.quiet) if rank == 0 else Progress()
-    report = run_compare(config, out, progress=progress)
+    report = run_compare(config, out, progress=progress, resume=args.resume)
     if rank != 0:
         return 130 if report["interrupted"] else 0
     cfg = report["config"]
@@ -324,6 +354,16 @@ def _compare_and_print(args: argparse.Namespace, config: Any, out: Path, rank: i
         print("(torchsam.sharpness / torchsam.landscape are not available: no sharpness columns)")
     print()
     print(report["verdict"])
+    if cfg.get("preset") is not None:
+        from torchsam.experiments.presets import reference_lines
+
+        print(
+            "\n".join(
+                reference_lines(
+                    cfg["preset"], cfg["dataset"], cfg["label_noise"], report["summary"]
+                )
+            )
+        )
     print(
         f"Results in {out}/: "
         + ", ".join(report["files"][:5])

@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 import torchsam
 from torchsam.experiments.data import Split, noisy_digits, noisy_signals
-from torchsam.experiments.models import mlp, resnet18, small_cnn, wide_resnet
+from torchsam.experiments.long_runs import (
+    check_options,
+    default_augment,
+    epoch_estimate,
+    run_checkpoint,
+)
+from torchsam.experiments.models import mlp, resnet18, resnet_cifar, small_cnn, wide_resnet
 from torchsam.experiments.train import (
     METHODS,
     EpochStats,
@@ -56,7 +62,7 @@ __all__ = [
 DATASETS = ("digits", "toy", "cifar10", "cifar100")
 """Names accepted by ``--dataset``."""
 
-MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8")
+MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8", "resnet32", "wrn28_10")
 """Names accepted by ``--model``."""
 
 # per-dataset defaults of the options that depend on the data
@@ -68,7 +74,14 @@ _DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # the small tasks' models gain nothing from more CPU threads, and lose much on a busy machine
 _ONE_THREAD = ("digits", "toy")
-_MODEL_WIDTH = {"mlp": 128, "small_cnn": 16, "resnet18": 64, "wrn16_8": 8}
+_MODEL_WIDTH = {
+    "mlp": 128,
+    "small_cnn": 16,
+    "resnet18": 64,
+    "wrn16_8": 8,
+    "resnet32": 16,
+    "wrn28_10": 10,
+}
 _IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
 
@@ -149,6 +162,10 @@ def build_model(name: str, dataset: str, split: Split, width: int | None = None)
         return small_cnn(shape, split.num_classes, channels=width)
     if name == "resnet18":
         return resnet18(shape, split.num_classes, width=width)
+    if name == "resnet32":
+        return resnet_cifar(shape, split.num_classes, depth=32, width=width)
+    if name == "wrn28_10":
+        return wide_resnet(shape, split.num_classes, depth=28, widen=width)
     return wide_resnet(shape, split.num_classes, depth=16, widen=width)
 
 
@@ -314,6 +331,9 @@ class CompareConfig:
     sharpness_rho: float = 0.05
     landscape_steps: int = 21
     landscape_span: float = 1.0
+    augment: str | None = None
+    precision: str = "auto"
+    preset: str | None = None
 
     def resolved(self) -> CompareConfig:
         """A copy with the dataset's defaults filled in."""
@@ -326,6 +346,8 @@ class CompareConfig:
             values["width"] = _MODEL_WIDTH.get(values["model"])
         if values["threads"] is None and self.dataset in _ONE_THREAD:
             values["threads"] = 1
+        if values["augment"] is None:
+            values["augment"] = default_augment(self.dataset)
         return CompareConfig(**values)
 
     def validate(self) -> None:
@@ -371,6 +393,7 @@ class CompareConfig:
         number("lr", self.lr, optional=True)
         if number("landscape_span", self.landscape_span) == 0.0:
             raise ValueError("Invalid landscape_span value: 0; it must be > 0")
+        check_options(self.dataset, self.augment, self.precision, self.preset)
         if not isinstance(self.optimizers, str):
             raise ValueError(f"Invalid optimizers value: {self.optimizers!r}; give a string")
 
@@ -524,6 +547,7 @@ def run_compare(
     out: Path,
     *,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison of ``config`` and write its results under ``out``.
 
@@ -536,6 +560,9 @@ def run_compare(
     every process calls it: each run trains data-parallel (``train(..., distributed=True)``:
     ``batch_size`` is the global batch, shared among the processes), and rank 0 alone measures
     the models and writes the files.
+
+    Every run writes a checkpoint after each epoch (``checkpoints/resume/``); with
+    ``resume=True`` a run whose checkpoint is there continues from it, bit for bit.
 
     Raises:
         ValueError: for an invalid configuration; in a process group, also for a batch size
@@ -594,7 +621,12 @@ def run_compare(
                 report["runs"].append(record)
                 progress.start_run(contender.label, seed, steps_per_run)
                 try:
-                    result = _train_one(contender, seed, split, config, device, record, progress)
+                    resume_from = run_checkpoint(out, contender.label, seed)
+                    runs_left = len(entries) * len(config.seeds) - len(report["runs"])
+                    result = _train_one(
+                        contender, seed, split, config, device, record, progress,
+                        (resume_from, resume, runs_left),
+                    )  # fmt: skip
                 finally:
                     progress.end_run()
                 record.update(_result_fields(result))
@@ -657,9 +689,16 @@ def _train_one(
     device: torch.device,
     record: dict[str, Any],
     progress: Progress,
+    long_run: tuple[Path, bool, int],
 ) -> Result:
+    checkpoint, resume, runs_left = long_run
+    resume = resume and checkpoint.is_file()
+
     def on_epoch(stats: EpochStats) -> None:
         record["history"].append(dataclasses.asdict(stats))
+        if stats.epoch == 0 and not resume:
+            progress.note(f"{contender.label} seed {seed}: " + epoch_estimate(
+                stats, int(config.epochs or 1), runs_left))  # fmt: skip
 
     kwargs: dict[str, Any] = {
         "lr": config.lr,
@@ -679,6 +718,10 @@ def _train_one(
         on_step=progress.step,
         on_epoch=on_epoch,
         distributed=_rank_and_world()[1] > 1,
+        augment=str(config.augment),
+        precision=config.precision,
+        checkpoint=checkpoint,
+        resume=resume,
         **kwargs,
         **contender.options,
     )
