@@ -31,7 +31,8 @@ def _crop_reference(image: Tensor, dy: int, dx: int, flip: bool, pad: int = PAD)
 def test_crop_and_flip_is_one_exact_crop_of_the_padded_image() -> None:
     images = _pattern(300)
     out = crop_and_flip(images, torch.Generator().manual_seed(0))
-    assert out.shape == images.shape and out.dtype == images.dtype
+    assert out.shape == images.shape
+    assert out.dtype == images.dtype
     seen = set()
     for image, result in zip(images, out, strict=True):
         matches = [
@@ -74,7 +75,8 @@ def test_augmentation_is_seeded_and_leaves_the_global_generator_alone() -> None:
 def test_cutout_masks_one_clipped_square_per_image() -> None:
     size = 16
     masks = cutout_mask(200, 32, 32, torch.Generator().manual_seed(2), size=size)
-    assert masks.shape == (200, 1, 32, 32) and masks.dtype == torch.bool
+    assert masks.shape == (200, 1, 32, 32)
+    assert masks.dtype == torch.bool
     clipped = 0
     for mask in masks[:, 0]:
         matches = []

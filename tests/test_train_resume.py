@@ -195,3 +195,25 @@ def test_compare_preset_prints_the_papers_numbers_and_resumes(
         assert first["history"] == second["history"]
     assert main(["compare", "--dataset", "digits", "--resume"]) == 2
     assert "--resume continues the comparison in --out DIR" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_defaults_to_bf16_and_augments_on_the_device(split: Split) -> None:
+    from torchsam.experiments.batches import batch_source
+
+    device = torch.device("cuda")
+    result = _run(split, epochs=2, device=device, curves=False)
+    assert result.model is not None
+    conv = result.model[1]
+    assert conv.weight.device.type == "cuda"
+    assert conv.weight.dtype == torch.float32
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # precision auto: bf16
+    assert torch.isfinite(torch.tensor(result.train_loss))
+    batches = [
+        batch_source(
+            split, device, augment="basic", generator=torch.Generator(device).manual_seed(4)
+        ).train_inputs(torch.arange(16, device=device))
+        for _ in range(2)
+    ]
+    assert batches[0].device.type == "cuda"
+    assert torch.equal(batches[0], batches[1])
