@@ -54,7 +54,7 @@ def crop_and_flip(images: Tensor, generator: torch.Generator, pad: int = PAD) ->
 
     For image ``i`` with offsets ``(dy, dx)`` drawn uniformly from ``[0, 2 * pad]`` and flip
     ``f``, the output is ``padded[i, :, dy + r, dx + c]`` at row ``r`` and column ``c``, or at
-    column ``width - 1 - c`` when flipped: one gather over the batch.
+    column ``width - 1 - c`` when flipped: two gathers over the batch (rows, then columns).
 
     Args:
         images (Tensor): ``(n, channels, height, width)``, any dtype (uint8 pixels here)
@@ -75,10 +75,11 @@ def crop_and_flip(images: Tensor, generator: torch.Generator, pad: int = PAD) ->
     columns = torch.arange(width, device=device).expand(n, width)
     columns = offsets[1] + torch.where(flip, width - 1 - columns, columns)  # (n, width)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    sample = torch.arange(n, device=device)[:, None, None]
-    # advanced indices (n,1,1), (n,h,1), (n,1,w) around a slice: the result is (n, h, w, c)
-    out = padded.permute(0, 2, 3, 1)[sample, rows[:, :, None], columns[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+    channels = images.shape[1]
+    picked_rows = padded.gather(
+        2, rows[:, None, :, None].expand(n, channels, height, padded.shape[3])
+    )
+    return picked_rows.gather(3, columns[:, None, None, :].expand(n, channels, height, width))
 
 
 def cutout_mask(
