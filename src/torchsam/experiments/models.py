@@ -137,6 +137,36 @@ def _image_shape(image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _per_stage(depth: object, extra: int) -> int:
+    """Blocks per stage of a ``6n + extra``-layer network: ``n``, or a ValueError."""
+    if (
+        isinstance(depth, bool)
+        or not isinstance(depth, int)
+        or depth < 6 + extra
+        or (depth - extra) % 6
+    ):
+        raise ValueError(f"Invalid depth value: {depth!r}; depth must be 6n + {extra} with n >= 1")
+    return (depth - extra) // 6
+
+
+def _stem(shape: tuple[int, int, int], width: int) -> list[nn.Module]:
+    """``Conv3x3(width) -> BN -> ReLU`` on the (unflattened) images."""
+    conv = nn.Conv2d(shape[0], width, 3, padding=1, bias=False)
+    return [_Unflatten(shape), conv, nn.BatchNorm2d(width), nn.ReLU()]
+
+
+def _stages(
+    block: type[nn.Module], width_in: int, widths: list[int], blocks: int
+) -> list[nn.Module]:
+    """``blocks`` blocks per width; every stage after the first starts with stride 2."""
+    layers: list[nn.Module] = []
+    for stage, width_out in enumerate(widths):
+        for index in range(blocks):
+            layers.append(block(width_in, width_out, 2 if stage and not index else 1))
+            width_in = width_out
+    return layers
+
+
 class _BasicBlock(nn.Module):
     """ResNet's basic block: two 3x3 conv-BN layers and a (projected) shortcut, then ReLU."""
 
@@ -181,21 +211,14 @@ def resnet18(
     shape = _image_shape(image_shape)
     num_classes = _check_positive_int("num_classes", num_classes)
     width = _check_positive_int("width", width)
-    layers: list[nn.Module] = [
-        _Unflatten(shape),
-        nn.Conv2d(shape[0], width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-    ]
-    width_in = width
-    for stage in range(4):
-        width_out = width * 2**stage
-        for block in range(2):
-            stride = 2 if stage > 0 and block == 0 else 1
-            layers.append(_BasicBlock(width_in, width_out, stride))
-            width_in = width_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, num_classes)]
-    return nn.Sequential(*layers)
+    widths = [width * 2**stage for stage in range(4)]
+    return nn.Sequential(
+        *_stem(shape, width),
+        *_stages(_BasicBlock, width, widths, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[-1], num_classes),
+    )
 
 
 def resnet_cifar(
@@ -225,22 +248,15 @@ def resnet_cifar(
     shape = _image_shape(image_shape)
     num_classes = _check_positive_int("num_classes", num_classes)
     width = _check_positive_int("width", width)
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"Invalid depth value: {depth!r}; depth must be 6n + 2 with n >= 1")
-    layers: list[nn.Module] = [
-        _Unflatten(shape),
-        nn.Conv2d(shape[0], width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-    ]
-    width_in = width
-    for stage in range(3):
-        width_out = width * 2**stage
-        for block in range((depth - 2) // 6):
-            layers.append(_BasicBlock(width_in, width_out, 2 if stage and not block else 1))
-            width_in = width_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, num_classes)]
-    return nn.Sequential(*layers)
+    blocks = _per_stage(depth, 2)
+    widths = [width * 2**stage for stage in range(3)]
+    return nn.Sequential(
+        *_stem(shape, width),
+        *_stages(_BasicBlock, width, widths, blocks),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[-1], num_classes),
+    )
 
 
 class _WideBlock(nn.Module):
@@ -290,18 +306,13 @@ def wide_resnet(
     shape = _image_shape(image_shape)
     num_classes = _check_positive_int("num_classes", num_classes)
     widen = _check_positive_int("widen", widen)
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"Invalid depth value: {depth!r}; depth must be 6n + 4 with n >= 1")
-    blocks = (depth - 4) // 6
-    layers: list[nn.Module] = [_Unflatten(shape), nn.Conv2d(shape[0], 16, 3, padding=1, bias=False)]
-    width_in = 16
-    for group in range(3):
-        width_out = 16 * widen * 2**group
-        for block in range(blocks):
-            stride = 2 if group > 0 and block == 0 else 1
-            layers.append(_WideBlock(width_in, width_out, stride))
-            width_in = width_out
-    layers += [
+    blocks = _per_stage(depth, 4)
+    widths = [16 * widen * 2**group for group in range(3)]
+    width_in = widths[-1]
+    layers: list[nn.Module] = [
+        _Unflatten(shape),
+        nn.Conv2d(shape[0], 16, 3, padding=1, bias=False),
+        *_stages(_WideBlock, 16, widths, blocks),
         nn.BatchNorm2d(width_in),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),

@@ -63,6 +63,17 @@ class Preset:
 
 
 _FORET = "Foret et al. 2021 (SAM), "
+# the training protocol both presets share: SGD against SAM around SGD, one seed
+_PROTOCOL: dict[str, Any] = {
+    "epochs": 200,
+    "batch_size": 128,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "augment": "basic",
+    "optimizers": "sgd,sam",
+    "seeds": [0],
+}
 _WRN = "WRN-28-10, 200 epochs, basic augmentation, mean of 5 runs"
 _NOISE = "ResNet-32, CIFAR-10, {:.0%} label noise"
 
@@ -70,18 +81,7 @@ PRESETS: dict[str, Preset] = {
     "foret2021": Preset(
         name="foret2021",
         description="SGD vs SAM, WRN-28-10 on CIFAR-10/100 as in Foret et al. 2021, Table 1",
-        options={
-            "model": "wrn28_10",
-            "epochs": 200,
-            "batch_size": 128,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "augment": "basic",
-            "optimizers": "sgd,sam",
-            "label_noise": 0.0,
-            "seeds": [0],
-        },
+        options={**_PROTOCOL, "model": "wrn28_10", "label_noise": 0.0},
         datasets={"cifar10": {"rho": [0.05]}, "cifar100": {"rho": [0.1]}},
         references={
             ("cifar10", 0.0): Reference(_FORET + "Table 1", _WRN, {"sgd": 96.5, "sam": 97.3}),
@@ -92,19 +92,7 @@ PRESETS: dict[str, Preset] = {
         name="foret2021-noise",
         description="SGD vs SAM, ResNet-32 on CIFAR-10 with 20-80% label noise (Foret et al. "
         "2021, Table 4)",
-        options={
-            "model": "resnet32",
-            "epochs": 200,
-            "batch_size": 128,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "augment": "basic",
-            "optimizers": "sgd,sam",
-            "label_noise": 0.4,
-            "rho": [0.1],
-            "seeds": [0],
-        },
+        options={**_PROTOCOL, "model": "resnet32", "label_noise": 0.4, "rho": [0.1]},
         datasets={"cifar10": {}},
         references={
             ("cifar10", noise): Reference(
