@@ -563,20 +563,10 @@ def _build_run(
     model_fn: Callable[[Split], nn.Module] | None,
     method_kwargs: Mapping[str, Any],
 ) -> _Run:
-    """The model (initialised from the global generator, seeded by the caller), its
-    wrappers, the optimizer, the cosine schedule, the batch source and the step function."""
+    """The model and its wrappers, the optimizer, the cosine schedule, the batch source and
+    the step function."""
     target = settings.device
-    model = model_fn(split) if model_fn is not None else mlp(split.num_features, split.num_classes)
-    model.to(target)
-    if settings.bf16:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    net: nn.Module = model
-    if settings.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None)
-    evaluator = _Autocast(model, target.type) if settings.bf16 else model
-    net = _Autocast(net, target.type) if settings.bf16 else net
+    model, net, evaluator = _models(split, settings, model_fn)
     opt_kwargs, step_kwargs = spec.split_kwargs(method_kwargs)
     optimizer = spec.make_optimizer(
         model.parameters(),
@@ -625,6 +615,27 @@ def _build_run(
     return _Run(
         settings, model, net, evaluator, optimizer, scheduler, step_fn, source, generators, counter
     )
+
+
+def _models(
+    split: Split, settings: _Settings, model_fn: Callable[[Split], nn.Module] | None
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """``(model, net, evaluator)``: the model built (from the global generator, seeded by the
+    caller) and moved to the device; what the steps call (under DDP and autocast as
+    configured); what evaluations call (under autocast as configured)."""
+    target = settings.device
+    model = model_fn(split) if model_fn is not None else mlp(split.num_features, split.num_classes)
+    model.to(target)
+    if settings.bf16:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net: nn.Module = model
+    if settings.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None)
+    if not settings.bf16:
+        return model, net, model
+    return model, _Autocast(net, target.type), _Autocast(model, target.type)
 
 
 def _labels_on(split: Split, device: torch.device) -> Split:
