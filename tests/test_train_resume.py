@@ -217,3 +217,23 @@ def test_cuda_training_defaults_to_bf16_and_augments_on_the_device(split: Split)
     ]
     assert batches[0].device.type == "cuda"
     assert torch.equal(batches[0], batches[1])
+
+
+def test_time_estimate_and_option_checks() -> None:
+    from torchsam.experiments.long_runs import check_options, epoch_estimate, run_checkpoint
+
+    line = epoch_estimate(EpochStats(0, 1.0, 90.0), epochs=200, runs_left=3)
+    assert line.startswith(
+        "epoch 1 took 90 s: this run needs about 5.0 h more; the 3 runs after it about 15.0 h"
+    )
+    assert "4 min more" in epoch_estimate(EpochStats(0, 1.0, 30.0), epochs=9, runs_left=0)
+    assert run_checkpoint(Path("out"), "looksam(k=5)", 2) == Path(
+        "out/checkpoints/resume/looksam_k=5_-seed2.pt"
+    )
+    check_options("cifar10", "cutout", "bf16", "foret2021")
+    with pytest.raises(ValueError, match="--augment basic needs CIFAR; digits is trained as it"):
+        check_options("digits", "basic", "auto", None)
+    with pytest.raises(ValueError, match="Invalid precision 'half'"):
+        check_options("cifar10", None, "half", None)
+    with pytest.raises(ValueError, match="Unknown preset 'paper'"):
+        check_options("cifar10", None, "auto", "paper")
