@@ -109,7 +109,18 @@ def test_code_in_a_file_does_not_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-_VALID = pickle.dumps(_good(2), protocol=2)
+_VALID = [pickle.dumps(_good(2), protocol=protocol) for protocol in (2, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_every_pickle_protocol_reads_the_same_pixels(protocol: int, tmp_path: Path) -> None:
+    pixels = np.random.default_rng(protocol).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({"data": pixels, "labels": [0, 9, 4]}, protocol=protocol))
+    data, labels = _read(path, "labels", 10)
+    assert torch.equal(data, torch.from_numpy(pixels))
+    assert labels.tolist() == [0, 9, 4]
+    data[0, 0] = 1  # a tensor of its own, writable
 
 
 def _read_bytes(content: bytes, tmp: Path) -> None:
@@ -132,16 +143,17 @@ def _read_bytes(content: bytes, tmp: Path) -> None:
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    edits=st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), max_size=6),
-    keep=st.integers(0, len(_VALID)),
+    valid=st.sampled_from(_VALID),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+    keep=st.integers(1, 10**6),
 )
 def test_fuzz_byte_corruption_gives_only_value_errors(
-    edits: list[tuple[int, int]], keep: int, tmp_path: Path
+    valid: bytes, edits: list[tuple[int, int]], keep: int, tmp_path: Path
 ) -> None:
-    content = bytearray(_VALID)
+    content = bytearray(valid)
     for position, value in edits:
-        content[position] = value
-    _read_bytes(bytes(content[: max(keep, 1)]), tmp_path)
+        content[position % len(content)] = value
+    _read_bytes(bytes(content[: keep % len(content) + 1]), tmp_path)
 
 
 _VALUES = st.one_of(

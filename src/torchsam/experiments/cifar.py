@@ -10,7 +10,9 @@ numpy (a dependency of scikit-learn, ``pip install "torchsam[cli]"``) is needed 
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,11 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    # protocol 5: an array rebuilt from its data buffer
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    # how Python 3 writes bytes under protocol 2 (str -> latin-1): a codec, not code
+    ("_codecs", "encode"),
 }
 
 
@@ -54,21 +61,33 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# protocol 5's out-of-band buffers: no file can hold them
+_REFUSED_OPCODES = {"NEXT_BUFFER", "READONLY_BUFFER"}
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     """The file's dictionary with ``str`` keys; a ValueError naming the file for anything else.
 
-    Any exception of the unpickler becomes that ValueError: a corrupt pickle can make it raise
-    almost any type (EOFError, TypeError, KeyError, OverflowError, MemoryError...), and the
-    restricted :class:`_ArrayUnpickler` keeps it from building anything but arrays and
-    containers, so no code of the file runs.
+    The opcodes are read first (:mod:`pickletools`): out-of-band buffers are refused, and
+    protocol 5's in-band ``bytearray`` (how numpy pickles an array's data there) is read as
+    ``bytes``, the same data: an unpickler that fails halfway then leaves no buffer of a
+    bytearray exported. Any exception of the scan or the unpickler becomes that ValueError:
+    a corrupt pickle can make them raise almost any type (EOFError, TypeError, KeyError,
+    OverflowError, MemoryError...), and the restricted :class:`_ArrayUnpickler` keeps them
+    from building anything but arrays and containers, so no code of the file runs.
     """
-    with path.open("rb") as f:
-        try:
-            raw = _ArrayUnpickler(f, encoding="bytes").load()
-        except Exception as exc:  # see the docstring: every failure is a malformed file
-            raise ValueError(
-                f"{path} is not a CIFAR batch in the python format ({type(exc).__name__}: {exc})"
-            ) from None
+    content = bytearray(path.read_bytes())
+    try:
+        for opcode, _, position in pickletools.genops(bytes(content)):
+            if opcode.name in _REFUSED_OPCODES:
+                raise pickle.UnpicklingError(f"opcode {opcode.name} has no place in a CIFAR file")
+            if opcode.name == "BYTEARRAY8" and position is not None:
+                content[position] = pickle.BINBYTES8[0]
+        raw = _ArrayUnpickler(io.BytesIO(content), encoding="bytes").load()
+    except Exception as exc:  # see the docstring: every failure is a malformed file
+        raise ValueError(
+            f"{path} is not a CIFAR batch in the python format ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(raw, dict):
         raise ValueError(
             f"{path} is not a CIFAR batch in the python format: it holds a "
@@ -90,7 +109,7 @@ def _pixels(path: Path, data: Any) -> Tensor:
         raise ValueError(f"{path}: 'data' must hold uint8 pixels, got dtype {data.dtype}")
     if data.ndim != 2 or data.shape[1] != _PIXELS or data.shape[0] < 1:
         raise ValueError(f"{path}: 'data' must have shape (N, 3072), N >= 1, got {data.shape}")
-    return torch.from_numpy(np.ascontiguousarray(data))
+    return torch.from_numpy(np.require(data, requirements=["C", "W"]))  # a copy if read-only
 
 
 def _labels(path: Path, labels: Any, key: str, n: int, num_classes: int) -> Tensor:
