@@ -39,7 +39,8 @@ from tests.test_distributed import (
     _exit_cleanly,
     loss_fn,
 )
-from torchsam import _dtensor, _kernels
+from torchsam import _dtensor
+from torchsam._engine import _functional
 
 #: base optimizers of the checkpoint test: SGD's momentum buffer, Adam's moments and step
 BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
@@ -310,7 +311,7 @@ def _layouts_job(model: nn.Module) -> dict[str, Any]:
     weight = next(model.parameters())  # 8 x 4, sharded by rows
     whole = weight.redistribute(placements=[Replicate()])
     copied = torch.empty_like(weight)
-    _kernels.copy_([copied], [whole], True)  # one tensor at a time, redistributed
+    _functional.copy_([copied], [whole], True)  # one tensor at a time, redistributed
     results: dict[str, Any] = {"copied": copied.full_tensor()}
     results["dot"] = _dtensor.full(_dtensor.dot(weight, whole, torch.float64)).item()
     try:
@@ -372,7 +373,9 @@ def _checkpoint_job(rank: int, out: str) -> dict[str, Any]:
 
 
 def _load_flattened(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> str:
-    """Loading with flatten_optimizer_state_dict=True (refused; nothing is changed)."""
+    """Loading with flatten_optimizer_state_dict=True (rebuilt from ``optimizer.state``, which
+    holds the base optimizer's entries and torchsam's own); the training that follows must
+    then resume exactly."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -507,8 +510,8 @@ def test_fsdp2_distributed_checkpoint_resumes_bit_exactly(ranks: list[dict[str, 
     results = ranks[0]
     for name, base in CHECKPOINTED:
         assert results[f"{name}/{base}/step"] == SAVE_AT
-        # flatten_optimizer_state_dict=True would drop state: refused with what to do
-        assert "flatten_optimizer_state_dict=False" in results[f"{name}/{base}/flattened"]
+        # flatten_optimizer_state_dict=True loads too (then the resumed run below must match)
+        assert results[f"{name}/{base}/flattened"] == "loaded"
         uninterrupted = results[f"{name}/{base}/uninterrupted"]
         assert torch.equal(results[f"{name}/{base}/resumed"], uninterrupted), (name, base)
         saved = results[f"{name}/{base}/state"]

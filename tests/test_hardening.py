@@ -250,7 +250,7 @@ def test_dtype_change_keeps_the_restore_exact(name: str) -> None:
     for x, y in data[1:4]:
         step(name, opt, model, x, y)
     _assert_same(weights(model), start)
-    for own in opt.state.values():  # torchsam's own state follows the parameters' dtype
+    for own in opt.own_state.values():  # torchsam's own state follows the parameters' dtype
         assert all(v.dtype == torch.float64 for v in own.values() if torch.is_tensor(v))
 
 
@@ -300,7 +300,7 @@ def test_loaded_own_state_takes_the_parameter_dtype() -> None:
     model32 = Net().float()
     opt32 = build("friendly", model32)
     opt32.load_state_dict(sd)
-    assert opt32.state[model32.l1.weight]["grad_ema"].dtype == torch.float32
+    assert opt32.state[model32.l1.weight]["sam.grad_ema"].dtype == torch.float32
 
 
 def test_options_live_in_the_param_groups() -> None:
@@ -372,7 +372,7 @@ def test_exception_inside_the_perturbation_restores_w(name: str) -> None:
     x, y = data[0]
     step(name, opt, model, x, y)
     start = weights(model)
-    radius = opt._radius
+    radius = opt.radius
     seen: list[int] = []
 
     def failing_radius(group: dict[str, Any]) -> float:
@@ -381,13 +381,13 @@ def test_exception_inside_the_perturbation_restores_w(name: str) -> None:
             raise KeyboardInterrupt
         return radius(group)
 
-    opt._radius = failing_radius
+    opt.radius = failing_radius
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(KeyboardInterrupt):
         opt.first_step(zero_grad=True)
     _assert_same(weights(model), start)
     assert not opt.perturbed
-    del opt._radius
+    del opt.radius
     step(name, opt, model, x, y)  # usable again
 
 

@@ -349,13 +349,16 @@ def test_state_dict_round_trips_own_state() -> None:
     model, data = make()
     opt = build(model, "sgd_momentum_wd", "sam")
     two_call_step(model, opt, *data[0])
-    opt.state[model.l1.weight]["ema"] = torch.full_like(model.l1.weight, 3.0)
+    opt.own_state[model.l1.weight]["ema"] = torch.full_like(model.l1.weight, 3.0)
     sd = opt.state_dict()
     assert torch.equal(sd["state"][0]["sam.ema"], torch.full_like(model.l1.weight, 3.0))
     assert "momentum_buffer" in sd["state"][0]
     fresh = build(model, "sgd_momentum_wd", "sam")
     fresh.load_state_dict(sd)
-    assert torch.equal(fresh.state[model.l1.weight]["ema"], torch.full_like(model.l1.weight, 3.0))
+    assert torch.equal(
+        fresh.own_state[model.l1.weight]["ema"], torch.full_like(model.l1.weight, 3.0)
+    )
+    assert fresh.state[model.l1.weight]["sam.ema"] is fresh.own_state[model.l1.weight]["ema"]
     assert "sam.ema" not in fresh.base_optimizer.state[model.l1.weight]
 
 

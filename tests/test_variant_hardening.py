@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import torchsam
-from torchsam._engine import GroupView
+from torchsam._engine import StepContext
 
 from .test_family import BASES, VARIANTS, build, setup, step, weights
 from .test_sam import _ParamSizedAllocations
@@ -32,11 +32,11 @@ def build_on(name: str, groups: list[dict[str, Any]], base: str = "sgd", **extra
 
 # --------------------------------------------------------------------------- gradient swap
 class _DoubledSAM(torchsam.SAM):
-    """SAM whose base optimizer sees twice the perturbed gradient, through ``_base_grads``."""
+    """SAM whose base optimizer sees twice the perturbed gradient, through ``ctx.base_grads``."""
 
-    def _prepare_base_grads(self, views: list[GroupView]) -> None:
-        for v in views:
-            for buf, g in zip(self._base_grads(v), v.grads, strict=True):
+    def base_gradient(self, ctx: StepContext) -> None:
+        for v in ctx.views:
+            for buf, g in zip(ctx.base_grads(v), v.grads, strict=True):
                 buf.copy_(g).mul_(2.0)
 
 

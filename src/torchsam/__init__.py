@@ -10,7 +10,7 @@ with warnings.catch_warnings():
 
 from torchsam import distributed, landscape, sharpness
 from torchsam._batchnorm import freeze_running_stats
-from torchsam._engine import SharpnessAwareOptimizer
+from torchsam._engine import GroupView, SharpnessAwareOptimizer, StepContext
 from torchsam._esam import ESAM
 from torchsam._fsam import FriendlySAM
 from torchsam._gsam import GSAM
@@ -34,10 +34,12 @@ __all__ = [
     "SAM",
     "WSAM",
     "FriendlySAM",
+    "GroupView",
     "IntermittentSAM",
     "LookSAM",
     "SharpnessAwareOptimizer",
     "SharpnessMonitor",
+    "StepContext",
     "VaSSO",
     "__version__",
     "distributed",

@@ -87,15 +87,15 @@ class ESAM(SAM):
     gamma: float
     seed: int
 
-    def _check_options(self) -> None:
+    def check_options(self) -> None:
         check_fraction("beta", self.beta, zero_ok=False, one_ok=True)
         check_fraction("gamma", self.gamma, zero_ok=False, one_ok=True)
         check_int("seed", self.seed, low=None)
 
-    def _radius(self, group: dict[str, Any]) -> float:
+    def radius(self, group: dict[str, Any]) -> float:
         return float(group["rho"]) / self.beta
 
-    _no_two_call_style = (
+    no_two_call_style = (
         "it selects the weights to perturb and the samples of the second pass itself; use "
         "step(closure) with a closure that returns per-sample losses"
     )
@@ -104,7 +104,7 @@ class ESAM(SAM):
         """The trainable tensors left out of this step's perturbation (SWP)."""
         if self.beta >= 1.0:
             return []
-        rng = random.Random(f"torchsam.ESAM:{self.seed}:{self._step_count()}")
+        rng = random.Random(f"torchsam.ESAM:{self.seed}:{self.step_count}")
         return [
             p
             for group in self.param_groups
@@ -120,11 +120,11 @@ class ESAM(SAM):
             the mean loss of the batch at ``w`` (detached).
         """
         if closure is None:
-            return self._step_without_closure(
+            return self.step_without_closure(
                 "ESAM.step() needs a closure(indices) that returns the per-sample losses of the "
                 "batch rows `indices` (all rows when None) at the current weights"
             )
-        self._require_idle("step()")
+        self.require_idle("step()")
         self.zero_grad()
         left_out = self._unselected()
         with torch.enable_grad():
@@ -132,10 +132,10 @@ class ESAM(SAM):
             if losses.requires_grad:  # False when no trainable tensor reaches the loss
                 self._first_backward(losses.mean(), left_out)
         before = losses.detach()
-        if self._first_step(zero_grad=True):
+        if self.begin_step(zero_grad=True):
             chosen = self._select(closure, before)
-            self._closure_at_perturbed_point(lambda: closure(chosen).mean().backward())
-        self._second_step()
+            self.at_perturbed_point(lambda: closure(chosen).mean().backward())
+        self.finish_step()
         return before.mean()
 
     def _first_backward(self, loss: Tensor, left_out: list[Tensor]) -> None:
@@ -164,7 +164,7 @@ class ESAM(SAM):
         keep = min(n, max(1, math.ceil(self.gamma * n)))
         if keep == n:
             return None
-        after = self._closure_at_perturbed_point(
+        after = self.at_perturbed_point(
             lambda: _per_sample(closure(None), "closure(None)"), grad=False
         )
         rise = after.detach() - before

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam._engine import GroupView, group_foreach
+from torchsam._engine import GroupView, StepContext
 from torchsam._sam import SAM, check_fraction, check_real
 
 __all__ = ["FriendlySAM"]
@@ -45,22 +45,22 @@ class FriendlySAM(SAM):
 
     hyperparameters: ClassVar[dict[str, Any]] = {"sigma": 1.0, "lmbda": 0.9}
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
         check_real("sigma", group["sigma"])
         check_fraction("lmbda", group["lmbda"], zero_ok=True, one_ok=False)
 
-    def _ascent_direction(self, view: GroupView) -> list[Tensor]:
-        emas = self._gradient_ema(view, "grad_ema")
+    def ascent_direction(self, view: GroupView) -> list[Tensor]:
+        emas = self.gradient_ema(view, "grad_ema")
         if all(m is None for m in emas):  # first step: plain SAM
             return view.grads
         sigma = float(view.group["sigma"])
-        if group_foreach(view.group) and all(m is not None for m in emas):
+        if view.foreach and all(m is not None for m in emas):
             return list(torch._foreach_add(view.grads, emas, alpha=-sigma))  # type: ignore[arg-type]
         return [
             g if m is None else torch.add(g, m, alpha=-sigma)
             for g, m in zip(view.grads, emas, strict=True)
         ]
 
-    def _on_perturbed(self, views: list[GroupView]) -> None:
-        self._update_gradient_ema(views, "grad_ema", lambda group: 1.0 - float(group["lmbda"]))
+    def on_perturbed(self, ctx: StepContext) -> None:
+        self.update_gradient_ema(ctx, "grad_ema", lambda group: 1.0 - float(group["lmbda"]))

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from torchsam import _kernels
-from torchsam._engine import GroupView, group_foreach
+from torchsam._engine import StepContext
+from torchsam._engine import _functional as F
 from torchsam._sam import SAM, check_real
 
 __all__ = ["GSAM"]
@@ -59,7 +59,7 @@ class GSAM(SAM):
         >>> loss = optimizer.step(closure)  # rho_t follows the cosine schedule
     """
 
-    _needs_first_grads = True
+    needs_first_grads = True
 
     hyperparameters: ClassVar[dict[str, Any]] = {
         "alpha": 0.2,
@@ -68,8 +68,8 @@ class GSAM(SAM):
         "lr_min": 0.0,
     }
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
         check_real("alpha", group["alpha"])
         check_real("lr_min", group["lr_min"])
         for key in ("rho_min", "lr_max"):
@@ -81,11 +81,11 @@ class GSAM(SAM):
                 f"it must not exceed rho ({group['rho']})"
             )
 
-    def _init_group(self, group: dict[str, Any]) -> None:
+    def complete_group(self, group: dict[str, Any]) -> None:
         if group["lr_max"] is None and group["rho_min"] is not None:
             group["lr_max"] = float(group["lr"])
 
-    def _radius(self, group: dict[str, Any]) -> float:
+    def radius(self, group: dict[str, Any]) -> float:
         rho, rho_min = float(group["rho"]), group["rho_min"]
         if rho_min is None:
             return rho
@@ -106,24 +106,17 @@ class GSAM(SAM):
             fraction = min(max(fraction, 0.0), 1.0)
         return float(rho_min) + (rho - float(rho_min)) * fraction
 
-    def _flag_nonfinite_grads(self, views: list[GroupView]) -> None:
-        # ||g_s|| is needed for the update anyway: the finiteness check is derived from it
-        self._gs_norm = self._global_norm(views, [v.grads for v in views])
-        self._flag_nonfinite_norm(self._gs_norm)
+    def uses_grad_norm(self, two_pass: bool) -> bool:
+        return two_pass  # ||g_s||: the finiteness check is derived from it
 
-    def _prepare_base_grads(self, views: list[GroupView]) -> None:
-        g = [self._scratch(v, "first_grad") for v in views]
-        g_s = [v.grads for v in views]
-        sq = self._gs_norm.to(torch.float64).square()
-        coef = self._global_dot(views, g, g_s) / (sq + _EPS)  # on the device
+    def base_gradient(self, ctx: StepContext) -> None:
+        if not ctx.two_pass:
+            return
+        g = [ctx.first_grads(v) for v in ctx.views]
+        g_s = [v.grads for v in ctx.views]
+        sq = ctx.grad_norm().to(torch.float64).square()
+        coef = ctx.dot(g, g_s) / (sq + _EPS)  # on the device
         # g_s - alpha * (g - coef * g_s) = (1 + alpha * coef) * g_s - alpha * g
-        for v, first in zip(views, g, strict=True):
+        for v, first in zip(ctx.views, g, strict=True):
             alpha = float(v.group["alpha"])
-            _kernels.combine_(
-                self._base_grads(v),
-                v.grads,
-                1.0 + alpha * coef,
-                first,
-                -alpha,
-                group_foreach(v.group),
-            )
+            F.combine_(ctx.base_grads(v), v.grads, 1.0 + alpha * coef, first, -alpha, v.foreach)

@@ -53,7 +53,7 @@ class IntermittentSAM(SAM):
     probability: float | None
     seed: int
 
-    def _check_options(self) -> None:
+    def check_options(self) -> None:
         if (self.every is None) == (self.probability is None):
             raise ValueError("IntermittentSAM needs exactly one of every=k or probability=p")
         check_int("offset", self.offset, low=0)
@@ -70,8 +70,8 @@ class IntermittentSAM(SAM):
             check_fraction("probability", self.probability, zero_ok=True, one_ok=True)
         check_int("seed", self.seed, low=None)
 
-    def _wants_second_pass(self) -> bool:
-        step = self._step_count()
+    def second_pass_due(self) -> bool:
+        step = self.step_count
         if self.every is not None:
             return step % self.every == self.offset
         return _uniform(self.seed, step) < float(self.probability or 0.0)

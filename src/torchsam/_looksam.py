@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam import _kernels
-from torchsam._engine import GroupView, group_foreach
+from torchsam._engine import StepContext
+from torchsam._engine import _functional as F
 from torchsam._sam import SAM, check_int, check_real
 
 __all__ = ["LookSAM"]
@@ -60,59 +60,65 @@ class LookSAM(SAM):
         Start from 0.1 and try 0.2-0.7 on a validation set. ``k`` (2, 5, 10) mattered less.
     """
 
-    _needs_first_grads = True
+    needs_first_grads = True
 
     hyperparameters: ClassVar[dict[str, Any]] = {"alpha": 0.1}
     options: ClassVar[dict[str, Any]] = {"k": 5}
     k: int
 
-    def _check_options(self) -> None:
+    def check_options(self) -> None:
         check_int("k", self.k)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
         check_real("alpha", group["alpha"])
 
-    def _wants_second_pass(self) -> bool:
-        return self._step_count() % self.k == 0
+    def second_pass_due(self) -> bool:
+        return self.step_count % self.k == 0
 
-    def _prepare_base_grads(self, views: list[GroupView]) -> None:
-        g = [self._scratch(v, "first_grad") for v in views]
-        g_s = [v.grads for v in views]
-        sq = self._global_norm(views, g).to(torch.float64).square()
-        coef = self._global_dot(views, g, g_s) / (sq + _EPS)  # on the device
+    def uses_grad_norm(self, two_pass: bool) -> bool:
+        # ||g|| of a step without second pass: a finite norm means finite gradients (an
+        # overflowing norm of finite gradients would make the update overflow too: skipped)
+        return not two_pass
+
+    def base_gradient(self, ctx: StepContext) -> None:
+        if ctx.two_pass:
+            self._keep_orthogonal_part(ctx)
+        else:
+            self._reuse_orthogonal_part(ctx)
+
+    def _keep_orthogonal_part(self, ctx: StepContext) -> None:
+        """``g_v = g_s - <g, g_s> / ||g||^2 g`` into the state, and ``||g_v||``."""
+        g = [ctx.first_grads(v) for v in ctx.views]
+        g_s = [v.grads for v in ctx.views]
+        sq = ctx.norm(g).to(torch.float64).square()
+        coef = ctx.dot(g, g_s) / (sq + _EPS)  # on the device
         gv: list[list[Tensor]] = []
-        for v, first in zip(views, g, strict=True):
+        for v, first in zip(ctx.views, g, strict=True):
             bufs = []
             for p, gs in zip(v.params, v.grads, strict=True):
-                buf = self.state[p].get("gv")
+                buf = self.own_state[p].get("gv")
                 if buf is None or buf.shape != gs.shape:
                     buf = torch.empty_like(gs)
-                    self.state[p]["gv"] = buf
+                    self.own_state[p]["gv"] = buf
                 bufs.append(buf)
-            _kernels.combine_(bufs, v.grads, 1.0, first, -coef, group_foreach(v.group))
+            F.combine_(bufs, v.grads, 1.0, first, -coef, v.foreach)
             gv.append(bufs)
             v.layout.buffers["gv"] = bufs  # the same tensors as the state, found faster
         # ||g_v|| is fixed until the next sharpness step: kept (and saved) with the state; it
         # stays on the device (state_dict() brings it to the host)
-        self._global_state["gv_norm"] = self._global_norm(views, gv).to(torch.float64)
+        self.wide_state["gv_norm"] = ctx.norm(gv).to(torch.float64)
 
-    def _flag_nonfinite_one_pass_grads(self, views: list[GroupView]) -> None:
-        # ||g|| is needed for the update anyway; a finite norm means finite gradients (an
-        # overflowing norm of finite gradients would make the update overflow too: skipped)
-        self._one_pass_norm = self._global_norm(views, [v.grads for v in views])
-        self._flag_nonfinite_norm(self._one_pass_norm)
-
-    def _prepare_one_pass_grads(self, views: list[GroupView]) -> None:
-        gv = [
-            v.layout.buffers.get("gv") or [self.state[p].get("gv") for p in v.params] for v in views
+    def _reuse_orthogonal_part(self, ctx: StepContext) -> None:
+        """``g + alpha ||g|| / ||g_v|| g_v`` (``g`` alone before the first sharpness step)."""
+        gv: list[list[Any]] = [
+            v.layout.buffers.get("gv") or [self.own_state[p].get("gv") for p in v.params]
+            for v in ctx.views
         ]
-        gv_norm = self._global_state.get("gv_norm")
+        gv_norm = self.wide_state.get("gv_norm")
         if gv_norm is None or any(buf is None for bufs in gv for buf in bufs):
             return  # no sharpness step has been seen for these parameters yet: plain step
-        ratio = self._one_pass_norm.to(torch.float64) / (gv_norm + _EPS)  # on the device
-        for v, bufs in zip(views, gv, strict=True):
+        ratio = ctx.grad_norm().to(torch.float64) / (gv_norm + _EPS)  # on the device
+        for v, bufs in zip(ctx.views, gv, strict=True):
             alpha = ratio * float(v.group["alpha"])
-            _kernels.combine_(
-                self._base_grads(v), v.grads, 1.0, bufs, alpha, group_foreach(v.group)
-            )
+            F.combine_(ctx.base_grads(v), v.grads, 1.0, bufs, alpha, v.foreach)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
 
-from torchsam import _kernels
-from torchsam._engine import GroupView, _flag_nonfinite, group_foreach
+from torchsam._engine import StepContext
+from torchsam._engine import _functional as F
 from torchsam._esam import PerSampleClosure, _per_sample
 from torchsam._sam import SAM, check_int
 
@@ -51,15 +51,12 @@ class MSAM(SAM):
 
     options: ClassVar[dict[str, Any]] = {"m": 32}
     m: int
-    #: micro-batches of the step in progress (the first J - 1 are summed in "accumulated")
-    _micro_batches = 1
-
-    _no_two_call_style = (
+    no_two_call_style = (
         "it perturbs each micro-batch separately; use step(closure, batch_size=n) with a "
         "closure that returns per-sample losses"
     )
 
-    def _check_options(self) -> None:
+    def check_options(self) -> None:
         check_int("m", self.m)
 
     @torch.no_grad()
@@ -76,49 +73,50 @@ class MSAM(SAM):
             "size: step(closure, batch_size=n)"
         )
         if closure is None:
-            return self._step_without_closure(message)
+            return self.step_without_closure(message)
         if batch_size is None:
             raise RuntimeError(message)
         check_int("batch_size", batch_size)
-        self._require_idle("step()")
+        self.require_idle("step()")
         chunks = torch.arange(batch_size).split(self.m)
         total = torch.zeros(())
-        self._micro_batches = len(chunks)
         for j, rows in enumerate(chunks):
             self.zero_grad()
             with torch.enable_grad():
                 losses = _per_sample(closure(rows), "closure(indices)")
                 (losses.sum() / batch_size).backward()  # weights |S_j| / n
             total = total + losses.detach().sum().to(total.device)
-            if not self._first_step(zero_grad=True):
-                break  # not perturbed: second_step() below skips the whole step
-            self._closure_at_perturbed_point(_backward_of(closure, rows, batch_size))
+            ctx = self._begin_micro_batch()
+            self.at_perturbed_point(_backward_of(closure, rows, batch_size))
+            ctx.variables["micro_batches"] = len(chunks)
             if j < len(chunks) - 1:
-                views = self._views()
-                for v in views:
-                    buf, foreach = self._scratch(v, "accumulated"), group_foreach(v.group)
-                    if j == 0:
-                        _kernels.copy_(buf, v.grads, foreach)
-                    else:
-                        _kernels.add_(buf, v.grads, 1.0, foreach)
-                if self._skip_nonfinite:  # this gradient at w + e_j is part of the step's
-                    _flag_nonfinite(views, self._nonfinite_entry)
-                self._return_to_w()  # for the next micro-batch (what it recorded is kept)
-        self._second_step()
+                self._accumulate(ctx, first=j == 0)
+        self.finish_step()
         return total / batch_size
 
-    def _prepare_base_grads(self, views: list[GroupView]) -> None:
+    def _begin_micro_batch(self) -> StepContext:
+        """Perturb along this micro-batch's gradient; the step's context."""
+        self.begin_step(zero_grad=True)
+        return cast(StepContext, self.step_context)
+
+    def _accumulate(self, ctx: StepContext, *, first: bool) -> None:
+        """Add this micro-batch's gradient at ``w + e_j`` to the sum, and go back to ``w``."""
+        views = ctx.gradients_now()
+        for v in views:
+            buf = ctx.scratch(v, "accumulated")
+            if first:
+                F.copy_(buf, v.grads, v.foreach)
+            else:
+                F.add_(buf, v.grads, 1.0, v.foreach)
+        ctx.flag_grads(views)  # this gradient at w + e_j is part of the step's
+        self.return_to_w()  # for the next micro-batch (what it recorded is kept)
+
+    def base_gradient(self, ctx: StepContext) -> None:
         # the last micro-batch's perturbed gradient (in p.grad) plus the others' (accumulated)
-        if self._micro_batches > 1:
-            for v in views:
-                _kernels.combine_(
-                    self._base_grads(v),
-                    v.grads,
-                    1.0,
-                    self._scratch(v, "accumulated"),
-                    1.0,
-                    group_foreach(v.group),
-                )
+        if ctx.variables.get("micro_batches", 1) > 1:
+            for v in ctx.views:
+                accumulated = ctx.scratch(v, "accumulated")
+                F.combine_(ctx.base_grads(v), v.grads, 1.0, accumulated, 1.0, v.foreach)
 
 
 def _backward_of(closure: PerSampleClosure, rows: Tensor, batch_size: int) -> Callable[[], None]:

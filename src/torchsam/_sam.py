@@ -11,14 +11,14 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from torchsam import _kernels
 from torchsam._engine import (
     BaseOptimizerArg,
     GroupView,
     SharpnessAwareOptimizer,
-    group_foreach,
+    StepContext,
     real_view,
 )
+from torchsam._engine import _functional as F
 
 __all__ = ["SAM"]
 
@@ -125,7 +125,7 @@ class SAM(SharpnessAwareOptimizer):
     hyperparameters: ClassVar[dict[str, Any]] = {}
     #: A variant's optimizer-wide options (read as attributes of the optimizer, kept in every
     #: param group), with their defaults; keyword-only arguments of its constructor, validated
-    #: in :meth:`_check_options`.
+    #: in :meth:`check_options`.
     options: ClassVar[dict[str, Any]] = {}
 
     def __init__(
@@ -173,7 +173,7 @@ class SAM(SharpnessAwareOptimizer):
                 )
         self.__dict__["_option_source"] = groups[0]
         try:
-            self._check_options()
+            self.check_options()
         finally:
             del self.__dict__["_option_source"]
 
@@ -196,10 +196,10 @@ class SAM(SharpnessAwareOptimizer):
         ]
         cls.__signature__ = inspect.Signature([*base[:-1], *extra, base[-1]])  # type: ignore[attr-defined]
 
-    def _check_options(self) -> None:
+    def check_options(self) -> None:
         """Raise ``ValueError``/``TypeError`` for an invalid option; none for SAM itself."""
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def check_group(self, group: dict[str, Any]) -> None:
         check_real("rho", group["rho"])
         check_real("eta", group["eta"])
         if not isinstance(group["adaptive"], bool):
@@ -209,96 +209,81 @@ class SAM(SharpnessAwareOptimizer):
                 f"skip_nonfinite must be True or False, got {group['skip_nonfinite']!r}"
             )
 
-    def _perturb(self, views: list[GroupView]) -> bool:
+    def perturb(self, ctx: StepContext) -> None:
+        """``e = radius * d / (||d|| + 1e-12)`` (ASAM: ``radius * T^2 d / (||T d|| + 1e-12)``)
+        with the direction ``d`` of :meth:`ascent_direction` and the norm over all groups."""
         # Per group: the vectors whose joint norm normalises the step, and the ASAM operator.
         directions: list[tuple[list[Tensor], list[Tensor] | None]] = []
-        for v in views:
-            d = self._ascent_direction(v)
+        for v in ctx.views:
+            d = self.ascent_direction(v)
             if v.group["adaptive"]:
-                directions.append(_adaptive(v.params, d, v.group["eta"], group_foreach(v.group)))
+                directions.append(_adaptive(v.params, d, v.group["eta"], v.foreach))
             else:
                 directions.append((d, None))
-        norm = self._global_norm(views, [d for d, _ in directions])
-        self._flag_nonfinite_norm(norm, first_pass=True)
+        norm = ctx.norm([d for d, _ in directions])
+        ctx.flag_first_norm(norm)
         # The scale stays on the device, as the seed's (rho / (norm + eps)). A non-finite norm
         # (the step will be skipped) gives a zero scale, and the direction's non-finite entries
         # are taken as 0, so that the second pass runs at w exactly.
         denominator = norm + _NORM_EPS
-        if self._skip_nonfinite:
+        if ctx.skip_nonfinite:
             denominator = torch.nan_to_num(denominator, nan=math.inf, posinf=math.inf)
-        for v, (d, t) in zip(views, directions, strict=True):
-            foreach = group_foreach(v.group)
-            self._save_weights(v, foreach)
-            radius = self._radius(v.group)
+        for v, (d, t) in zip(ctx.views, directions, strict=True):
+            ctx.save_weights(v)
+            radius = self.radius(v.group)
             if v.group.get("maximize", False):
                 radius = -radius  # the "worst" point of a maximised objective is downhill
             scale = radius / denominator
             if t is not None:  # ASAM: d = T g becomes T^2 g (d is a temporary)
-                _mul_(d, t, foreach)
+                _mul_(d, t, v.foreach)
             for i, (params, part) in enumerate(zip(v.split(v.params), v.split(d), strict=True)):
-                if self._skip_nonfinite:  # 0 * inf would put NaN into the second pass
-                    part = self._finite_direction(v, i, part, foreach, normed=t is None)
-                _kernels.addcmul_(params, part, scale.to(params[0].device), foreach)
-        self._on_perturbed(views)
-        return True
+                if ctx.skip_nonfinite:  # 0 * inf would put NaN into the second pass
+                    part = F.finite_direction_(v, i, part, normed=t is None)
+                F.addcmul_(params, part, scale.to(params[0].device), v.foreach)
 
-    # Policies of the SAM family (overridden by variants built on SAM's perturbation).
-    def _ascent_direction(self, view: GroupView) -> list[Tensor]:
-        """The direction ``d`` that is normalised into the perturbation: the gradient.
-
-        It must not change any state: a non-finite norm skips the step after this is called.
-        """
-        return view.grads
-
-    def _radius(self, group: dict[str, Any]) -> float:
-        """The radius of the neighbourhood for ``group`` on this step."""
-        return float(group["rho"])
-
-    def _on_perturbed(self, views: list[GroupView]) -> None:
-        """Update state once the perturbation has been applied (not on skipped steps)."""
-
-    def _gradient_ema(self, view: GroupView, key: str) -> list[Tensor | None]:
+    # Shared by the variants that perturb along a moving average of the gradient.
+    def gradient_ema(self, view: GroupView, key: str) -> list[Tensor | None]:
         """The per-parameter gradient EMA kept under ``key`` (None where there is none yet)."""
-        return [self.state[p].get(key) for p in view.params]
+        return [self.own_state[p].get(key) for p in view.params]
 
-    def _update_gradient_ema(
-        self, views: list[GroupView], key: str, new_weight: Callable[[dict[str, Any]], float]
+    def update_gradient_ema(
+        self, ctx: StepContext, key: str, new_weight: Callable[[dict[str, Any]], float]
     ) -> None:
         """``ema = (1 - a) * ema + a * g`` with ``a = new_weight(group)``; ``ema = g`` at first.
 
         Computed now, from the gradients at ``w``, into scratch buffers, and committed to the
-        state by :meth:`second_step` once the step's gradients are known to be finite (a
-        skipped step leaves the state as it was).
+        state (``ctx.defer``) once the step's gradients are known to be finite (a skipped step
+        leaves the state as it was).
         """
-        for v in views:
-            foreach = group_foreach(v.group)
+        for v in ctx.views:
+            foreach = v.foreach
             weight = new_weight(v.group)
-            following = self._scratch(v, "next " + key)
-            emas = self._gradient_ema(v, key)
+            following = ctx.scratch(v, "next " + key)
+            emas = self.gradient_ema(v, key)
             if all(m is not None for m in emas):
-                _kernels.copy_(following, cast(list[Tensor], emas), foreach)
-                _kernels.lerp_(following, v.grads, weight, foreach)
+                F.copy_(following, cast(list[Tensor], emas), foreach)
+                F.lerp_(following, v.grads, weight, foreach)
             else:
                 for nxt, g, m in zip(following, v.grads, emas, strict=True):
                     if m is None:
                         nxt.copy_(g)
                     else:
                         nxt.copy_(m).lerp_(g, weight)
-            self._pending.append(partial(self._commit_ema, v.params, following, key, foreach))
+            ctx.defer(partial(self._commit_ema, v.params, following, key, foreach))
 
     def _commit_ema(
         self, params: list[Tensor], following: list[Tensor], key: str, foreach: bool
     ) -> None:
         targets, sources = [], []
         for p, nxt in zip(params, following, strict=True):
-            m = self.state[p].get(key)
+            m = self.own_state[p].get(key)
             if m is None:
-                self.state[p][key] = nxt.clone()
+                self.own_state[p][key] = nxt.clone()
             else:
                 targets.append(m)
                 sources.append(nxt)
         if targets:
-            _kernels.copy_(targets, sources, foreach)
+            F.copy_(targets, sources, foreach)
 
 
 # --------------------------------------------------------------------- kernels

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from torchsam._engine import GroupView, group_foreach
+from torchsam._engine import GroupView, StepContext
 from torchsam._sam import SAM, check_fraction
 
 __all__ = ["VaSSO"]
@@ -42,20 +42,20 @@ class VaSSO(SAM):
 
     hyperparameters: ClassVar[dict[str, Any]] = {"theta": 0.9}
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
         check_fraction("theta", group["theta"], zero_ok=False, one_ok=True)
 
-    def _ascent_direction(self, view: GroupView) -> list[Tensor]:
+    def ascent_direction(self, view: GroupView) -> list[Tensor]:
         # d_t as a temporary; the state is updated by second_step (finite steps only)
         theta = float(view.group["theta"])
-        emas = self._gradient_ema(view, "grad_ema")
-        if group_foreach(view.group) and all(d is not None for d in emas):
+        emas = self.gradient_ema(view, "grad_ema")
+        if view.foreach and all(d is not None for d in emas):
             return list(torch._foreach_lerp(emas, view.grads, theta))  # type: ignore[arg-type]
         return [
             g if d is None else torch.lerp(d, g, theta)
             for g, d in zip(view.grads, emas, strict=True)
         ]
 
-    def _on_perturbed(self, views: list[GroupView]) -> None:
-        self._update_gradient_ema(views, "grad_ema", lambda group: float(group["theta"]))
+    def on_perturbed(self, ctx: StepContext) -> None:
+        self.update_gradient_ema(ctx, "grad_ema", lambda group: float(group["theta"]))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from torchsam import _kernels
-from torchsam._engine import GroupView, group_foreach
+from torchsam._engine import StepContext
+from torchsam._engine import _functional as F
 from torchsam._sam import SAM, check_fraction
 
 __all__ = ["WSAM"]
@@ -45,35 +45,36 @@ class WSAM(SAM):
         >>> loss = optimizer.step(closure)
     """
 
-    _needs_first_grads = True
+    needs_first_grads = True
 
     hyperparameters: ClassVar[dict[str, Any]] = {"gamma": 0.9, "decouple": True}
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
         check_fraction("gamma", group["gamma"], zero_ok=True, one_ok=False)
         if not isinstance(group["decouple"], bool):
             raise TypeError(f"decouple must be True or False, got {group['decouple']!r}")
 
-    def _prepare_base_grads(self, views: list[GroupView]) -> None:
-        for v in views:
-            beta, foreach = _beta(v.group), group_foreach(v.group)
-            first = self._scratch(v, "first_grad")
+    def base_gradient(self, ctx: StepContext) -> None:
+        if not ctx.two_pass:
+            return
+        for v in ctx.views:
+            beta, foreach = _beta(v.group), v.foreach
+            first = ctx.first_grads(v)
             if v.group["decouple"]:
                 # keep g_s - g for after the base step, which takes g alone
-                sharp = self._scratch(v, "sharpness")
-                _kernels.combine_(sharp, v.grads, 1.0, first, -1.0, foreach)
-                self._base_grads(v, "first_grad")
+                F.combine_(ctx.scratch(v, "sharpness"), v.grads, 1.0, first, -1.0, foreach)
+                ctx.base_grads(v, "first_grad")
             else:
-                _kernels.combine_(self._base_grads(v), v.grads, beta, first, 1.0 - beta, foreach)
+                F.combine_(ctx.base_grads(v), v.grads, beta, first, 1.0 - beta, foreach)
 
-    def _after_base_step(self, views: list[GroupView]) -> None:
-        for v in views:
+    def after_base_step(self, ctx: StepContext) -> None:
+        for v in ctx.views:
             if v.group["decouple"]:
                 step = -float(v.group["lr"]) * _beta(v.group)
                 if v.group.get("maximize", False):
                     step = -step  # WSAM of -L: the sharpness term changes sign with the loss
-                _kernels.add_(v.params, self._scratch(v, "sharpness"), step, group_foreach(v.group))
+                F.add_(v.params, ctx.scratch(v, "sharpness"), step, v.foreach)
 
 
 def _beta(group: dict[str, Any]) -> float:

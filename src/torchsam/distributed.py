@@ -107,24 +107,29 @@ def sam_pass(
     if not local:
         yield
         return
-    name = type(optimizer).__name__
-    if optimizer._needs_first_grads:
-        raise ValueError(
-            f"{name} forms its final gradient from the gradient at w too, so a local (per-rank) "
-            "first pass would give each rank a different update; use local=False"
-        )
-    if optimizer._no_two_call_style is not None:
-        raise ValueError(
-            f"sam_pass(local=True) does not support {name}: it runs its own backward passes "
-            "inside step(closure), where no context can make its first pass local. Under DDP "
-            "call optimizer.step(closure) without sam_pass: both passes are then synchronised"
-        )
-    if optimizer.perturbed or not optimizer._wants_second_pass():
+    _check_local(optimizer)
+    if optimizer.perturbed or not optimizer.second_pass_due():
         yield
         return
     with no_sync():
         yield
     _spread_non_finite(model, optimizer)
+
+
+def _check_local(optimizer: SharpnessAwareOptimizer) -> None:
+    """Refuse a local first pass where the optimizer's public capabilities rule it out."""
+    name = type(optimizer).__name__
+    if optimizer.needs_first_grads:
+        raise ValueError(
+            f"{name} forms its final gradient from the gradient at w too, so a local (per-rank) "
+            "first pass would give each rank a different update; use local=False"
+        )
+    if optimizer.no_two_call_style is not None:
+        raise ValueError(
+            f"sam_pass(local=True) does not support {name}: it runs its own backward passes "
+            "inside step(closure), where no context can make its first pass local. Under DDP "
+            "call optimizer.step(closure) without sam_pass: both passes are then synchronised"
+        )
 
 
 def _spread_non_finite(model: nn.Module, optimizer: SharpnessAwareOptimizer) -> None:

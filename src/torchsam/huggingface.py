@@ -160,10 +160,9 @@ class SAMTrainer(transformers.Trainer):
                 "optimizers=(optimizer, scheduler) or optimizer_cls_and_kwargs, or use "
                 "transformers.Trainer for a plain optimizer"
             )
-        if optimizer._no_two_call_style is not None:
+        if optimizer.no_two_call_style is not None:
             raise TypeError(
-                f"SAMTrainer cannot drive {type(optimizer).__name__}: "
-                f"{optimizer._no_two_call_style}"
+                f"SAMTrainer cannot drive {type(optimizer).__name__}: {optimizer.no_two_call_style}"
             )
         self._sam = optimizer
         return _SecondStepOnStep(optimizer)
@@ -207,7 +206,7 @@ class SAMTrainer(transformers.Trainer):
                             super().training_step(model, micro_inputs, items)
             except BaseException:
                 with torch.no_grad():
-                    sam._abort()  # weights back at w, as step(closure) does, then re-raise
+                    sam.abort()  # weights back at w, as step(closure) does, then re-raise
                 raise
         return loss
 
@@ -224,7 +223,7 @@ def _check_supported(accelerator: Any) -> None:
             "SAMTrainer does not support float16 mixed precision with a gradient scaler "
             "(fp16=True on a GPU): the two passes need the scaler around first_step() and "
             "second_step(), which the Trainer's optimizer step does not offer. Use bf16=True, "
-            "or the two-call recipe of the README's 'Mixed precision' section in your own loop"
+            "or the two-call recipe of docs/guide/mixed-precision.md in your own loop"
         )
 
 

@@ -105,7 +105,7 @@ class LocalPerturbation(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         model, optimizer = self._ddp_and_optimizer(trainer)
-        model.require_backward_grad_sync = not optimizer._wants_second_pass()
+        model.require_backward_grad_sync = not optimizer.second_pass_due()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -145,15 +145,15 @@ class LocalPerturbation(pl.Callback):
             )
         optimizer = found[0]
         name = type(optimizer).__name__
-        if optimizer._needs_first_grads:
+        if optimizer.needs_first_grads:
             raise ValueError(
                 f"LocalPerturbation cannot be used with {name}: its final gradient uses the "
                 "gradient at w too, which would differ between processes; leave both passes "
                 "all-reduced (remove the callback)"
             )
-        if optimizer._no_two_call_style is not None:
+        if optimizer.no_two_call_style is not None:
             raise ValueError(
-                f"LocalPerturbation does not support {name}: {optimizer._no_two_call_style}"
+                f"LocalPerturbation does not support {name}: {optimizer.no_two_call_style}"
             )
         model = trainer.strategy.model
         if not isinstance(model, DistributedDataParallel):
@@ -188,7 +188,7 @@ def check_trainer(trainer: pl.Trainer) -> None:
             "perturbed weights would see only the last micro-batch. Remove "
             "accumulate_grad_batches and accumulate inside the closure instead: load the whole "
             "batch and split it into micro-batches in training_step with manual optimisation "
-            "(see the README, 'PyTorch Lightning')."
+            "(see docs/integrations/lightning.md, 'Gradient accumulation')."
         )
     if getattr(trainer.precision_plugin, "scaler", None) is not None:
         raise ValueError(
@@ -197,7 +197,7 @@ def check_trainer(trainer: pl.Trainer) -> None:
             "(precision='16-mixed'): the plugin runs the closure once and then calls "
             "optimizer.step() without it, so there is no second pass. Use precision="
             "'bf16-mixed' (or 32); float16 with a GradScaler needs the two-call recipe of the "
-            "README's 'Mixed precision' section in a plain training loop."
+            "docs/guide/mixed-precision.md in a plain training loop."
         )
     if isinstance(trainer.strategy, DeepSpeedStrategy):
         raise ValueError(

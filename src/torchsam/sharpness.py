@@ -85,7 +85,10 @@ class Eigenvalues(list[float]):
 
     Attributes:
         products (int): the number of Hessian-vector products used
-        converged (bool): whether every eigenvalue met the tolerance before ``max_iter``
+        converged (bool): whether every reported pair ``(value, v)`` has residual
+            ``||H v - value v|| <= tol * max|value|`` and no missing copy of a repeated
+            eigenvalue was found, within ``max_iter`` (see :func:`hessian_eigenvalues`); False
+            for a diverged model (NaN values)
         eigenvectors (list[list[Tensor]] | None): with ``return_eigenvectors=True``, one
             unit-norm eigenvector per eigenvalue, as tensors shaped like the parameters
     """

@@ -1,0 +1,165 @@
+"""The base optimizer: built from the ``base_optimizer`` argument, checked, and stepped."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from torchsam._engine._layout import GroupView
+
+__all__ = ["BaseOptimizerArg", "adopt", "build", "check_base_argument", "step_with"]
+
+BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
+
+_NOT_AN_OPTIMIZER = (
+    "base_optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.SGD), a callable "
+    "that returns an optimizer, or an optimizer instance; "
+)
+
+
+def check_base_argument(
+    name: str, base_optimizer: Any, own: Iterable[str], base_kwargs: dict[str, Any]
+) -> None:
+    """Refuse a ``base_optimizer`` argument (with ``base_kwargs``) that cannot give a base
+    optimizer, before any param group is built."""
+    if isinstance(base_optimizer, Optimizer):
+        if base_kwargs:
+            raise TypeError(
+                f"{name} got keyword arguments {sorted(base_kwargs)} together "
+                "with an already built base optimizer; pass the optimizer class instead, or "
+                "set those options when you build the base optimizer"
+            )
+        check_base_optimizer(name, base_optimizer)
+    elif isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
+        raise TypeError(
+            _NOT_AN_OPTIMIZER + "got the class "
+            f"{base_optimizer.__module__}.{base_optimizer.__qualname__}, which is not an "
+            "optimizer"
+        )
+    elif not callable(base_optimizer):
+        raise TypeError(_NOT_AN_OPTIMIZER + f"got {type(base_optimizer)!r}")
+    else:
+        _refuse_unknown_kwargs(name, base_optimizer, own, base_kwargs)
+
+
+def _refuse_unknown_kwargs(
+    name: str, factory: Callable[..., Any], own: Iterable[str], base_kwargs: dict[str, Any]
+) -> None:
+    """Name the first keyword argument that neither this optimizer nor the base optimizer's
+    constructor takes (read from its signature; a constructor with ``**kwargs``, or one
+    without a signature, is left to decide for itself)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    named = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    unknown = [key for key in base_kwargs if key not in named]
+    if unknown:
+        accepted = ", ".join(k for k in own if not k.startswith("_"))
+        base_name = getattr(factory, "__name__", repr(factory))
+        raise TypeError(
+            f"{name} got an unexpected keyword argument '{unknown[0]}': it is "
+            f"neither an argument of {name} ({accepted}) nor of the base optimizer "
+            f"{base_name}, which received the other keyword arguments"
+        )
+
+
+def build(
+    name: str,
+    factory: Callable[..., Any],
+    groups: list[dict[str, Any]],
+    base_kwargs: dict[str, Any],
+) -> Optimizer:
+    """``factory(groups, **base_kwargs)``, checked to be an optimizer torchsam can wrap."""
+    built = factory(groups, **base_kwargs)
+    if not isinstance(built, Optimizer):
+        raise TypeError(_NOT_AN_OPTIMIZER + f"calling it gave {type(built)!r}")
+    check_base_optimizer(name, built)
+    return built
+
+
+def adopt(base: Optimizer, groups: list[dict[str, Any]], keys: Iterable[str]) -> Optimizer:
+    """An already built ``base`` over the same ``groups``, with ``keys`` of each group copied
+    into its own groups."""
+    same = len(groups) == len(base.param_groups) and all(
+        len(a["params"]) == len(b["params"])
+        and all(p is q for p, q in zip(a["params"], b["params"], strict=True))
+        for a, b in zip(groups, base.param_groups, strict=True)
+    )
+    if not same:
+        raise ValueError(
+            "params must list the same parameters, in the same groups and order, as the "
+            "already built base optimizer; pass base_optimizer.param_groups' parameters, or pass "
+            "the optimizer class instead of an instance"
+        )
+    keys = list(keys)
+    for own_group, base_group in zip(groups, base.param_groups, strict=True):
+        for key in keys:
+            base_group[key] = own_group[key]
+    return base
+
+
+def check_base_optimizer(name: str, base: Optimizer) -> None:
+    """Refuse base optimizers that cannot take a sharpness-aware step."""
+    if isinstance(base, torch.optim.LBFGS):
+        raise TypeError(
+            f"{name} cannot wrap torch.optim.LBFGS: LBFGS re-evaluates its own closure many "
+            "times per step, while the base step here must use the one gradient at w + e(w); "
+            "use a first-order optimizer (SGD, Adam, AdamW, ...)"
+        )
+    if base.defaults.get("differentiable") or any(
+        g.get("differentiable") for g in base.param_groups
+    ):
+        raise ValueError(
+            f"{name} does not support differentiable=True: its steps run under no_grad and "
+            "restore the weights in place, so no graph through the step exists; build the "
+            "base optimizer without differentiable=True"
+        )
+
+
+def step_with(base: Optimizer, views: list[GroupView]) -> None:
+    """Run ``base``'s step with each view's ``base_grads`` in place of ``p.grad``.
+
+    ``p.grad`` points at the scratch buffers only for the duration of the base step and is
+    put back to the user's gradient tensors afterwards, also when the step raises.
+    """
+    swapped = [v for v in views if v.base_grads is not None]
+    try:
+        for v in swapped:
+            for p, g in zip(v.params, cast(list[Tensor], v.base_grads), strict=True):
+                p.grad = g
+        _step(base)
+    finally:
+        for v in swapped:
+            for p, g in zip(v.params, v.grads, strict=True):
+                p.grad = g
+
+
+def _step(base: Optimizer) -> None:
+    """The base optimizer's step, as part of the sharpness-aware optimizer's step.
+
+    It runs the hooks registered on the base optimizer itself, but not the global step hooks
+    nor a second profiler ``Optimizer.step#`` event: those belong to the sharpness-aware
+    step, which wraps it (one step, one pair of hook calls, one event).
+    """
+    hooked = type(base).step
+    inner = getattr(hooked, "__wrapped__", None)
+    if inner is None or not getattr(hooked, "hooked", False) or "step" in base.__dict__:
+        base.step()  # not the wrapper torch.optim installs (or patched on the instance)
+        return
+    for pre_hook in base._optimizer_step_pre_hooks.values():
+        pre_hook(base, (), {})
+    inner(base)
+    for post_hook in base._optimizer_step_post_hooks.values():
+        post_hook(base, (), {})

@@ -1,0 +1,199 @@
+"""The non-finite guard: flags on the device during a step, one host read at its end.
+
+Each check of a step writes a per-device flag without synchronising: the norm of
+``first_step`` marks its flag with NaN (``0 * norm``) exactly when it is not finite, and the
+later checks (the gradients at ``w + e``, or a norm derived from them) set another flag to 1.
+``second_step`` reads them once (:meth:`NonFiniteGuard.read`) and gets a :class:`Status`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.amp.grad_scaler import OptState
+from torch.optim import Optimizer
+
+from torchsam._engine._layout import GroupView
+
+__all__ = [
+    "NonFiniteGuard",
+    "Status",
+    "flag_nonfinite",
+    "flag_nonfinite_values",
+    "grad_scaler_step_message",
+    "unscale",
+]
+
+
+class Status(enum.Enum):
+    """What the guard found in the step it checked."""
+
+    FINITE = "every gradient checked was finite"
+    FIRST_NORM = "the gradient norm in first_step() was not finite"
+    LATER = "a gradient checked in second_step() was not finite"
+
+    def message(self, name: str) -> str:
+        """The warning for a step skipped with this status."""
+        if self is Status.FIRST_NORM:
+            return (
+                f"{name}: the gradient norm in first_step() was not finite (inf or NaN), so "
+                "second_step() skipped the step: the weights are back at w and the base "
+                "optimizer took no step. With float16 autocast this is expected while a "
+                "GradScaler calibrates its scale."
+            )
+        return (
+            f"{name}.second_step(): a gradient is not finite (inf or NaN); the base optimizer "
+            "step was skipped and the weights are unchanged."
+        )
+
+
+class NonFiniteGuard:
+    """The flags of one optimizer, per device: ``(found, one, first)`` where ``found`` is set
+    to 1 by a later check, ``one`` is the unscale factor of the fused check and ``first`` holds
+    ``0 * norm`` of ``first_step``'s norm."""
+
+    def __init__(self) -> None:
+        self._flags: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._found_used = self._first_used = False
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        entry = self._flags.get(device)
+        if entry is None:
+            entry = (
+                torch.zeros((), device=device),
+                torch.ones((), device=device),
+                torch.zeros((), device=device),
+            )
+            self._flags[device] = entry
+        return entry
+
+    def entry(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The ``found`` flag on ``device`` and a 1 there (for the fused check)."""
+        found, one, _ = self._on(device)
+        self._found_used = True
+        return found, one
+
+    def flag_grads(self, views: list[GroupView]) -> None:
+        """Record whether every gradient of ``views`` is finite (see :func:`flag_nonfinite`)."""
+        flag_nonfinite(views, self.entry)
+
+    def flag_first_norm(self, norm: Tensor) -> None:
+        """Record whether ``first_step``'s norm is finite: ``first += 0 * norm``."""
+        self._on(norm.device)[2].add_(norm, alpha=0.0)
+        self._first_used = True
+
+    def flag_norm(self, norm: Tensor) -> None:
+        """Record whether a later norm is finite (a finite norm means finite gradients)."""
+        flag_nonfinite_values([norm.reshape(1)], *self.entry(norm.device))
+
+    @property
+    def armed(self) -> bool:
+        """Whether a check of this step wrote a flag (then :meth:`read` is due)."""
+        return self._found_used or self._first_used
+
+    def read(self) -> Status:
+        """What the step's checks found; the flags are cleared. One host synchronisation (the
+        flags of other devices are first added on the first's device)."""
+        flags = self._used()
+        total = flags[0]
+        for other in flags[1:]:
+            total = total + other.to(total.device)  # NaN (first_step's norm) wins over 1
+        value = total.item()
+        if value != 0.0:
+            for flag in flags:
+                flag.zero_()
+        self._found_used = self._first_used = False
+        if value == 0.0:
+            return Status.FINITE
+        return Status.FIRST_NORM if value != value else Status.LATER
+
+    def clear(self) -> None:
+        """Forget what the unfinished step recorded (after an error or an abort)."""
+        for flag in self._used():
+            flag.zero_()
+        self._found_used = self._first_used = False
+
+    def _used(self) -> list[Tensor]:
+        flags = []
+        for found, _, first in self._flags.values():
+            if self._first_used:
+                flags.append(first)
+            if self._found_used:
+                flags.append(found)
+        return flags
+
+
+def flag_nonfinite(
+    views: list[GroupView], flag_on: Callable[[torch.device], tuple[Tensor, Tensor]]
+) -> None:
+    """Set the flag of a device to 1 if a gradient element of ``views`` there is not finite.
+
+    Uses the fused check that ``GradScaler`` runs (with a scale of 1, which leaves finite
+    values bit-identical), one pass over the gradients and no synchronisation. Small 1-D CPU
+    tensors are gathered first into the flat buffer of the norm (one ``torch.cat``), so that
+    the check is one call on one tensor instead of a loop over them.
+    """
+    for view in views:
+        for i, part in enumerate(view.split(view.grads)):
+            plan = view.layout.flat_buffer(i, part)
+            if plan is not None and plan.vectors > 1:
+                k = plan.vectors
+                small = plan.small_of(part)
+                torch.cat(small[:k], out=plan.head)
+                part = [plan.head, *small[k:], *(part[j] for j in plan.large)]
+            flag_nonfinite_values(part, *flag_on(part[0].device))
+
+
+def flag_nonfinite_values(tensors: list[Tensor], found: Tensor, one: Tensor) -> None:
+    """``found = 1`` if an element of ``tensors`` (on ``found``'s device) is not finite.
+
+    Where the fused kernel is missing for a device, the largest absolute value (which cannot
+    overflow) decides instead; still no synchronisation.
+    """
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+    except (RuntimeError, NotImplementedError):
+        peak = torch.stack(torch._foreach_norm(tensors, float("inf"))).max()
+        found.copy_(torch.where(torch.isfinite(peak), found, torch.ones_like(found)))
+
+
+# --------------------------------------------------------------------- GradScaler
+def unscale(grad_scaler: Any, optimizer: Any, two_pass: bool) -> None:
+    """Unscale the gradients of ``second_step(grad_scaler=...)`` for the base optimizer: true
+    gradients for the variant, and the scaler records any inf/NaN it finds for its update().
+
+    After a second pass: ``grad_scaler.unscale_(optimizer.base_optimizer)``. On a step without
+    one the gradients are the first pass's, which the recipe unscales with
+    ``grad_scaler.unscale_(optimizer)`` before ``first_step()``: unscaled here only if that
+    has not happened (the scaler refuses a second call).
+    """
+    if two_pass:
+        grad_scaler.unscale_(optimizer.base_optimizer)
+    else:
+        _unscale_once(grad_scaler, optimizer)
+
+
+def _unscale_once(grad_scaler: Any, optimizer: Optimizer) -> None:
+    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration,
+    as the scaler records it: the stage it keeps per optimizer (what ``GradScaler.step`` reads
+    to decide the same question)."""
+    stages = getattr(grad_scaler, "_per_optimizer_states", None)
+    stage = None if stages is None else stages[id(optimizer)].get("stage")
+    if stage is OptState.UNSCALED and grad_scaler.is_enabled():
+        return
+    grad_scaler.unscale_(optimizer)
+
+
+def grad_scaler_step_message(name: str) -> str:
+    """The error for ``GradScaler.step(optimizer)`` on a sharpness-aware optimizer."""
+    return (
+        f"GradScaler.step() cannot drive {name}: it would step with the "
+        "second gradients still scaled and without the sharpness-aware update. Call "
+        "scaler.unscale_(optimizer) before first_step() and "
+        "optimizer.second_step(grad_scaler=scaler) instead of scaler.step(optimizer), "
+        "then scaler.update()."
+    )

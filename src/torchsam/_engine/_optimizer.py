@@ -1,0 +1,463 @@
+"""The optimizer: the phases of a sharpness-aware step and its public methods, in the order
+they run. No tensor math here (see :mod:`torchsam._engine._functional`)."""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from torchsam._engine import _checkpoint, _construct, _guard, _protocol
+from torchsam._engine import _functional as F
+from torchsam._engine._checkpoint import STEP
+from torchsam._engine._construct import BaseOptimizerArg
+from torchsam._engine._contract import StepContext, VariantContract
+from torchsam._engine._guard import NonFiniteGuard, Status
+from torchsam._engine._layout import GroupView
+from torchsam._engine._protocol import BackwardWatch
+from torchsam._engine._state import WIDE_PREFIX, OwnState, WholeState, WideState
+from torchsam._engine._workspace import Workspace
+
+__all__ = ["SharpnessAwareOptimizer"]
+
+#: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks (as
+#: for torch.optim) and a scheduler's wrapper of ``step`` (bound to the original)
+_NOT_COPIED = frozenset(
+    {"step", "_opt_called", "_phase", "_ctx", "_kept_grads", "_backward", "_workspace", "_guard"}
+    | {f"_optimizer_{kind}_hooks" for kind in _checkpoint.HOOK_KINDS}
+)
+
+
+class _Phase(enum.Enum):
+    IDLE = "at w"
+    PERTURBED = "at w + e, second pass due"
+    ONE_PASS = "no second pass on this step; the gradients at w are kept for second_step"
+
+
+class SharpnessAwareOptimizer(VariantContract, Optimizer):
+    """Base class of the two-pass sharpness-aware optimizers (not used directly).
+
+    It wraps a base optimizer and shares its ``param_groups`` (so LR schedulers, ``zero_grad``
+    and per-group hyper-parameters act on both) while keeping torchsam's own per-parameter
+    state apart from the base optimizer's (``torch.optim.Adam`` initialises a parameter's state
+    only when that state is empty, so the two must not be mixed in memory). ``state_dict()``
+    merges both into one ordinary optimizer state dict.
+
+    One step, in the order it runs: :meth:`step` (or :meth:`first_step` and
+    :meth:`second_step`) → the variant's :meth:`perturb` → the second pass → restore ``w`` →
+    the finiteness check → the variant's :meth:`base_gradient` → the base optimizer's step →
+    :meth:`after_base_step`. Variants override the members of
+    :class:`~torchsam._engine.VariantContract`; see :class:`torchsam.SAM`.
+    """
+
+    #: the whole optimizer's per-parameter state (the base optimizer's and torchsam's own)
+    state: WholeState  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseOptimizerArg,
+        own_defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+    ) -> None:
+        name = type(self).__name__
+        if isinstance(params, nn.Module):
+            raise TypeError(
+                f"{name} got the module {type(params).__name__} as params; pass "
+                "its parameters instead: model.parameters() (or a list of param group dicts)"
+            )
+        self._own_defaults = dict(own_defaults)
+        self._reset_workspace()
+        _construct.check_base_argument(name, base_optimizer, own_defaults, base_kwargs)
+        if isinstance(base_optimizer, Optimizer):
+            super().__init__(params, self._own_defaults)
+            keys = (*self._own_defaults, STEP)
+            self.base_optimizer = _construct.adopt(base_optimizer, self.param_groups, keys)
+        else:
+            # The seed's contract: the keyword arguments go to the base optimizer and are also
+            # recorded in this optimizer's defaults.
+            super().__init__(params, {**self._own_defaults, **base_kwargs})
+            factory = cast(Callable[..., Optimizer], base_optimizer)
+            self.base_optimizer = _construct.build(name, factory, self.param_groups, base_kwargs)
+        # One list of group dicts, shared: what a scheduler writes, the base optimizer reads.
+        self.param_groups = self.base_optimizer.param_groups
+        #: torchsam's own per-parameter state (keys without prefix); ``optimizer.state``
+        #: shows it under ``"sam.<key>"`` next to the base optimizer's
+        self.own_state = OwnState()
+        self.state = WholeState(self.base_optimizer, self.own_state)
+        self.defaults = {**self.base_optimizer.defaults, **self.defaults}
+        for group in self.param_groups:
+            self.complete_group(group)
+        self._check_groups(self.param_groups)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _checkpoint.register(cls)
+
+    def _reset_workspace(self) -> None:
+        """Forget everything that is not state: phase, step context, caches, scratch buffers."""
+        self._phase = _Phase.IDLE
+        self._ctx: StepContext | None = None
+        self._kept_grads: list[Tensor] = []
+        self._backward = BackwardWatch()
+        self._workspace = Workspace()
+        self._guard = NonFiniteGuard()
+
+    # ------------------------------------------------------------------ copies and pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything a copy needs to step exactly like this optimizer (``copy.deepcopy``,
+        pickling, ``torch.save`` of the whole object), unlike ``Optimizer.__getstate__``, which
+        keeps only ``defaults``, ``state`` and ``param_groups``."""
+        self.require_idle("copying or pickling the optimizer")
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            # the shared groups of an older pickle may lack flags newer torch versions added
+            # ("foreach", "maximize", ...): the base optimizer's own __setstate__ fills them
+            base.__setstate__(base.__getstate__())
+        self._reset_workspace()
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to this optimizer and to its base optimizer (they share groups)."""
+        for key, default in self._own_defaults.items():
+            param_group.setdefault(key, default)
+        groups = self.__dict__.get("param_groups") or []
+        if groups:  # the optimizer-wide state, as the other groups hold it
+            for key, value in groups[0].items():
+                if key.startswith(WIDE_PREFIX):
+                    param_group.setdefault(key, value)
+        param_group.setdefault(STEP, 0)
+        self.check_group(param_group)
+        base = getattr(self, "base_optimizer", None)
+        if base is None:  # still inside __init__: build our own list first
+            super().add_param_group(param_group)
+        else:
+            self._check_groups([*groups, param_group])
+            base.add_param_group(param_group)
+            self.complete_group(param_group)
+
+    def _check_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Raise for what only the groups together can get wrong; nothing by default."""
+
+    # ------------------------------------------------------------------ phase and progress
+    @property
+    def perturbed(self) -> bool:
+        """True while the weights are at ``w + e``: after :meth:`first_step` returned True and
+        before :meth:`second_step`."""
+        return self._phase is _Phase.PERTURBED
+
+    @property
+    def step_count(self) -> int:
+        """Optimisation steps finished so far (saved in the param groups as ``"sam_step"``)."""
+        return int(self.param_groups[0].get(STEP, 0))
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """The ``skip_nonfinite`` option (True: check, and skip a step with a non-finite
+        gradient, at the cost of one host synchronisation per step)."""
+        return bool(self.param_groups[0].get("skip_nonfinite", True))
+
+    @property
+    def wide_state(self) -> WideState:
+        """The optimizer-wide state: kept in every param group under ``"sam_<key>"``."""
+        return WideState(self.param_groups)
+
+    @property
+    def step_context(self) -> StepContext | None:
+        """The context of the step in progress (None between steps)."""
+        return self._ctx
+
+    def require_idle(self, call: str) -> None:
+        """Raise ``RuntimeError`` naming ``call`` if a step is in progress."""
+        if self._phase is not _Phase.IDLE:
+            raise RuntimeError(
+                f"{call} was called after first_step() and before second_step(): the step is "
+                "not finished (the weights may be perturbed); call second_step() first"
+            )
+
+    def _require_two_call_style(self) -> None:
+        if self.no_two_call_style is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no first_step()/second_step(): {self.no_two_call_style}"
+            )
+
+    # ------------------------------------------------------------------ step(closure)
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one full sharpness-aware step with two evaluations of ``closure``.
+
+        The closure must clear the gradients, compute the loss at the current weights, call
+        ``backward()`` and return the loss. It is evaluated at ``w`` and at ``w + e(w)``
+        (with gradients enabled), then the weights return to ``w`` and the base optimizer steps.
+        Variants that skip the second pass on some steps evaluate it once on those steps.
+
+        Without a closure it takes a step only when every gradient present is zero (the
+        perturbation is then zero and the second pass would give the same gradients), which is
+        how ``torch.distributed.checkpoint`` initialises an optimizer's state; otherwise it
+        raises.
+
+        Args:
+            closure (Callable): re-evaluates the model and returns the loss
+
+        Returns:
+            the loss returned by the closure at ``w``.
+        """
+        if closure is None:
+            return self.step_without_closure(
+                f"{type(self).__name__}.step() needs a closure that clears the gradients, "
+                "computes the loss and calls backward(): step(closure). Without a closure, call "
+                "first_step() after the first backward pass and second_step() after the second."
+            )
+        self.require_idle("step()")
+        probe = _protocol.first_grad(self.param_groups)
+        with torch.enable_grad():
+            loss = closure()
+        if probe is not None and probe[0] is probe[1].grad:
+            _protocol.check_closure_backward(type(self).__name__, probe[0]._version - probe[2])
+        if self.begin_step(zero_grad=True, user_backward=True):
+            self.at_perturbed_point(closure)
+        self.finish_step(own_closure=True)
+        return loss
+
+    def step_without_closure(self, message: str) -> Any:
+        """``step()`` without closure: the all-zero-gradient step (how DCP creates the state),
+        or a ``RuntimeError`` with ``message``; under ``GradScaler.step(optimizer)`` (which
+        sets ``found_inf`` on the optimizer first) one that says what to call instead."""
+        self.require_idle("step()")
+        if self.__dict__.pop("found_inf", None) is not None:
+            self.__dict__.pop("grad_scale", None)
+            raise RuntimeError(_guard.grad_scaler_step_message(type(self).__name__))
+        views = self._views()
+        if views and F.all_zero(views):
+            self.begin_step(zero_grad=False)
+            self.finish_step(own_closure=True)
+            return None
+        raise RuntimeError(message)
+
+    #: ``GradScaler.step(optimizer)`` hands an optimizer with this flag the scaler's state
+    #: (``found_inf``, ``grad_scale``) before calling ``step()``: that is how the step knows
+    #: that a scaler, not the user, called it
+    _step_supports_amp_scaling = True
+
+    # ------------------------------------------------------------------ first_step
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Move the weights to the (approximate) worst point ``w + e(w)`` of the neighbourhood.
+
+        Call it after the first backward pass. Returns True when the weights were perturbed and
+        the second forward/backward pass is due. It returns False, and :meth:`second_step` is
+        still expected (without a second pass), when the variant takes no second pass on this
+        step (LookSAM between its sharpness steps, intermittent SAM): the gradients are kept,
+        whatever ``zero_grad`` says, and :meth:`second_step` steps with them (after any in-place
+        change such as clipping).
+
+        It does not synchronise with the device: the gradient norm and the perturbation's scale
+        stay on the device, so whether the norm is finite is not known here. A non-finite norm
+        is recorded on the device and :meth:`second_step` skips the whole step (see
+        ``skip_nonfinite``); the perturbation is then zero, so the second pass runs at ``w``.
+
+        Under ``torch.compile`` it runs eagerly (a graph break), like the other steps.
+
+        Args:
+            zero_grad (bool, optional): clear the gradients afterwards when a second pass
+                follows (default: False)
+        """
+        self._require_two_call_style()
+        return self.begin_step(zero_grad, two_call=True)
+
+    def begin_step(
+        self, zero_grad: bool = False, *, two_call: bool = False, user_backward: bool = False
+    ) -> bool:
+        """The first half of a step, for variants that run their own passes in ``step``
+        (``first_step`` without the two-call check): perturb, or keep the gradients on a step
+        without second pass. ``two_call``: called by :meth:`first_step`; ``user_backward``: the
+        user's code ran the backward (so no gradient at all is worth a warning)."""
+        self.require_idle("first_step()")
+        views = self._views()
+        if not views and (two_call or user_backward):
+            warnings.warn(
+                f"{type(self).__name__}: no parameter has a gradient at w, so this step does "
+                "nothing. Call loss.backward() before first_step(); with step(closure), the "
+                "closure must call loss.backward().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        ctx = self._ctx = StepContext(self, views, self._workspace, self._guard)
+        if not self.second_pass_due():
+            self._phase = _Phase.ONE_PASS
+            ctx.two_pass = False
+            self._kept_grads = [g for v in views for g in v.grads]
+            if two_call and views:
+                self._backward.watch(views[0].params[0])
+            return False
+        try:
+            if views:
+                self.perturb(ctx)
+                self.on_perturbed(ctx)
+                if self.needs_first_grads:
+                    for v in views:
+                        F.copy_(ctx.first_grads(v), v.grads, v.foreach)
+        except BaseException:
+            self.abort()
+            raise
+        self._phase = _Phase.PERTURBED
+        ctx.first_layouts = [v.layout for v in views]
+        if zero_grad:
+            self.zero_grad()
+        return True
+
+    # ------------------------------------------------------------------ the second pass
+    def at_perturbed_point(self, closure: Callable[[], Any], *, grad: bool = True) -> Any:
+        """Evaluate ``closure`` at ``w + e`` (with gradients enabled unless ``grad`` is False);
+        on an exception, :meth:`abort` the step and re-raise."""
+        try:
+            with torch.set_grad_enabled(grad):
+                return closure()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Put the weights back at ``w`` and forget the unfinished step (its flags and
+        deferred state updates); nothing when no step is in progress."""
+        self.return_to_w()
+        self._ctx = None
+        self._guard.clear()
+
+    def return_to_w(self) -> None:
+        """Put the weights back at ``w`` and end the phase; what the step recorded on the
+        device (its finiteness flags) is kept (MSAM, between micro-batches)."""
+        self._workspace.restore()
+        self._backward.stop()
+        self._phase = _Phase.IDLE
+
+    # ------------------------------------------------------------------ second_step
+    @torch._disable_dynamo
+    @Optimizer.profile_hook_step
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+        """Return to ``w`` and let the base optimizer step with the gradient at ``w + e``.
+
+        Call it after the second backward pass (or, when :meth:`first_step` returned False,
+        right after it). Registered step pre/post hooks run around it, as they do around
+        :meth:`step`. Gradients that are not finite skip the base step (with a warning) and
+        leave the weights exactly at ``w``. Without a second backward since
+        :meth:`first_step` (when it returned True) it raises, with the weights back at ``w``.
+
+        Args:
+            zero_grad (bool, optional): clear the gradients afterwards (default: False)
+            grad_scaler (torch.amp.GradScaler, optional): for mixed precision: the gradients
+                are unscaled with ``grad_scaler.unscale_(self.base_optimizer)`` first (on a
+                step without second pass, ``grad_scaler.unscale_(self)`` unless that was
+                already called), and an overflow skips the base step silently, as
+                ``grad_scaler.step`` would; call ``grad_scaler.update()`` afterwards
+                (default: None)
+        """
+        self._require_two_call_style()
+        self.finish_step(grad_scaler)
+        if zero_grad:
+            self.zero_grad()
+
+    def finish_step(self, grad_scaler: Any = None, *, own_closure: bool = False) -> None:
+        """The second half of a step (``second_step`` without the two-call check and hooks):
+        restore ``w``, check the gradients, let the variant form the base gradient, take the
+        base step. ``own_closure``: called by a ``step`` that knows nothing touched the
+        gradients kept on a step without second pass."""
+        phase, ctx = self._phase, self._ctx
+        if phase is _Phase.IDLE or ctx is None:
+            raise RuntimeError(
+                "second_step() was called without a preceding first_step(): call first_step() "
+                "after the first backward pass, then second_step() after the second one"
+            )
+        self._workspace.restore()
+        self._phase = _Phase.IDLE
+        self._ctx = None
+        backward_seen = self._backward.stop()
+        try:
+            if phase is _Phase.ONE_PASS and own_closure:
+                self._kept_grads = []
+            else:
+                ctx.views = self._views()
+                name = type(self).__name__
+                if phase is _Phase.ONE_PASS:
+                    kept, self._kept_grads = self._kept_grads, []
+                    _protocol.check_kept_grads(name, ctx.views, kept, backward_seen)
+                else:
+                    same_set = self.needs_first_grads
+                    _protocol.check_second_pass(name, ctx.views, ctx.first_layouts, same_set)
+            self._finish(ctx, grad_scaler)
+        finally:
+            self._guard.clear()
+        for group in self.param_groups:
+            group[STEP] = group.get(STEP, 0) + 1
+        # Tell LR schedulers built on this optimizer that it has stepped (what their own
+        # wrapper of ``step`` records), so two-call users get no ordering warning.
+        self._opt_called = True
+
+    def _finish(self, ctx: StepContext, grad_scaler: Any) -> None:
+        """Check the gradients of the step, let the variant shape them, take the base step."""
+        if grad_scaler is not None:
+            _guard.unscale(grad_scaler, self, ctx.two_pass)
+        # the check runs with a GradScaler even when skip_nonfinite is False: skipping an
+        # overflowing step is what the scaler relies on
+        checking = grad_scaler is not None or self.skip_nonfinite
+        if self.uses_grad_norm(ctx.two_pass):
+            if checking:  # a finite norm means finite gradients: one pass gives both
+                self._guard.flag_norm(ctx.grad_norm())
+            else:
+                ctx.grad_norm()
+        elif checking:
+            self._guard.flag_grads(ctx.views)
+        if self._guard.armed:
+            status = self._guard.read()  # the step's one host synchronisation
+            if status is not Status.FINITE:
+                if grad_scaler is None:  # with a scaler, skipping on overflow is routine
+                    warnings.warn(status.message(type(self).__name__), RuntimeWarning, stacklevel=4)
+                return
+        ctx.commit()
+        self.base_gradient(ctx)
+        _construct.step_with(self.base_optimizer, ctx.views)
+        self.after_base_step(ctx)
+
+    # ------------------------------------------------------------------ views
+    def _views(self) -> list[GroupView]:
+        """The param groups reduced to the parameters that have a gradient now."""
+        return self._workspace.views(type(self).__name__, self.param_groups, self.own_state)
+
+    # ------------------------------------------------------------------ state dict
+    @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """One optimizer state dict holding the base optimizer's state and torchsam's own.
+
+        Per-parameter entries hold the base optimizer's keys unchanged and torchsam's keys
+        prefixed with ``"sam."``. The param groups carry both sets of hyper-parameters, the
+        variant's options and the optimizer-wide state (``"sam_step"``, ...). State-dict hooks
+        registered on this optimizer run as for any ``torch.optim`` optimizer.
+        """
+        self.require_idle("state_dict()")
+        return _checkpoint.pack_with_hooks(self)
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict made by :meth:`state_dict` into this optimizer and its base optimizer.
+
+        The param groups are validated as the constructor validates its arguments (nothing is
+        changed when that fails); hyper-parameters and options missing from a checkpoint of an
+        older torchsam are taken from this optimizer's current groups; a state dict saved by a
+        different variant (one with hyper-parameters this one does not have) is refused.
+        State-dict hooks registered on this optimizer run as for any ``torch.optim`` optimizer.
+        """
+        self.require_idle("load_state_dict()")
+        _checkpoint.unpack_with_hooks(self, state_dict)
+        self._workspace.layouts = {}  # the group dicts are new
