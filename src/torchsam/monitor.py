@@ -244,14 +244,19 @@ class SharpnessMonitor:
         """
         return self._advance("epoch", epoch)
 
+    def due(self, count: int) -> bool:
+        """Whether reporting ``count`` (steps, or epochs with ``unit="epoch"``) would measure:
+        a positive multiple of ``every`` not measured yet. A loop that wants to time the
+        measurements apart asks this first."""
+        return count > 0 and count % self.every == 0 and count != self._measured_at
+
     def _advance(self, unit: str, count: int | None) -> SharpnessRecord | None:
         """Count one ``unit`` (or set its count); measure when ``unit`` is the schedule's and
         the count is a multiple of ``every`` not measured yet."""
         name = "steps" if unit == "step" else "epochs"
         now = getattr(self, name) + 1 if count is None else _check_count(unit, count, 0)
         setattr(self, name, now)
-        due = now > 0 and now % self.every == 0 and now != self._measured_at
-        return self.measure() if unit == self.unit and due else None
+        return self.measure() if unit == self.unit and self.due(now) else None
 
     def _count(self) -> int:
         return self.steps if self.unit == "step" else self.epochs
