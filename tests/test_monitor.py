@@ -535,3 +535,68 @@ def test_benchmark_smoke_run() -> None:
     assert "monitor: 3 measurements" in out  # steps 10, 20, 30 of 2 x 19
     assert "(target <= 5%: " in out
     assert "same final weights and buffers, bit for bit: True" in out
+
+
+# --------------------------------------------------------------------------- torchsam compare
+def test_train_with_a_monitor_trains_the_same() -> None:
+    from torchsam.experiments import train
+    from torchsam.experiments.compare import load_dataset, probe_data
+
+    split = load_dataset("toy", noise=0.4, seed=0)
+    probe = probe_data(split, 32)
+
+    def make(model: nn.Module) -> SharpnessMonitor:
+        return SharpnessMonitor(model, nn.CrossEntropyLoss(), probe, every=5)
+
+    plain = train("sam", split, epochs=2, batch_size=64, seed=0)
+    watched = train("sam", split, epochs=2, batch_size=64, seed=0, monitor=make)
+    assert plain.model is not None
+    assert watched.model is not None
+    a, b = plain.model.state_dict(), watched.model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    # the monitor's forward passes are not counted as training's
+    assert watched.forward_passes == plain.forward_passes == 2 * plain.steps
+    assert watched.forward_samples == plain.forward_samples
+    assert [h.train_loss for h in watched.history] == [h.train_loss for h in plain.history]
+    assert plain.sharpness == ()
+    assert [r.step for r in watched.sharpness] == list(range(5, watched.steps + 1, 5))
+    assert all(r.converged and math.isfinite(r.top_eigenvalue) for r in watched.sharpness)
+
+
+def test_compare_monitor_every_writes_records_and_the_figure(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import json
+
+    def compare(out: Path, *extra: str) -> dict[str, Any]:
+        args = ["--dataset", "toy", "--epochs", "1", "--seeds", "1", "--optimizers", "sgd,sam"]
+        args += ["--no-instruments", "--quiet", "--out", str(out), *extra]
+        subprocess.run(
+            [sys.executable, "-m", "torchsam", "compare", *args],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        return dict(json.loads((out / "results.json").read_text()))
+
+    report = compare(tmp_path / "on", "--monitor-every", "4")
+    assert report["config"]["monitor_every"] == 4
+    assert "sharpness.png" in report["files"]
+    assert (tmp_path / "on" / "sharpness.png").is_file()
+    for run in report["runs"]:
+        steps = [r["step"] for r in run["sharpness"]]
+        assert steps == list(range(4, run["steps"] + 1, 4))
+        assert all(r["top_eigenvalue"] > 0 for r in run["sharpness"])
+        assert run["monitor_seconds"] == pytest.approx(sum(r["seconds"] for r in run["sharpness"]))
+        assert run["forwards_per_step"] == (1.0 if run["label"] == "sgd" else 2.0)
+    off = compare(tmp_path / "off")
+    assert off["config"]["monitor_every"] == 0
+    assert "sharpness.png" not in off["files"]
+    assert all("sharpness" not in run for run in off["runs"])
+    refused = subprocess.run(
+        [sys.executable, "-m", "torchsam", "compare", "--monitor-every", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert "--monitor-every" in refused.stderr
