@@ -588,7 +588,7 @@ def test_compare_monitor_every_writes_records_and_the_figure(tmp_path: Path) -> 
         assert all(r["top_eigenvalue"] > 0 for r in run["sharpness"])
         assert run["monitor_seconds"] == pytest.approx(sum(r["seconds"] for r in run["sharpness"]))
         assert run["forwards_per_step"] == (1.0 if run["label"] == "sgd" else 2.0)
-    off = compare(tmp_path / "off")
+    off = compare(tmp_path / "off", "--monitor-every", "0")
     assert off["config"]["monitor_every"] == 0
     assert "sharpness.png" not in off["files"]
     assert all("sharpness" not in run for run in off["runs"])

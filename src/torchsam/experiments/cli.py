@@ -196,7 +196,7 @@ def _parser() -> _Parser:
         type=_non_negative_int,
         default=S,
         help="top Hessian eigenvalue every N steps of each run, on 64 training samples, "
-        "drawn in sharpness.png (0: off; default 0)",
+        "drawn in sharpness.png (0: off; default 150)",
     )
     add("--list-optimizers", action="store_true", help="describe the optimizers and exit")
     add(

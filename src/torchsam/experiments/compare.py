@@ -377,7 +377,7 @@ class CompareConfig:
     sharpness_rho: float = 0.05
     landscape_steps: int = 21
     landscape_span: float = 1.0
-    monitor_every: int = 0
+    monitor_every: int = 150
     augment: str | None = None
     precision: str = "auto"
     preset: str | None = None
