@@ -381,6 +381,54 @@ def test_bad_probe_and_counts() -> None:
     assert SharpnessRecord.__dataclass_params__.frozen  # type: ignore[attr-defined]
 
 
+def test_state_dict_continues_the_measurements_exactly() -> None:
+    import copy
+    import io
+
+    data = tiny_batches()
+
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer, i: int) -> None:
+        x, y = data[i % len(data)]
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    monitor = SharpnessMonitor(model, loss_fn, data, every=2, trace_samples=3, max_iter=64)
+    for i in range(6):
+        step(model, optimizer, i)
+        monitor.step()
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    for i in range(6, 12):
+        step(model, optimizer, i)
+        monitor.step()
+
+    model2 = tiny_model()
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.5, momentum=0.9)
+    model2.load_state_dict(saved[0])
+    optimizer2.load_state_dict(saved[1])
+    resumed = SharpnessMonitor(model2, loss_fn, data, every=2, trace_samples=3, max_iter=64)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    for i in range(6, 12):
+        step(model2, optimizer2, i)
+        resumed.step()
+
+    def key(r: SharpnessRecord) -> tuple[Any, ...]:
+        return (r.step, r.epoch, r.top_eigenvalue, r.converged, r.products, r.trace)
+
+    assert len(monitor.records) == 6
+    assert [key(r) for r in resumed.records] == [key(r) for r in monitor.records]
+    with pytest.raises(ValueError, match="not a SharpnessMonitor state_dict"):
+        resumed.load_state_dict({"steps": 1})
+    other = SharpnessMonitor(model2, loss_fn, data, params="0")
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_state_dict(monitor.state_dict())
+
+
 # --------------------------------------------------------------------------- integrations
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "monitor.md"
 
@@ -450,6 +498,7 @@ def test_lightning_callback_measures_and_leaves_training_unchanged(
     assert [(r.step, r.epoch) for r in monitor.records] == [(4, 0), (8, 1), (12, 1)]
     assert all(math.isfinite(r.top_eigenvalue) for r in monitor.records)
     assert (tmp_path / "sharpness.csv").is_file()
+    assert monitor.lightning_callback().state_dict()["steps"] == 12  # kept in checkpoints
     a, b = plain["module"].state_dict(), watched["module"].state_dict()
     for key in a:
         assert torch.equal(a[key], b[key])

@@ -27,7 +27,8 @@ class MonitorCallback(pl.Callback):
 
     After each training batch it reports the trainer's global step (optimizer steps) to
     :meth:`~torchsam.monitor.SharpnessMonitor.step`, and after each training epoch the epochs
-    completed to :meth:`~torchsam.monitor.SharpnessMonitor.epoch_end`.
+    completed to :meth:`~torchsam.monitor.SharpnessMonitor.epoch_end`. Lightning's checkpoints
+    hold the monitor's state, so a fit resumed from one continues its records.
 
     Args:
         monitor (SharpnessMonitor): the monitor, built on the LightningModule or the network
@@ -45,3 +46,11 @@ class MonitorCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.monitor.epoch_end(trainer.current_epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's :meth:`~torchsam.monitor.SharpnessMonitor.state_dict`, which Lightning
+        saves in its checkpoints."""
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state_dict)

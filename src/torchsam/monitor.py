@@ -357,6 +357,43 @@ class SharpnessMonitor:
                 out.writerow(["" if value is None else value for value in row])
         return path
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's progress, to save beside the model's checkpoint: the step and epoch
+        counts, the records, the eigenvector of the last measurement (the next warm start) and
+        the generator's state. The model, probe and options are not in it: build the monitor
+        as before, then :meth:`load_state_dict`."""
+        return {
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "measured_at": self._measured_at,
+            "records": [dataclasses.asdict(r) for r in self.records],
+            "vector": None if self._vector is None else [t.clone() for t in self._vector],
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the next measurement is the one the saved
+        monitor would have taken, warm start included."""
+        keys = {"steps", "epochs", "measured_at", "records", "vector", "generator"}
+        if not isinstance(state, dict) or set(state) != keys:
+            raise ValueError(f"not a SharpnessMonitor state_dict: expected the keys {sorted(keys)}")
+        vector = state["vector"]
+        if vector is not None:
+            params = select_params(self.model, self.params)
+            if [tuple(t.shape) for t in vector] != [tuple(p.shape) for p in params]:
+                raise ValueError(
+                    "the saved eigenvector does not fit the parameters measured: the state "
+                    "is of a monitor of another model or another params selection"
+                )
+            vector = [t.to(p.device, p.dtype) for t, p in zip(vector, params, strict=True)]
+        self.steps = int(state["steps"])
+        self.epochs = int(state["epochs"])
+        self._measured_at = state["measured_at"]
+        self.records = [SharpnessRecord(**r) for r in state["records"]]
+        self._vector = vector
+        self.generator.set_state(state["generator"])
+
     # ------------------------------------------------------------------ integrations
     def lightning_callback(self) -> Any:
         """A PyTorch Lightning callback that drives this monitor (needs ``lightning``).
