@@ -21,6 +21,7 @@ from torchsam._sam import SAM
 from torchsam._trajectory import MESA, SAF, trajectory_kl
 from torchsam._vasso import VaSSO
 from torchsam._wsam import WSAM
+from torchsam.monitor import SharpnessMonitor
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "IntermittentSAM",
     "LookSAM",
     "SharpnessAwareOptimizer",
+    "SharpnessMonitor",
     "StepContext",
     "VaSSO",
     "__version__",

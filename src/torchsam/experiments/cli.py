@@ -76,6 +76,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(_number(text, int))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value > 0):
@@ -184,6 +191,13 @@ def _parser() -> _Parser:
     add("--sharpness-rho", type=_non_negative_float, default=S, help="rho of the measure (0.05)")
     add("--landscape-steps", type=_positive_int, default=S, help="grid points per axis (21)")
     add("--landscape-span", type=_positive_float, default=S, help="half-width of the grid (1)")
+    add(
+        "--monitor-every",
+        type=_non_negative_int,
+        default=S,
+        help="top Hessian eigenvalue every N steps of each run, on 64 training samples, "
+        "drawn in sharpness.png (0: off; default 150)",
+    )
     add("--list-optimizers", action="store_true", help="describe the optimizers and exit")
     add(
         "--augment",

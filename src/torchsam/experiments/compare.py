@@ -43,6 +43,7 @@ from torchsam.experiments.train import (
     register_method,
     train,
 )
+from torchsam.monitor import SharpnessMonitor
 
 __all__ = [
     "DATASETS",
@@ -80,6 +81,8 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 """The defaults of the options that depend on the dataset (``--help`` prints them)."""
 # the small tasks' models gain nothing from more CPU threads, and lose much on a busy machine
 _ONE_THREAD = ("digits", "toy")
+MONITOR_SAMPLES = 64
+"""Training samples of the probe on which ``--monitor-every`` measures (the first ones)."""
 _MODEL_WIDTH = {
     "mlp": 128,
     "small_cnn": 16,
@@ -374,6 +377,7 @@ class CompareConfig:
     sharpness_rho: float = 0.05
     landscape_steps: int = 21
     landscape_span: float = 1.0
+    monitor_every: int = 150
     augment: str | None = None
     precision: str = "auto"
     preset: str | None = None
@@ -424,6 +428,7 @@ class CompareConfig:
         for name in ("instrument_samples", "hessian_iters"):
             whole(name, getattr(self, name))
         whole("landscape_steps", self.landscape_steps, low=2)
+        whole("monitor_every", self.monitor_every, low=0)
         whole("data_seed", self.data_seed, low=0)
         if not isinstance(self.seeds, list) or not self.seeds:
             raise ValueError(f"Invalid seeds value: {self.seeds!r}; give a list of seeds")
@@ -898,6 +903,17 @@ def _train_one(
         "weight_decay": config.weight_decay,
         **contender.train_options,
     }
+    probe = probe_data(split, MONITOR_SAMPLES, device) if config.monitor_every > 0 else []
+
+    def monitor(model: nn.Module) -> SharpnessMonitor:
+        return SharpnessMonitor(
+            model,
+            nn.CrossEntropyLoss(),
+            probe,
+            every=config.monitor_every,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
     return train(
         contender.method,
         split,
@@ -914,13 +930,14 @@ def _train_one(
         precision=config.precision,
         checkpoint=checkpoint,
         resume=resume,
+        monitor=monitor if probe else None,
         **kwargs,
         **contender.options,
     )
 
 
 def _result_fields(result: Result) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {
         "complete": True,
         "diverged": not math.isfinite(result.train_loss),
         "test_accuracy": result.test_accuracy,
@@ -932,6 +949,13 @@ def _result_fields(result: Result) -> dict[str, Any]:
         "forward_samples": result.forward_samples,
         "forwards_per_step": result.forwards_per_step,
     }
+    if result.sharpness:  # --monitor-every: the top eigenvalue during training
+        fields["sharpness"] = [
+            {k: None if v != v else v for k, v in dataclasses.asdict(r).items()}  # NaN: null
+            for r in result.sharpness
+        ]
+        fields["monitor_seconds"] = sum(r.seconds for r in result.sharpness)
+    return fields
 
 
 def _save_checkpoint(
@@ -1223,6 +1247,10 @@ def _plots(
     ]
     if len(config.rho) > 1:
         written.append(plots.accuracy_vs_rho(report["summary"], out / "accuracy_vs_rho.png"))
+    if any(run.get("sharpness") for run in report["runs"]):
+        written.append(
+            plots.sharpness_over_training(report["runs"], out / "sharpness.png", lr=config.lr)
+        )
     pair = _landscape_pair(report["summary"], models)
     modules = _instrument_modules()
     if config.instruments and pair is not None and modules is not None:

@@ -58,6 +58,7 @@ from torchsam.experiments.checkpoint import (
 )
 from torchsam.experiments.data import Split
 from torchsam.experiments.models import mlp
+from torchsam.monitor import SharpnessMonitor, SharpnessRecord
 
 __all__ = [
     "METHODS",
@@ -366,6 +367,8 @@ class Result:
         steps (int): optimisation steps taken
         train_loss (float): mean batch loss of the last epoch (see :class:`EpochStats`)
         history (tuple[EpochStats, ...]): one record per epoch
+        sharpness (tuple[SharpnessRecord, ...]): the measurements of the ``monitor`` given to
+            :func:`train`, if any (not compared, not shown in the repr)
         model (nn.Module | None): the trained model, in evaluation mode (not compared, not
             shown in the repr)
     """
@@ -380,6 +383,7 @@ class Result:
     steps: int
     train_loss: float = float("nan")
     history: tuple[EpochStats, ...] = ()
+    sharpness: tuple[SharpnessRecord, ...] = field(default=(), compare=False, repr=False)
     model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -526,7 +530,10 @@ def _evaluate(run: _Run, which: str, labels: Tensor, chunk: int = 1024) -> float
 
 
 def _run_epoch(
-    run: _Run, epoch: int, on_step: Callable[[int, int, Tensor], None] | None
+    run: _Run,
+    epoch: int,
+    on_step: Callable[[int, int, Tensor], None] | None,
+    monitor: SharpnessMonitor | None = None,
 ) -> EpochStats:
     """One pass over a fresh permutation of the training set, in full batches (the tail is
     dropped); a step and a scheduler step per batch."""
@@ -548,12 +555,28 @@ def _run_epoch(
         run.steps += 1
         if on_step is not None:
             on_step(epoch, run.steps, loss)
+        if monitor is not None and monitor.due(run.steps):
+            start += _measure(run, monitor)  # not training time
     _synchronize(settings.device)
     run.wall_time += time.perf_counter() - start
     if settings.world > 1:  # the mean over the ranks' equal shares: the global batches'
         torch.distributed.all_reduce(loss_sum)
         loss_sum /= settings.world
     return EpochStats(epoch, (loss_sum / run.steps_per_epoch).item(), run.wall_time)
+
+
+def _measure(run: _Run, monitor: SharpnessMonitor) -> float:
+    """Let ``monitor`` measure at the run's step count, outside the forward count; return the
+    seconds it took (the device synchronised before and after)."""
+    _synchronize(run.settings.device)
+    began = time.perf_counter()
+    run.counter.enabled = False
+    try:
+        monitor.step(run.steps)
+    finally:
+        run.counter.enabled = True
+    _synchronize(run.settings.device)
+    return time.perf_counter() - began
 
 
 def _build_run(
@@ -729,6 +752,7 @@ def train(
     precision: str = "auto",
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    monitor: Callable[[nn.Module], SharpnessMonitor] | None = None,
     **method_kwargs: Any,
 ) -> Result:
     """Train a fresh model on ``split`` with one method and report its accuracy and cost.
@@ -793,11 +817,17 @@ def train(
             the same configuration wrote: the run ends bit for bit as if never interrupted
             (the restored epochs are passed to ``on_epoch`` first; their ``wall_time`` is the
             earlier run's) (default: False)
+        monitor (Callable, optional): builds a :class:`~torchsam.SharpnessMonitor` from the
+            bare model (once, when the model is built); after every step whose count is due
+            (:meth:`~torchsam.SharpnessMonitor.due`) it measures, outside the timed loop and
+            the forward count, so that ``wall_time`` and ``forward_passes`` are those of the
+            training alone; its records are :attr:`Result.sharpness` (those of this call only:
+            a resumed run's earlier measurements are not restored) (default: None)
         **method_kwargs: the method's options (``rho=...``), over its registered defaults
 
     Returns:
-        Result: accuracies, training wall time, forward passes, steps, the per-epoch history
-        and the trained model.
+        Result: accuracies, training wall time, forward passes, steps, the per-epoch history,
+        the monitor's records and the trained model.
 
     Raises:
         ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``/
@@ -832,9 +862,10 @@ def train(
             for stats in run.history:
                 if on_epoch is not None:
                     on_epoch(stats)
+        watcher = monitor(run.model) if monitor is not None else None
         run.model.train()
         for epoch in range(run.next_epoch, settings.epochs):
-            stats = _run_epoch(run, epoch, on_step)
+            stats = _run_epoch(run, epoch, on_step, watcher)
             if curves:
                 stats = replace(stats, test_accuracy=_evaluate(run, "test", run.source.y_test))
             run.history.append(stats)
@@ -843,7 +874,8 @@ def train(
                 save_checkpoint(checkpoint, _checkpoint_state(run, fingerprint))
             if on_epoch is not None:
                 on_epoch(stats)
-        return _result(run, spec)
+        result = _result(run, spec)
+        return result if watcher is None else replace(result, sharpness=tuple(watcher.records))
 
 
 def _check_settings(
