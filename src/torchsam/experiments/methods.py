@@ -47,6 +47,26 @@ def _per_sample_step(context: TrainContext) -> StepFn:
     return step
 
 
+def _momentum_sam_step(context: TrainContext) -> StepFn:
+    """MomentumSAM: the standard closure step in the optimizer's training mode, and
+    ``optimizer.eval()`` after the last step of each epoch, so that the model is evaluated
+    (after the epoch, after training) at the unperturbed weights ``w``; the next step returns to
+    training mode first."""
+    optimizer = context.optimizer
+    if not isinstance(optimizer, torchsam.MomentumSAM):
+        raise TypeError(f"momentumsam needs a MomentumSAM, got {type(optimizer).__name__}")
+    inner = closure_step(context)
+
+    def step(batch: Batch) -> Tensor:
+        optimizer.train()
+        loss = inner(batch)
+        if (batch.step + 1) % context.steps_per_epoch == 0:
+            optimizer.eval()
+        return loss
+
+    return step
+
+
 def _saf_step(context: TrainContext, **options: Any) -> StepFn:
     """SGD with SAF's trajectory term added to the loss: one forward/backward per step."""
     if context.world_size > 1:
@@ -107,6 +127,13 @@ for _name, _cls, _defaults, _description in _FAMILY:
         defaults={"rho": 0.05, **_defaults},
         description=_description,
     )
+register_method(
+    "momentumsam",
+    sharpness_aware(torchsam.MomentumSAM),
+    make_step=_momentum_sam_step,
+    defaults={"rho": torchsam.MomentumSAM.hyperparameters["rho"]},
+    description="Momentum-SAM (Becker et al. 2024): one pass, perturbed along the momentum",
+)
 register_method(
     "saf",
     _sgd,
