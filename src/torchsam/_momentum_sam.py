@@ -59,7 +59,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
             step, as for :class:`torchsam.SAM`; it must keep a momentum (SGD with
             ``momentum > 0``, Adam, AdamW, NAdam, RAdam, Adamax, RMSprop with
             ``momentum > 0``, or any optimizer with ``momentum_key``)
-        rho (float, optional): the length of the perturbation (default: 0.3). The authors
+        rho (float, optional): the length of the perturbation (default: 0.5). The authors
             use much larger values than SAM's 0.05 (0.3 to 3 in their experiments); the
             default is the value that held on every task of ``benchmarks/sweep_defaults.py``
             (see the benchmarks page of the documentation)
@@ -74,7 +74,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
-        >>> optimizer = MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.3,
+        >>> optimizer = MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.5,
         ...                         lr=0.1, momentum=0.9)
         >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
         >>> for _ in range(3):
@@ -108,7 +108,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
           work as with the base optimizer alone. There is no ``first_step``/``second_step``.
     """
 
-    hyperparameters: ClassVar[dict[str, Any]] = {"rho": 0.3}
+    hyperparameters: ClassVar[dict[str, Any]] = {"rho": 0.5}
     no_two_call_style: ClassVar[str | None] = (
         "it takes one forward/backward pass per step: call loss.backward() and then step()"
     )
@@ -120,7 +120,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         base_optimizer: BaseOptimizerArg,
-        rho: float = 0.3,
+        rho: float = 0.5,
         *,
         momentum_key: str | None = None,
         skip_nonfinite: bool = True,
