@@ -453,7 +453,10 @@ def test_a_config_file_with_bad_values_is_one_line(tmp_path: Path, capfd: Any) -
     bad.write_text(json.dumps({"config": {"epochs": "ten", "seeds": [0]}}))
     assert main(["compare", "--config", str(bad), "--quiet"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == ["torchsam compare: error: Invalid epochs value: 'ten'; it must be an int >= 1"]
+    assert err == [
+        f"torchsam compare: error: --config {bad}: Invalid epochs value: 'ten'; it must be an "
+        "int >= 1"
+    ]
     bad.write_text(json.dumps({"config": {"colour": "red"}}))
     assert main(["compare", "--config", str(bad), "--quiet"]) == 2
     assert "unknown option 'colour'" in capfd.readouterr().err

@@ -27,7 +27,7 @@ WORLD = 2
 STEPS = 3
 LOCAL_BATCH = 4
 LR, RHO = 0.1, 0.05  # the README's example
-README = Path(__file__).resolve().parent.parent / "README.md"
+DISTRIBUTED_PAGE = Path(__file__).resolve().parent.parent / "docs" / "distributed.md"
 
 #: name -> (class, keyword arguments); every two-pass variant and the two with one-pass steps
 VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -185,15 +185,14 @@ def _exit_cleanly() -> None:
 
 
 def readme_blocks() -> list[str]:
-    """The examples of the README's DDP section (fenced ``py``, which the README test skips:
-    they need a process group)."""
-    text = README.read_text()
-    section = text.split("## Distributed training (DDP, FSDP2)\n")[1].split("\n### FSDP2\n")[0]
+    """The examples of the DDP section of docs/distributed.md (fenced ``py`` and marked as run
+    here, which the docs test skips: they need a process group)."""
+    section = DISTRIBUTED_PAGE.read_text().split("\n## FSDP2\n")[0]
     return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
 
 
 def _run_readme(data: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
-    """Run the README's DDP examples in order, as test_readme runs the others."""
+    """Run the DDP examples of docs/distributed.md in order."""
     ns: dict[str, Any] = {
         "torch": torch,
         "torchsam": torchsam,
@@ -208,7 +207,7 @@ def _run_readme(data: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
         if "def accumulate" in block or "GradScaler" in block:
             ns["model"] = model = DDP(make_model())
             ns["optimizer"] = make_optimizer("sam", model.parameters())
-        exec(compile(block, f"README.md DDP block {i + 1}", "exec"), ns)
+        exec(compile(block, f"docs/distributed.md DDP block {i + 1}", "exec"), ns)
         results[f"readme/{i}"] = (flat(ns["model"].module), 0, 0)
     return results
 
@@ -283,7 +282,7 @@ def test_ddp_local_perturbation(tmp_path: Path) -> None:
             torch.testing.assert_close(weights, reference, rtol=1e-12, atol=1e-12)
     for style in ("two_call", "closure"):  # accumulation: still one all-reduce per step
         assert results[f"sam/{style}/True/2"][1] == STEPS
-    # The README's examples: two-call local, closure local, accumulation synchronised, and
+    # The page's examples: two-call local, closure local, accumulation synchronised, and
     # local with a GradScaler (float64 here: autocast leaves it, the scale is exact).
     blocks = readme_blocks()
     assert len(blocks) == 4
@@ -334,7 +333,7 @@ def test_ddp_benchmark_smoke_run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # in-process, with benchmarks/ on the path that the spawned workers inherit
-    monkeypatch.syspath_prepend(str(README.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(DISTRIBUTED_PAGE.parents[1] / "benchmarks"))
     import bench_ddp
 
     bench_ddp.main(["--quick"])

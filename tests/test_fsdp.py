@@ -29,9 +29,9 @@ from torch import nn
 import torchsam
 from tests import test_distributed_two_ranks as two_ranks
 from tests.test_distributed import (
+    DISTRIBUTED_PAGE,
     LOCAL_BATCH,
     LR,
-    README,
     RHO,
     STEPS,
     VARIANTS,
@@ -416,15 +416,14 @@ def _run(rank: int, init: str, out: str) -> None:
 
 
 def readme_blocks() -> list[str]:
-    """The examples of the README's FSDP2 subsection (fenced ``py``: they need a process
-    group, so the README test skips them)."""
-    text = README.read_text()
-    section = text.split("### FSDP2\n")[1].split("\n## ")[0]
+    """The examples of the FSDP2 section of docs/distributed.md (fenced ``py``: they need a
+    process group, so the docs test skips them)."""
+    section = DISTRIBUTED_PAGE.read_text().split("\n## FSDP2\n")[1].split("\n## ")[0]
     return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
 
 
 def _run_readme(data: list[tuple[torch.Tensor, ...]], out: str) -> torch.Tensor:
-    """Run the README's FSDP2 examples in order; the final full weights."""
+    """Run the FSDP2 examples of docs/distributed.md in order; the final full weights."""
     ns: dict[str, Any] = {
         "torch": torch,
         "torchsam": torchsam,
@@ -436,7 +435,7 @@ def _run_readme(data: list[tuple[torch.Tensor, ...]], out: str) -> torch.Tensor:
     os.chdir(out)  # the examples write their checkpoint to a relative path
     try:
         for i, block in enumerate(readme_blocks()):
-            exec(compile(block, f"README.md FSDP2 block {i + 1}", "exec"), ns)
+            exec(compile(block, f"docs/distributed.md FSDP2 block {i + 1}", "exec"), ns)
     finally:
         os.chdir(cwd)
     return full_weights(ns["model"])

@@ -400,10 +400,10 @@ def test_only_torchsam_huggingface_imports_transformers() -> None:
 
 
 def test_readme_section_runs(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's Hugging Face examples, in order, on the small model (2 steps each)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Hugging Face Trainer\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
+    """The examples of docs/integrations/huggingface.md, in order, on the small model (2 steps
+    each)."""
+    page = Path(__file__).resolve().parent.parent / "docs" / "integrations" / "huggingface.md"
+    blocks = re.findall(r"```py\n(.*?)```", page.read_text(), flags=re.DOTALL)
     assert len(blocks) == 2
 
     real = transformers.TrainingArguments
@@ -423,7 +423,7 @@ def test_readme_section_runs(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> 
     ns["train_dataset"] = DictDataset()
     for block, kind in zip(blocks, (torchsam.SAM, torchsam.LookSAM), strict=True):
         start = copy.deepcopy(model)
-        exec(compile(block, "README.md (Hugging Face Trainer)", "exec"), ns)
+        exec(compile(block, "docs/integrations/huggingface.md", "exec"), ns)
         assert type(ns["trainer"]._sam) is kind
         assert ns["trainer"].state.global_step == 2
         assert moved(model, start)

@@ -2,8 +2,8 @@
 
 Every comparison trains a tiny model (float64; float32 under bfloat16 autocast) for a few steps
 on CPU, once with the Trainer and once with torchsam's closure style written out here, from the
-same seed and data. The README's "PyTorch Lightning" examples are run as written. Lightning's
-``strategy="ddp"`` runs on two CPU processes from ``tests/_lightning_ddp.py``.
+same seed and data. The examples of docs/integrations/lightning.md are run as written.
+Lightning's ``strategy="ddp"`` runs on two CPU processes from ``tests/_lightning_ddp.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torchsam
 import torchsam.lightning
 from tests import _lightning_ddp
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+LIGHTNING_PAGE = Path(__file__).resolve().parent.parent / "docs" / "integrations" / "lightning.md"
 BATCHES, BATCH = 6, 8
 Factory = Callable[[Any], torch.optim.Optimizer]
 
@@ -169,15 +169,14 @@ def assert_same(a: nn.Module, b: nn.Module, exact: bool = True) -> None:
 
 
 def readme_blocks() -> list[str]:
-    section = README.read_text().split("## PyTorch Lightning", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)
+    return re.findall(r"```py\n(.*?)```", LIGHTNING_PAGE.read_text(), flags=re.DOTALL)
 
 
 def run_readme_block(
     index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[nn.Module, L.Trainer]:
-    """Run the README's Lightning examples up to block ``index``; the model and trainer of
-    the last one.
+    """Run the examples of docs/integrations/lightning.md up to block ``index``; the model and
+    trainer of the last one.
 
     The Trainer runs without progress bar, logger, checkpoints and summary (which change
     nothing in training and take seconds).
@@ -202,7 +201,7 @@ def run_readme_block(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         for i, block in enumerate(readme_blocks()[: index + 1]):
-            exec(compile(block, f"README.md Lightning block {i + 1}", "exec"), ns)
+            exec(compile(block, f"lightning.md block {i + 1}", "exec"), ns)
     return models[-1], ns["trainer"]
 
 

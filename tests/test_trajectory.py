@@ -607,3 +607,133 @@ def test_end_to_end_one_forward_per_step(method: str) -> None:
         assert all(t == 0.0 for t in terms[:12])
         assert all(t > 0.0 for t in terms[12:])
         assert mesa.ema.training is False
+
+
+# --------------------------------------------------------------------------- host synchronisations
+def saf_and_mesa_loop(
+    device: str, place: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[], None]:
+    """A training loop with SAF (delay 1, active from epoch 1) and MESA on ``device``, built
+    now and run by the returned function: two epochs of two batches of forward, backward,
+    optimizer step and EMA update. ``place`` puts each batch's indices where SAF gets them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)).to(device)
+    saf = SAF(12, 4, delay=1, start_epoch=1).to(device)
+    mesa = MESA(model, decay=0.9, start_epoch=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(12, 6, device=device)
+    batches = [(place(rows), rows.to(device)) for rows in torch.arange(12).split(6)]
+
+    def run() -> None:
+        for epoch in range(2):
+            for index, rows in batches:
+                logits = model(x[rows])
+                term = saf(logits, index, epoch) + mesa(logits, x[rows], epoch)
+                opt.zero_grad()
+                (logits.square().mean() + term).backward()
+                opt.step()
+                mesa.update(model)
+
+    return run
+
+
+def test_saf_and_mesa_take_no_host_synchronisation_on_the_cpu() -> None:
+    """Counted as the optimizer benchmarks count them: no operator that brings a value to the
+    host (``item``, ``nonzero``, a device-to-host copy). CPU indices are read where they are,
+    on the host, which is no synchronisation; the device path is checked on ``meta`` below."""
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    run = saf_and_mesa_loop("cpu", lambda index: index)
+    with DispatchCounter() as counter:
+        run()
+    assert counter.ops > 0
+    assert counter.syncs == 0, counter.sync_ops
+
+
+def test_saf_on_an_accelerator_checks_indices_without_reading_them() -> None:
+    """On the ``meta`` device no value exists, so any read on the host raises: a whole SAF
+    call (active term, record, backward) on meta tensors proves that the indices are checked on
+    the device (one ``_assert_async``), never brought to the host."""
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    saf = SAF(10, 4, delay=1, start_epoch=1).to("meta")
+    with DispatchCounter() as counter:
+        for epoch in range(2):
+            logits = torch.randn(5, 4, device="meta", requires_grad=True)
+            term = saf(logits, torch.arange(5, device="meta"), epoch)
+    term.backward()
+    assert term.device.type == "meta"
+    assert logits.grad is not None
+    assert counter.syncs == 0, counter.sync_ops
+    assert counter.by_op["aten._assert_async.msg"] == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "ok"),
+    [
+        ([0, 3, 9], True),
+        ([4], True),
+        ([9, 0, 5, 1], True),
+        ([0, 10, 2], False),
+        ([-1, 2, 3], False),
+        ([2, 7, 2], False),
+        ([5, 5], False),
+    ],
+)
+def test_the_device_side_index_check(values: list[int], ok: bool) -> None:
+    """The check that indices on an accelerator get, run on the CPU (where ``_assert_async``
+    raises at once): range and repeats, as the host check."""
+    from torchsam._trajectory import _assert_indices_async
+
+    index = torch.tensor(values)
+    if ok:
+        _assert_indices_async(index, 10)
+    else:
+        with pytest.raises(RuntimeError, match=r"SAF: indices must lie in \[0, 10\) and not"):
+            _assert_indices_async(index, 10)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+PLACES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "cuda": lambda index: index.cuda(),
+    "cpu": lambda index: index,
+    "pinned": lambda index: index.pin_memory(),
+}
+
+
+@cuda
+@pytest.mark.parametrize("indices_on", list(PLACES))
+def test_saf_and_mesa_on_cuda_never_synchronise(indices_on: str) -> None:
+    """With CUDA's sync debug mode set to "error" any synchronising call raises."""
+    run = saf_and_mesa_loop("cuda", PLACES[indices_on])
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+@cuda
+def test_saf_on_cuda_equals_the_cpu_in_float64() -> None:
+    """The same calls on CUDA and on the CPU, in float64: the same terms and records."""
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        saf = SAF(20, 5, delay=1, start_epoch=1, dtype=torch.float64).to(device)
+        terms = []
+        for epoch in range(3):
+            for index in torch.randperm(20, generator=torch.Generator().manual_seed(epoch)).split(
+                8
+            ):
+                logits = torch.randn(len(index), 5, dtype=torch.float64).to(device)
+                terms.append(saf(logits, index.to(device), epoch).cpu())
+        results.append((torch.stack(terms), saf.history.cpu(), saf.history_epoch.cpu()))
+    (cpu_terms, cpu_history, cpu_epochs), (gpu_terms, gpu_history, gpu_epochs) = results
+    torch.testing.assert_close(gpu_terms, cpu_terms, rtol=1e-12, atol=1e-15)
+    assert torch.equal(gpu_history, cpu_history)
+    assert torch.equal(gpu_epochs, cpu_epochs)

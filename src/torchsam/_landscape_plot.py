@@ -8,6 +8,7 @@ the same PNG bytes from the same data; ``path`` saves a PNG.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,12 @@ def _check_surface(surface: object, name: str) -> None:
             f"{name} must be a LossSurface from surface_2d, got {type(surface).__name__}"
             " (use plot_1d for curves)"
         )
+    if surface.loss.shape[0] < 2 or surface.loss.shape[1] < 2:
+        raise ValueError(
+            f"{name} has {len(surface.x)} x {len(surface.y)} points: a contour or surface plot "
+            "needs at least 2 points along each axis; plot a single row or column with "
+            "plot_1d (a LossCurve from surface_1d)"
+        )
 
 
 def _levels(
@@ -48,13 +55,23 @@ def _levels(
 ) -> torch.Tensor:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"levels must be an integer of at least 2, got {levels!r}")
+    for name, value in (("vmin", vmin), ("vmax", vmax)):
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if vmin is not None and vmax is not None and not float(vmin) < float(vmax):
+        raise ValueError(f"vmin={float(vmin)!r} must be less than vmax={float(vmax)!r}")
     finite = [s.loss[torch.isfinite(s.loss)] for s in surfaces]
     if any(f.numel() == 0 for f in finite):
         raise ValueError("a surface has no finite loss value to plot")
     low = min(float(f.min()) for f in finite) if vmin is None else float(vmin)
     high = max(float(f.max()) for f in finite) if vmax is None else float(vmax)
     if not high > low:
-        high = low + max(abs(low), 1.0) * 1e-6
+        if vmin is not None or vmax is not None:
+            raise ValueError(
+                f"the colour scale [{low!r}, {high!r}] is empty: vmin={vmin!r} and vmax={vmax!r} "
+                "leave no room above or below the surface's losses; give both, with vmin < vmax"
+            )
+        high = low + max(abs(low), 1.0) * 1e-6  # a flat surface: one colour
     return torch.linspace(low, high, levels, dtype=torch.float64)
 
 
@@ -91,7 +108,8 @@ def plot_contour(
         title (str, optional): the title
         levels (int, optional): number of contour levels (default: 30)
         vmin, vmax (float, optional): the colour scale (default: the surface's range); values
-            outside are clipped to it
+            outside are clipped to it. A ValueError if ``vmin >= vmax``, or if the one given
+            leaves an empty scale with the surface's range
         cmap (str, optional): a matplotlib colour map name (default: "viridis")
     """
     _check_surface(surface, "surface")

@@ -3,10 +3,16 @@
 ``torchsam.sharpness`` and ``torchsam.landscape`` are pure functions of
 ``(model, loss_fn, data, ...)``. This module holds the pieces both need:
 
-* ``data`` is an iterable of ``(inputs, targets)`` batches that can be iterated more than once
-  (a list, a tuple or a ``DataLoader``; not a generator);
+* ``data`` is an iterable of ``(inputs, targets)`` batches (a list, a tuple or a ``DataLoader``;
+  not a generator or another iterator). :func:`fixed_batches` reads it once, at the start of a
+  measurement, into a list: every pass of the measurement sees the same batches in the same
+  order (a shuffling or ``drop_last`` loader included), and torch's global RNG state is given
+  back around that read (a ``DataLoader`` draws its base seed, and a shuffling sampler its
+  order, from it);
 * the loss over ``data`` is the sample-weighted mean of ``loss_fn(model(inputs), targets)``
   over its batches (``loss_fn`` returns a batch mean);
+* :func:`not_finite` warns once that a measurement is NaN because the loss or a
+  Hessian-vector product was not finite (a diverged model);
 * :func:`measuring` puts the model in the documented mode (dropout off; BatchNorm with running
   statistics, or with batch statistics and the running statistics untouched) and gives back
   the train/eval flags and the RNG state afterwards;
@@ -17,6 +23,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,16 +52,57 @@ def random_generator(generator: torch.Generator | None) -> torch.Generator:
 
 
 def check_data(data: object) -> None:
-    """Reject data that cannot be iterated twice (generators, iterators)."""
+    """Reject what is not an iterable of batches, and iterators (generators included).
+
+    An iterator is recognised by its type, without calling ``iter()``: creating a
+    ``DataLoader``'s iterator draws from the global RNG and starts its workers.
+    """
     if not isinstance(data, Iterable):
         raise TypeError(
             f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
         )
-    if iter(data) is data:
+    if isinstance(data, Iterator):
         raise TypeError(
-            "data is an iterator, which can be read only once; the instruments iterate over "
-            "it many times: pass a list of (inputs, targets) batches or a DataLoader"
+            "data is an iterator, which a measurement would consume (a training loop sharing "
+            "it would lose those batches): pass a list of (inputs, targets) batches or a "
+            "DataLoader"
         )
+
+
+@contextmanager
+def kept_rng() -> Iterator[None]:
+    """Give back torch's global CPU RNG state, and CUDA's when initialised, on exit."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def fixed_batches(data: Data) -> list[Any]:
+    """``data`` read once into a list of batches, the global RNG state given back afterwards.
+
+    Every pass of a measurement then sees the same batches in the same order: a shuffling
+    ``DataLoader`` (or one with ``drop_last=True``) would otherwise give a different function
+    on every pass. The batches are those of one pass of ``data`` (a loader with its own
+    ``generator`` advances it as one pass does); they are held in memory for the measurement.
+    """
+    check_data(data)
+    with kept_rng():
+        return list(data)
+
+
+def not_finite(what: str) -> None:
+    """Warn that a measurement is NaN because ``what`` was not finite."""
+    warnings.warn(
+        f"{what} is not finite (NaN or infinite): the model has diverged, or the loss "
+        "overflows; the measurement is NaN",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def batch_size(targets: object) -> int:
@@ -150,24 +198,20 @@ def measuring(model: nn.Module, batch_norm: str) -> Iterator[None]:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_batch_norm(batch_norm)
     modes = [(module, module.training) for module in model.modules()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        model.eval()
-        if batch_norm == "train":
-            for module in model.modules():
-                if isinstance(module, _BatchNorm):
-                    module.training = True
-            with freeze_running_stats(model):
+    with kept_rng():
+        try:
+            model.eval()
+            if batch_norm == "train":
+                for module in model.modules():
+                    if isinstance(module, _BatchNorm):
+                        module.training = True
+                with freeze_running_stats(model):
+                    yield
+            else:
                 yield
-        else:
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        finally:
+            for module, training in modes:
+                module.training = training
 
 
 def select_params(model: nn.Module, params: ParamSpec, *, need_grad: bool = True) -> list[Tensor]:

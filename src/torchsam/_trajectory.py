@@ -125,6 +125,20 @@ class _TrajectoryLoss(nn.Module):
         return f"lam={self.lam}, tau={self.tau}, start_epoch={self.start_epoch}"
 
 
+def _assert_indices_async(index: Tensor, num_samples: int) -> None:
+    """Assert on ``index``'s device that it lies in ``[0, num_samples)`` without repeats.
+
+    No value comes to the host: on a GPU a failure is a device-side assertion, reported at the
+    next synchronisation (on the CPU it raises at once, a ``RuntimeError``).
+    """
+    ordered = index.sort().values
+    ok = (ordered[0] >= 0) & (ordered[-1] < num_samples)
+    ok &= (ordered[1:] != ordered[:-1]).all()
+    torch._assert_async(
+        ok, f"SAF: indices must lie in [0, {num_samples}) and not repeat within a batch"
+    )
+
+
 class SAF(_TrajectoryLoss):
     r"""Sharpness-Aware training for Free (Du et al., NeurIPS 2022): the trajectory loss term.
 
@@ -150,7 +164,12 @@ class SAF(_TrajectoryLoss):
 
     Call it on training batches only, with the logits of the training-mode forward pass, the
     dataset indices of the samples (a dataset that returns ``(index, x, y)``), and the current
-    epoch counted from 0. Indices on the CPU avoid a device synchronisation for the range check.
+    epoch counted from 0. On a GPU, move the module with the model (``saf.to(device)``): a call
+    then never waits for the device (no host synchronisation). Indices on the CPU, as a
+    ``DataLoader`` yields them, are checked on the host (out of range or repeated:
+    ``ValueError``) and copied asynchronously; indices already on the GPU are checked there, by
+    a device-side assertion that stops the program at its next synchronisation. A history kept
+    on the CPU with logits on a GPU costs a copy each way.
 
     Args:
         num_samples (int): size of the training set; indices lie in ``[0, num_samples)``
@@ -211,6 +230,14 @@ class SAF(_TrajectoryLoss):
         )
 
     def _check_indices(self, indices: Tensor, batch: int) -> Tensor:
+        """``indices`` as int64 on the history's device, checked without a host synchronisation.
+
+        The type, dtype and shape are checked on the host. The values (in range, no repeats)
+        are read on the host where they already are (indices on the CPU, as a ``DataLoader``
+        yields them, or a history kept on the CPU) and raise a ``ValueError``; indices already
+        on the history's accelerator are checked there, by a device-side assertion that stops
+        the program at its next synchronisation, so that a step never waits for the device.
+        """
         if not isinstance(indices, Tensor):
             raise TypeError(f"indices must be a Tensor, got {type(indices).__name__}")
         if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
@@ -220,8 +247,19 @@ class SAF(_TrajectoryLoss):
                 f"indices must have shape [{batch}] (one per row of logits), "
                 f"got {tuple(indices.shape)}"
             )
-        # the range and the repeats from one sort, brought to the host in one transfer
-        ordered = indices.to(torch.int64).sort().values
+        device = self.history.device
+        if indices.device.type == "cpu" or device.type == "cpu":
+            on_host = indices.to("cpu", torch.int64)
+            self._check_values_on_host(on_host)
+            # host to device: asynchronous, from pinned or (staged by the driver) pageable memory
+            return on_host.to(device, non_blocking=True)
+        index = indices.to(device, torch.int64)
+        _assert_indices_async(index, self.num_samples)
+        return index
+
+    def _check_values_on_host(self, indices: Tensor) -> None:
+        # the range and the repeats from one sort, read in one transfer (host memory: no sync)
+        ordered = indices.sort().values
         repeats = (ordered[1:] == ordered[:-1]).sum().reshape(1)
         low, high, repeated = torch.cat([ordered[:1], ordered[-1:], repeats]).tolist()
         if low < 0 or high >= self.num_samples:
@@ -230,7 +268,6 @@ class SAF(_TrajectoryLoss):
             )
         if repeated:
             raise ValueError("indices must not repeat within a batch")
-        return indices.to(device=self.history.device, dtype=torch.int64)
 
     def forward(self, logits: Tensor, indices: Tensor, epoch: int) -> Tensor:
         """Record ``logits`` for ``indices`` in ``epoch`` and return the trajectory term.
@@ -260,8 +297,10 @@ class SAF(_TrajectoryLoss):
             term = self.lam * (kl * valid.to(kl.dtype)).sum() / logits.shape[0]
         slot = epoch % (self.delay + 1)
         with torch.no_grad():
-            self.history[index, slot] = logits.detach().to(self.history.device, self.history.dtype)
-            self.history_epoch[index, slot] = epoch
+            record = logits.detach().to(self.history.device, self.history.dtype)
+            self.history[:, slot].index_copy_(0, index, record)
+            # a Python scalar fills on the device: no host-to-device copy of the epoch
+            self.history_epoch[:, slot].index_fill_(0, index, epoch)
         return term
 
     def extra_repr(self) -> str:

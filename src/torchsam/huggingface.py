@@ -223,7 +223,7 @@ def _check_supported(accelerator: Any) -> None:
             "SAMTrainer does not support float16 mixed precision with a gradient scaler "
             "(fp16=True on a GPU): the two passes need the scaler around first_step() and "
             "second_step(), which the Trainer's optimizer step does not offer. Use bf16=True, "
-            "or the two-call recipe of the README's 'Mixed precision' section in your own loop"
+            "or the two-call recipe of docs/guide/mixed-precision.md in your own loop"
         )
 
 

@@ -12,14 +12,18 @@ ReLU networks, and two models' pictures can be compared. One-dimensional paramet
 BatchNorm scales and shifts) get a zero direction by default, as in the paper's code.
 
 The data protocol, the measured loss and what happens to the model are those of
-:mod:`torchsam.sharpness`: ``data`` is an iterable of ``(inputs, targets)`` batches read as often
-as needed, the loss is the sample-weighted mean of ``loss_fn`` over the batches, every module is
-in evaluation mode (dropout off; BatchNorm on running statistics, or ``batch_norm="train"`` for
-batch statistics with the running statistics untouched), and the model comes back bit-identical
-(weights, buffers, gradients, modes, RNG state). The grid is evaluated without autograd graphs
-(``torch.no_grad``) on the model's own parameters, each point set from a saved copy as
-``w + alpha * delta + beta * eta`` (no drift from accumulated steps), and the weights are copied
-back at the end, also on error.
+:mod:`torchsam.sharpness`: ``data`` is an iterable of ``(inputs, targets)`` batches, read once
+at the start of each call into a fixed list that every point is measured on (so a shuffling
+``DataLoader`` measures one function, and the middle point of a symmetric odd grid is exactly
+``center``), with torch's global RNG state given back around that read; the loss is the
+sample-weighted mean of ``loss_fn`` over the batches; every module is in evaluation mode
+(dropout off; BatchNorm on running statistics, or ``batch_norm="train"`` for batch statistics
+with the running statistics untouched); and the model comes back bit-identical (weights,
+buffers, gradients, modes, RNG state). A loss that is not finite (NaN or infinite) at a point,
+or at the centre, is reported as NaN there, with a ``RuntimeWarning``. The grid is evaluated
+without autograd graphs (``torch.no_grad``) on the model's own parameters, each point set from a
+saved copy as ``w + alpha * delta + beta * eta`` (no drift from accumulated steps), and the
+weights are copied back at the end, also on error.
 
 The plots (:func:`plot_contour`, :func:`plot_surface_3d`, :func:`plot_1d`,
 :func:`plot_side_by_side`) need matplotlib (``pip install "torchsam[plot]"``), which is imported
@@ -28,6 +32,7 @@ only when a plot is asked for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +46,10 @@ from torchsam._measure import (
     LossFn,
     Progress,
     check_batch_norm,
-    check_data,
+    fixed_batches,
     mean_loss,
     measuring,
+    not_finite,
     random_generator,
 )
 
@@ -242,15 +248,26 @@ class _Grid:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
-        check_data(data)
         check_batch_norm(batch_norm)
         self.model = model
         self.loss_fn = loss_fn
-        self.data = data
+        self.data = fixed_batches(data)
         self.batch_norm = batch_norm
 
     def loss(self) -> float:
         return mean_loss(self.model, self.loss_fn, self.data)
+
+
+def _finite(center: float, losses: list[float]) -> tuple[float, list[float]]:
+    """Non-finite losses as NaN, with one warning."""
+    bad = [v for v in [center, *losses] if not math.isfinite(v)]
+    if not bad:
+        return center, losses
+    not_finite(f"the loss at {len(bad)} of {len(losses) + 1} points (the centre included)")
+    return (
+        center if math.isfinite(center) else math.nan,
+        [v if math.isfinite(v) else math.nan for v in losses],
+    )
 
 
 def _walk(
@@ -278,7 +295,7 @@ def _walk(
             for p, b in zip(params, base, strict=True):
                 p.copy_(b)
             bar.close()
-    return center, losses
+    return _finite(center, losses)
 
 
 def surface_2d(
@@ -301,13 +318,15 @@ def surface_2d(
     Args:
         model (nn.Module): the centre of the plane
         loss_fn (callable): ``loss_fn(outputs, targets)``, the mean loss of a batch
-        data (iterable): ``(inputs, targets)`` batches, read once per grid point
+        data (iterable): ``(inputs, targets)`` batches, read once into a fixed list, measured
+            at every grid point
         directions (pair, optional): two directions, each one tensor per parameter (in
             ``model.parameters()`` order) or a dict from parameter name to tensor (missing
             names: zero); used as given. Default: two :func:`random_direction` draws
         steps (int, optional): grid points per axis (default: 21)
         span (float or pair, optional): the grid covers ``[-span, span]`` on each axis, or
-            ``(low, high)``, or one of those per axis (default: 1.0)
+            ``(low, high)``, or one of those per axis, such as ``(1.0, (0.0, 2.0))`` (a pair of
+            two numbers is ``(low, high)`` for both axes) (default: 1.0)
         coordinates (pair, optional): the x and y coordinates, overriding steps and span
         normalization, ignore_1d: for the random directions, see :func:`filter_normalize`
         batch_norm (str, optional): ``"eval"`` or ``"train"`` (default: ``"eval"``)
@@ -348,8 +367,10 @@ def surface_2d(
         if (
             isinstance(span, (tuple, list))
             and len(span) == 2
-            and all(isinstance(s, (tuple, list)) for s in span)
+            and any(isinstance(s, (tuple, list)) for s in span)
         ):
+            # one span per axis, each a number or a (low, high) pair; a pair of two numbers
+            # is (low, high) for both axes
             span_x, span_y = span[0], span[1]
         else:
             span_x = span_y = span  # type: ignore[assignment]
@@ -476,6 +497,7 @@ def interpolate(
             for x, a in zip(targets, base, strict=True):
                 x.copy_(a)
             bar.close()
+    center, losses = _finite(center, losses)
     return LossCurve(
         x=torch.tensor(ts, dtype=torch.float64),
         loss=torch.tensor(losses, dtype=torch.float64),
@@ -507,8 +529,12 @@ def plot_contour(
         title (str, optional): the title
         levels (int, optional): number of contour levels (default: 30)
         vmin, vmax (float, optional): the colour scale (default: the surface's range); values
-            outside are clipped to it
+            outside are clipped to it. A ValueError if ``vmin >= vmax``, or if the one given
+            leaves an empty scale with the surface's range
         cmap (str, optional): a matplotlib colour map name (default: "viridis")
+
+    A surface needs at least 2 points along each axis (else a ValueError: use
+    :func:`plot_1d`).
 
     Returns:
         matplotlib.figure.Figure

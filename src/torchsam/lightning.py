@@ -188,7 +188,7 @@ def check_trainer(trainer: pl.Trainer) -> None:
             "perturbed weights would see only the last micro-batch. Remove "
             "accumulate_grad_batches and accumulate inside the closure instead: load the whole "
             "batch and split it into micro-batches in training_step with manual optimisation "
-            "(see the README, 'PyTorch Lightning')."
+            "(see docs/integrations/lightning.md, 'Gradient accumulation')."
         )
     if getattr(trainer.precision_plugin, "scaler", None) is not None:
         raise ValueError(
@@ -197,7 +197,7 @@ def check_trainer(trainer: pl.Trainer) -> None:
             "(precision='16-mixed'): the plugin runs the closure once and then calls "
             "optimizer.step() without it, so there is no second pass. Use precision="
             "'bf16-mixed' (or 32); float16 with a GradScaler needs the two-call recipe of the "
-            "README's 'Mixed precision' section in a plain training loop."
+            "docs/guide/mixed-precision.md in a plain training loop."
         )
     if isinstance(trainer.strategy, DeepSpeedStrategy):
         raise ValueError(

@@ -2,9 +2,12 @@ r"""Sharpness of a model's loss: Hessian eigenvalues, trace and spectral density
 
 Every function here is a pure function of ``(model, loss_fn, data, ...)``:
 
-* ``data`` is an iterable of ``(inputs, targets)`` batches that can be read more than once (a
-  list or a ``DataLoader``); ``loss_fn(outputs, targets)`` returns the mean loss of a batch; the
-  loss measured is the sample-weighted mean over all batches of ``data``,
+* ``data`` is an iterable of ``(inputs, targets)`` batches (a list, a tuple or a
+  ``DataLoader``; not an iterator). Each call reads it exactly once, at the start, into a list
+  of batches, and measures on that list: every pass sees the same batches in the same order,
+  so a shuffling loader, or one with ``drop_last=True``, measures one fixed function (the
+  batches of one pass, held in memory for the call). ``loss_fn(outputs, targets)`` returns the
+  mean loss of a batch; the loss measured is the sample-weighted mean over those batches,
 
   .. math:: L(w) = \frac{1}{N} \sum_b n_b\, \mathrm{loss\_fn}(f_w(x_b), y_b).
 
@@ -14,9 +17,16 @@ Every function here is a pure function of ``(model, loss_fn, data, ...)``:
   the running statistics are left untouched.
 * The model comes back exactly as it came: weights and buffers bit-identical, ``.grad``
   untouched (the functions use ``torch.autograd.grad``, never ``backward()``), every module's
-  train/eval flag, and torch's global RNG state.
+  train/eval flag, and torch's global RNG state (CPU, and CUDA when initialised), which is also
+  given back around the reading of ``data`` (a ``DataLoader`` draws its base seed, and a
+  shuffling sampler its order, from it): a measurement taken during training does not change
+  the training.
 * Random vectors come from ``generator`` (a ``torch.Generator``); without one, a new generator
   seeded with 0 is used, so the results are reproducible and the global RNG is never drawn from.
+* A diverged model: when the loss or a Hessian-vector product is not finite (NaN or
+  infinite), the result is NaN (every eigenvalue, eigenvector entry, the trace and its
+  standard error, the spectrum's nodes, weights, grid and density, the SAM sharpness) and a
+  ``RuntimeWarning`` says so.
 * ``params`` restricts the Hessian to a subset of the parameters (the others held fixed): a
   submodule, a parameter or submodule name, a parameter, or a list of those; by default every
   parameter that requires a gradient. This answers "which layer is sharp?".
@@ -45,10 +55,11 @@ from torchsam._measure import (
     ParamSpec,
     batch_loss,
     batches,
-    check_data,
+    fixed_batches,
     mean_loss,
     measuring,
     model_device,
+    not_finite,
     random_generator,
     select_params,
 )
@@ -74,7 +85,10 @@ class Eigenvalues(list[float]):
 
     Attributes:
         products (int): the number of Hessian-vector products used
-        converged (bool): whether every eigenvalue met the tolerance before ``max_iter``
+        converged (bool): whether every reported pair ``(value, v)`` has residual
+            ``||H v - value v|| <= tol * max|value|`` and no missing copy of a repeated
+            eigenvalue was found, within ``max_iter`` (see :func:`hessian_eigenvalues`); False
+            for a diverged model (NaN values)
         eigenvectors (list[list[Tensor]] | None): with ``return_eigenvectors=True``, one
             unit-norm eigenvector per eigenvalue, as tensors shaped like the parameters
     """
@@ -131,10 +145,19 @@ class HessianSpectrum:
 
 
 # --------------------------------------------------------------------------- the operator
+class _NotFinite(Exception):
+    """The loss or a Hessian-vector product is not finite: the measurement is NaN."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
 class _Hessian:
     """Hessian-vector products of the loss over ``data`` with respect to ``params``.
 
-    Vectors are flat float64 tensors over the concatenated parameters.
+    Vectors are flat float64 tensors over the concatenated parameters. A non-finite loss or
+    product raises :class:`_NotFinite`.
     """
 
     def __init__(
@@ -163,6 +186,8 @@ class _Hessian:
                 count += n
             if total is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
+            if not bool(torch.isfinite(total)):
+                raise _NotFinite("the loss")
             self._grads = self._gradient(total / count)
 
     def _gradient(self, loss: Tensor) -> list[Tensor]:
@@ -191,6 +216,7 @@ class _Hessian:
     def __call__(self, v: Tensor) -> Tensor:
         self.products += 1
         vs = self._split(v)
+        losses: list[Tensor] = []
         if self._grads is not None:
             hv = self._product(self._grads, vs, retain=True)
         else:
@@ -198,6 +224,7 @@ class _Hessian:
             count = 0
             for inputs, targets, n in batches(self.data, model_device(self.model)):
                 loss = batch_loss(self.model, self.loss_fn, inputs, targets)
+                losses.append(loss.detach())
                 part = self._product(self._gradient(loss), vs, retain=False)
                 if acc is None:
                     acc = [h * n for h in part]
@@ -208,13 +235,28 @@ class _Hessian:
             if acc is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
             hv = [a / count for a in acc]
-        return torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
+        out = torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
+        finite = torch.isfinite(out).all()
+        if losses:
+            finite = finite & torch.isfinite(torch.stack(losses)).all().to(finite.device)
+        if not bool(finite):  # one synchronisation per product
+            raise _NotFinite("the loss or a Hessian-vector product")
+        return out
 
 
 # --------------------------------------------------------------------------- helpers
 def _fill(tensors: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     """Zeros for the parameters autograd reports as unused."""
     return [torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like, strict=True)]
+
+
+def _unflatten(v: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """A flat vector as new tensors shaped like the parameters ``like``."""
+    sizes = [p.numel() for p in like]
+    return [
+        piece.reshape(p.shape).to(device=p.device, dtype=p.dtype).clone()
+        for piece, p in zip(v.split(sizes), like, strict=True)
+    ]
 
 
 def _normal(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -239,13 +281,16 @@ def _check_tol(tol: object) -> float:
     return float(tol)
 
 
-def _prepare(model: nn.Module, loss_fn: LossFn, data: Data, params: ParamSpec) -> list[Tensor]:
+def _prepare(
+    model: nn.Module, loss_fn: LossFn, data: Data, params: ParamSpec
+) -> tuple[list[Tensor], list[object]]:
+    """The parameters measured, and ``data`` read once into a fixed list of batches."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
-    check_data(data)
-    return select_params(model, params)
+    chosen = select_params(model, params)
+    return chosen, fixed_batches(data)
 
 
 def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
@@ -262,17 +307,24 @@ def _lanczos(
     start: Tensor,
     steps: int,
     *,
-    restart: Callable[[], Tensor] | None,
-    done: Callable[[Tensor, float], bool] | None,
-) -> tuple[Tensor, Tensor]:
+    locked: Tensor | None = None,
+    done: Callable[[Tensor, float], bool] | None = None,
+) -> tuple[Tensor, Tensor, float, bool]:
     """Lanczos with full reorthogonalisation from ``start``, at most ``steps`` steps.
 
-    Returns the tridiagonal matrix ``T`` (float64, CPU) and the basis (rows). After each step
-    ``done(T, beta)`` may stop the iteration. When the Krylov space is exhausted (``beta`` ~ 0)
-    it stops, or continues from ``restart()`` orthogonalised against the basis.
+    Every new vector is orthogonalised against the basis and against the rows of ``locked``
+    (orthonormal vectors already found, which ``start`` must be orthogonal to), so the
+    iteration works on the Hessian restricted to their orthogonal complement. After each step
+    ``done(T, beta)`` may stop it.
+
+    Returns the tridiagonal matrix ``T`` (float64, CPU), the basis (rows), the last ``beta``
+    (the residual of a Ritz pair ``(theta_i, basis.T @ s_i)`` is ``beta * |s_i[-1]|``) and
+    whether the Krylov space is exhausted (``beta`` ~ 0, or the basis fills the complement):
+    then every Ritz pair is an eigenpair, with residual 0 up to rounding.
     """
     n = start.numel()
-    steps = min(steps, n)
+    room = n - (0 if locked is None else locked.shape[0])
+    steps = min(steps, room)
     basis = torch.empty(steps, n, dtype=torch.float64, device=start.device)
     q = start / start.norm()
     alphas: list[float] = []
@@ -280,6 +332,7 @@ def _lanczos(
     beta = 0.0
     scale = 0.0
     j = 0
+    exhausted = False
     for j in range(steps):
         basis[j] = q
         w = op(q)
@@ -288,22 +341,19 @@ def _lanczos(
         if j > 0:
             w = w - beta * basis[j - 1]
         w = _orthogonalize(w, basis[: j + 1])
+        if locked is not None:
+            w = _orthogonalize(w, locked)
         beta = float(w.norm())
         alphas.append(alpha)
         scale = max(scale, abs(alpha), beta)
-        t = _tridiagonal(alphas, betas)
-        if j + 1 == steps or (done is not None and done(t, beta)):
+        if beta <= 1e-10 * max(scale, 1e-30) or j + 1 == room:
+            exhausted = True
             break
-        if beta <= 1e-10 * max(scale, 1e-30):
-            if restart is None:
-                break
-            w = _orthogonalize(restart(), basis[: j + 1])
-            q = w / w.norm()
-            beta = 0.0
-        else:
-            q = w / beta
+        if j + 1 == steps or (done is not None and done(_tridiagonal(alphas, betas), beta)):
+            break
+        q = w / beta
         betas.append(beta)
-    return _tridiagonal(alphas, betas), basis[: j + 1]
+    return _tridiagonal(alphas, betas), basis[: j + 1], beta, exhausted
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
@@ -333,29 +383,51 @@ def hessian_eigenvalues(
 ) -> Eigenvalues:
     r"""The ``k`` largest eigenvalues of the Hessian of the loss over ``data``, largest first.
 
+    Repeated eigenvalues are returned as often as they occur: with a Hessian
+    :math:`I_3 \otimes A` (a linear layer of three outputs under a squared loss), the top three
+    values are the top eigenvalue of :math:`A` three times.
+
     ``method="lanczos"`` (the default) runs the Lanczos iteration with full reorthogonalisation
     from a random Gaussian start. After each Hessian-vector product it computes the Ritz pairs
-    :math:`(\theta_i, y_i)` of the tridiagonal matrix; it stops when each of the top ``k`` has
-    residual :math:`\lVert H y_i - \theta_i y_i \rVert = \beta\, |s_{m,i}| \le` ``tol`` times
-    the largest :math:`|\theta|`, which bounds each eigenvalue's error by the same amount
-    (Parlett, "The Symmetric Eigenvalue Problem", Thm. 11.5.1 with full reorthogonalisation).
-    The eigenvalues are the largest *algebraic* ones.
+    :math:`(\theta_i, y_i)` of the tridiagonal matrix; a run stops when each of the top ``k``
+    has residual :math:`\lVert H y_i - \theta_i y_i \rVert = \beta\, |s_{m,i}| \le` ``tol``
+    times the largest :math:`|\theta|` among the top ``k``, which bounds each eigenvalue's error
+    by the same amount (Parlett, "The Symmetric Eigenvalue Problem", Thm. 11.5.1 with full
+    reorthogonalisation),
+    or when its Krylov space is exhausted (:math:`\beta \approx 0`: its Ritz pairs are then
+    exact). The pairs found are locked, and a new run starts from a random vector, every vector
+    orthogonalised against the locked ones as well as its own basis. One Krylov space holds one
+    direction of each eigenspace, so a single run sees a repeated eigenvalue once; for
+    ``k >= 2`` the search therefore ends only when a run in the complement of the pairs found
+    converges to nothing above the ``k``-th of them (else its pair joins them and another run
+    follows). The eigenvalues are the largest *algebraic* ones.
 
     ``method="power"`` is power iteration with deflation, as PyHessian does it: one eigenvalue
-    at a time, each iterate projected off the eigenvectors already found, stopping when the
-    Rayleigh quotient changes by less than ``tol`` (relative) from one product to the next, at
-    most ``max_iter`` products per eigenvalue. It finds the eigenvalues of largest *magnitude*.
+    at a time, from a new random vector, each iterate projected off the eigenvectors already
+    found, at most ``max_iter`` products per eigenvalue. It finds the eigenvalues of largest
+    *magnitude*. It stops when the residual of the current pair is within ``tol`` times the
+    largest :math:`|\lambda|` (PyHessian stops when the Rayleigh quotient changes by less than
+    ``tol``, a weaker test).
+
+    ``result.converged`` is True exactly when every reported pair :math:`(\lambda, v)` has
+    residual :math:`\lVert H v - \lambda v \rVert \le` ``tol`` times the largest reported
+    :math:`|\lambda|` (for Lanczos pairs found after others were locked, this residual is
+    measured with one more product each) and, with Lanczos and ``k >= 2``, the run that looked
+    for a missing copy found none. When the budget runs out first, the best estimates are
+    returned with ``converged=False``.
 
     Args:
         model (nn.Module): the model
         loss_fn (callable): ``loss_fn(outputs, targets)``, the mean loss of a batch
-        data (iterable): ``(inputs, targets)`` batches, read as often as needed
+        data (iterable): ``(inputs, targets)`` batches, read once into a fixed list (see the
+            module docs)
         k (int, optional): how many eigenvalues (default: 1)
         params (optional): the parameters to differentiate (see the module docs; default: all
             that require a gradient)
         tol (float, optional): relative tolerance, see above (default: 1e-3)
-        max_iter (int, optional): at most this many Hessian-vector products (Lanczos) or this
-            many per eigenvalue (power) (default: 100)
+        max_iter (int, optional): at most this many Hessian-vector products (Lanczos, all runs
+            together, plus at most ``k`` to measure residuals) or this many per eigenvalue
+            (power) (default: 100)
         method (str, optional): ``"lanczos"`` or ``"power"`` (default: ``"lanczos"``)
         batch_norm (str, optional): ``"eval"`` or ``"train"`` (default: ``"eval"``)
         keep_graphs (bool, optional): keep each batch's gradient graph between products
@@ -380,53 +452,100 @@ def hessian_eigenvalues(
         raise ValueError(f'method must be "lanczos" or "power", got {method!r}')
     if method == "lanczos" and max_iter < k:
         raise ValueError(f"max_iter={max_iter} is less than k={k}: Lanczos needs at least k steps")
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
+    size = sum(p.numel() for p in chosen)
+    if k > size:
+        raise ValueError(f"k={k} exceeds the number of parameters measured ({size})")
     gen = random_generator(generator)
+    op: _Hessian | None = None
     with measuring(model, batch_norm):
-        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
-        if k > op.size:
-            raise ValueError(f"k={k} exceeds the number of parameters measured ({op.size})")
-        if method == "lanczos":
-            values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen)
-        else:
-            values, vectors, converged = _top_power(op, k, tol, max_iter, gen)
+        try:
+            op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
+            if method == "lanczos":
+                values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen)
+            else:
+                values, vectors, converged = _top_power(op, k, tol, max_iter, gen)
+        except _NotFinite as error:
+            not_finite(error.what)
+            values, converged = [math.nan] * k, False
+            vectors = [torch.full((size,), math.nan, dtype=torch.float64)] * k
     result = Eigenvalues(values)
-    result.products = op.products
+    result.products = op.products if op is not None else 0
     result.converged = converged
-    result.eigenvectors = (
-        [[t.detach().clone() for t in op._split(v)] for v in vectors]
-        if return_eigenvectors
-        else None
-    )
+    result.eigenvectors = [_unflatten(v, chosen) for v in vectors] if return_eigenvectors else None
     return result
+
+
+def _top_scale(values: Sequence[float], k: int) -> float:
+    """The scale of the relative tolerance: the largest ``|value|`` among the top ``k``."""
+    top = sorted(values, reverse=True)[:k]
+    return max([abs(v) for v in top if math.isfinite(v)] + [1e-30])
 
 
 def _top_lanczos(
     op: _Hessian, k: int, tol: float, max_iter: int, gen: torch.Generator
 ) -> tuple[list[float], list[Tensor], bool]:
-    converged = False
+    """Lanczos runs with locking until the top ``k`` eigenpairs, multiplicities included, are
+    found; see :func:`hessian_eigenvalues`."""
+    # the pairs found: value, unit vector, residual (None: bounded only for the Hessian
+    # restricted to the complement of the pairs locked before it, to be measured)
+    found: list[tuple[float, Tensor, float | None]] = []
+    pending: list[tuple[float, Tensor, float | None]] = []  # the last run's unconverged pairs
+    verified = False
+    while op.products < max_iter and len(found) < op.size:
+        locked = torch.stack([x for _, x, _ in found]) if found else None
+        want = max(k - len(found), 1)
+        values = [v for v, _, _ in found]
+        kth = sorted(values, reverse=True)[k - 1] if len(found) >= k else None
 
-    def done(t: Tensor, beta: float) -> bool:
-        nonlocal converged
-        if t.shape[0] < k:
-            return False
+        def done(t: Tensor, beta: float, want: int = want, values: list[float] = values) -> bool:
+            if t.shape[0] < want:
+                return False
+            theta, s = torch.linalg.eigh(t)
+            scale = _top_scale(values + theta.tolist(), k)
+            return bool((beta * s[-1, -want:].abs() <= tol * scale).all())
+
+        start = _normal(op.size, gen, op.device)
+        if locked is not None:
+            start = _orthogonalize(start, locked)
+        t, basis, beta, exhausted = _lanczos(
+            op, start, max_iter - op.products, locked=locked, done=done
+        )
         theta, s = torch.linalg.eigh(t)
-        scale = max(float(theta.abs().max()), 1e-30)
-        residuals = beta * s[-1, -k:].abs()
-        converged = bool((residuals <= tol * scale).all())
-        return converged
-
-    start = _normal(op.size, gen, op.device)
-    t, basis = _lanczos(
-        op, start, max_iter, restart=lambda: _normal(op.size, gen, op.device), done=done
-    )
-    theta, s = torch.linalg.eigh(t)
-    if t.shape[0] == op.size:
-        converged = True  # the whole space: T is similar to H
-    order = torch.argsort(theta, descending=True)[:k]
-    values = [float(theta[i]) for i in order]
-    vectors = [basis.T @ s[:, i].to(basis.device) for i in order]
-    return values, vectors, converged
+        residuals = torch.zeros_like(theta) if exhausted else beta * s[-1].abs()
+        scale = _top_scale(values + theta.tolist(), k)
+        order = [int(i) for i in torch.argsort(theta, descending=True)]
+        new = [i for i in (order if exhausted else order[:k]) if residuals[i] <= tol * scale]
+        for i in new:
+            residual = float(residuals[i]) if locked is None else None
+            found.append((float(theta[i]), basis.T @ s[:, i].to(basis.device), residual))
+        pending = [
+            (float(theta[i]), basis.T @ s[:, i].to(basis.device), float(residuals[i]))
+            for i in order[:k]
+            if i not in new
+        ]
+        if len(found) >= k and (
+            k == 1  # a copy of the largest eigenvalue does not change the answer
+            or (kth is not None and new and float(theta[new[0]]) <= kth + tol * scale)
+            or len(found) == op.size
+        ):
+            verified = True
+            break
+    pairs = sorted(found + ([] if verified else pending), key=lambda pair: -pair[0])[:k]
+    while len(pairs) < k:  # out of budget before k pairs were seen
+        pairs.append((math.nan, torch.full((op.size,), math.nan, dtype=torch.float64), math.nan))
+    converged = verified
+    if converged:
+        scale = _top_scale([v for v, _, _ in pairs], k)
+        for value, vector, residual in pairs:
+            if residual is None:
+                # found after others were locked: a Ritz pair of the Hessian restricted to
+                # their complement, whose residual for the whole Hessian is measured
+                residual = float((op(vector) - value * vector).norm())
+            if not residual <= tol * scale:
+                converged = False
+                break
+    return [v for v, _, _ in pairs], [x for _, x, _ in pairs], converged
 
 
 def _top_power(
@@ -437,25 +556,27 @@ def _top_power(
     all_converged = True
     for _ in range(k):
         found = torch.stack(vectors) if vectors else torch.empty(0, op.size, device=op.device)
-        v = _orthogonalize(_normal(op.size, gen, op.device), found.to(torch.float64))
+        found = found.to(torch.float64)
+        v = _orthogonalize(_normal(op.size, gen, op.device), found)
         v = v / v.norm()
-        value: float | None = None
+        value = 0.0
         converged = False
         for _ in range(max_iter):
-            w = _orthogonalize(op(v), found.to(torch.float64))
-            current = float(w @ v)
-            norm = w.norm()
-            if value is not None and abs(current - value) <= tol * (abs(value) + 1e-12):
-                value = current
+            hv = op(v)
+            value = float(hv @ v)
+            # the residual of (value, v) for the whole Hessian, not only its deflated part
+            residual = float((hv - value * v).norm())
+            scale = max([abs(value), *(abs(x) for x in values), 1e-30])
+            if residual <= tol * scale:
                 converged = True
                 break
-            value = current
+            w = _orthogonalize(hv, found)
+            norm = w.norm()
             if float(norm) == 0.0:
-                converged = True
                 break
             v = w / norm
         all_converged = all_converged and converged
-        values.append(float(value if value is not None else 0.0))
+        values.append(value)
         vectors.append(v)
     order = sorted(range(k), key=lambda i: -values[i])
     return [values[i] for i in order], [vectors[i] for i in order], all_converged
@@ -495,14 +616,18 @@ def hessian_trace(
     samples = _check_positive_int("samples", samples)
     if samples < 2:
         raise ValueError("samples must be at least 2 to estimate a standard error")
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
     gen = random_generator(generator)
     with measuring(model, batch_norm):
-        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
-        draws = []
-        for _ in range(samples):
-            v = _rademacher(op.size, gen, op.device)
-            draws.append(float(op(v) @ v))
+        try:
+            op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
+            draws = []
+            for _ in range(samples):
+                v = _rademacher(op.size, gen, op.device)
+                draws.append(float(op(v) @ v))
+        except _NotFinite as error:
+            not_finite(error.what)
+            return TraceEstimate(math.nan, math.nan, samples)
     values = torch.tensor(draws, dtype=torch.float64)
     stderr = float(values.std(unbiased=True)) / math.sqrt(samples)
     return TraceEstimate(float(values.mean()), stderr, samples)
@@ -538,8 +663,11 @@ def hessian_spectrum(
 
     with :math:`\sigma^2` = ``sigma_squared`` times ``max(1, width of the spectrum)``, on
     ``points`` equally spaced points from the smallest node minus ``margin`` to the largest
-    plus ``margin``, normalised to integrate to 1 there (the conventions of PyHessian's
-    example). A run stops early if its Krylov space is exhausted (then the quadrature is exact).
+    plus ``margin``, normalised to integrate to 1 there (the sum of the density times the
+    grid's spacing is 1; the conventions of PyHessian's example). A grid that would have zero
+    width (one distinct node and ``margin=0``, as with ``steps=1``) extends 6 standard deviations
+    of the kernel on each side of the node instead. A run stops early if its Krylov space is
+    exhausted (then the quadrature is exact).
 
     Args:
         model, loss_fn, data: as for :func:`hessian_eigenvalues`
@@ -568,18 +696,24 @@ def hessian_spectrum(
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if not sigma_squared > 0:
         raise ValueError("sigma_squared must be positive")
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
     gen = random_generator(generator)
     all_nodes: list[Tensor] = []
     all_weights: list[Tensor] = []
     with measuring(model, batch_norm):
-        op = _Hessian(model, loss_fn, data, chosen, keep_graphs)
-        for _ in range(runs):
-            start = _rademacher(op.size, gen, op.device)
-            t, _ = _lanczos(op, start, steps, restart=None, done=None)
-            theta, s = torch.linalg.eigh(t)
-            all_nodes.append(theta)
-            all_weights.append(s[0] ** 2)
+        try:
+            op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
+            for _ in range(runs):
+                start = _rademacher(op.size, gen, op.device)
+                t, _, _, _ = _lanczos(op, start, steps)
+                theta, s = torch.linalg.eigh(t)
+                all_nodes.append(theta)
+                all_weights.append(s[0] ** 2)
+        except _NotFinite as error:
+            not_finite(error.what)
+            nan = torch.full((runs, 1), math.nan, dtype=torch.float64)
+            flat = torch.full((points,), math.nan, dtype=torch.float64)
+            return HessianSpectrum(nodes=nan, weights=nan.clone(), grid=flat, density=flat.clone())
     width = max(len(n) for n in all_nodes)
     nodes = torch.full((runs, width), float("nan"), dtype=torch.float64)
     weights = torch.zeros(runs, width, dtype=torch.float64)
@@ -619,8 +753,13 @@ def _smooth(
 ) -> tuple[Tensor, Tensor]:
     low = min(float(n.min()) for n in nodes) - margin
     high = max(float(n.max()) for n in nodes) + margin
-    grid = torch.linspace(low, high, points, dtype=torch.float64)
     var = sigma_squared * max(1.0, high - low)
+    if not high > low:
+        # a grid of zero width (one distinct node and margin=0): widen it to 6 standard
+        # deviations on each side of the node, where the density is 1.5e-8 of its peak
+        middle = (low + high) / 2
+        low, high = middle - 6 * math.sqrt(var), middle + 6 * math.sqrt(var)
+    grid = torch.linspace(low, high, points, dtype=torch.float64)
     density = torch.zeros(points, dtype=torch.float64)
     for theta, tau in zip(nodes, weights, strict=True):
         diff = grid[:, None] - theta[None, :]
@@ -699,25 +838,29 @@ def sam_sharpness(
         raise ValueError(f"Invalid eta value: {eta}")
     if generator is not None:
         random_generator(generator)
-    chosen = _prepare(model, loss_fn, data, params)
+    chosen, fixed = _prepare(model, loss_fn, data, params)
     with measuring(model, batch_norm):
-        if m is None:
-            return _sharpness(model, loss_fn, data, chosen, float(rho), adaptive, steps, eta)
-        total = 0.0
-        count = 0
-        device = model_device(model)
-        for inputs, targets, _ in batches(data, device):
-            if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-                raise TypeError(
-                    "m-sharpness cuts batches into chunks: inputs and targets must be tensors"
-                )
-            for x, y in zip(inputs.split(m), targets.split(m), strict=True):
-                n = int(y.shape[0])
-                total += n * _sharpness(
-                    model, loss_fn, [(x, y)], chosen, float(rho), adaptive, steps, eta
-                )
-                count += n
-        return total / count
+        try:
+            if m is None:
+                return _sharpness(model, loss_fn, fixed, chosen, float(rho), adaptive, steps, eta)
+            total = 0.0
+            count = 0
+            device = model_device(model)
+            for inputs, targets, _ in batches(fixed, device):
+                if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+                    raise TypeError(
+                        "m-sharpness cuts batches into chunks: inputs and targets must be tensors"
+                    )
+                for x, y in zip(inputs.split(m), targets.split(m), strict=True):
+                    n = int(y.shape[0])
+                    total += n * _sharpness(
+                        model, loss_fn, [(x, y)], chosen, float(rho), adaptive, steps, eta
+                    )
+                    count += n
+            return total / count
+        except _NotFinite as error:
+            not_finite(error.what)
+            return math.nan
 
 
 def _loss_and_grad(
@@ -756,6 +899,8 @@ def _sharpness(
         for step in range(steps):
             d = [g * t for g, t in zip(grads, scale, strict=True)] if scale is not None else grads
             norm = float(torch.linalg.vector_norm(torch.stack([x.norm() for x in d])))
+            if not math.isfinite(loss0) or not math.isfinite(norm):
+                raise _NotFinite("the loss or its gradient")
             u = [ui + (rho / (norm + 1e-12)) * di for ui, di in zip(u, d, strict=True)]
             u_norm = float(torch.linalg.vector_norm(torch.stack([x.norm() for x in u])))
             if u_norm > rho:
@@ -767,6 +912,8 @@ def _sharpness(
                 loss, grads = _loss_and_grad(model, loss_fn, data, params)
             else:
                 loss = mean_loss(model, loss_fn, data)
+            if not math.isfinite(loss):
+                raise _NotFinite("the loss at the perturbed weights")
             best = max(best, loss - loss0)
         return best
     finally:

@@ -103,6 +103,17 @@ def _seeds(text: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------- parser
+def _dataset_defaults() -> str:
+    """``digits and toy: ...; cifar10 and cifar100: ...`` from the code's own defaults."""
+    from torchsam.experiments.compare import DATASET_DEFAULTS
+
+    groups: dict[str, list[str]] = {}
+    for name, d in DATASET_DEFAULTS.items():
+        text = f"{d['model']}, {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g}"
+        groups.setdefault(text, []).append(name)
+    return "; ".join(f"{' and '.join(names)}: {text}" for text, names in groups.items())
+
+
 def _parser() -> _Parser:
     from torchsam.experiments.compare import DATASETS, MODELS
 
@@ -121,9 +132,9 @@ def _parser() -> _Parser:
         "gain over SGD (± standard error of the paired per-seed differences), final training "
         "loss, wall time relative to SGD, the top Hessian eigenvalue and the SAM sharpness of "
         "each final model, and a verdict. Writes results.json (every number and the full "
-        "configuration), PNG plots and the first seed's checkpoints to --out. Defaults that "
-        "depend on the dataset: digits and toy: 30 epochs, batch 64, lr 0.05 (model small_cnn "
-        "for digits, mlp for toy); cifar10/100: resnet18, 10 epochs, batch 128, lr 0.1.",
+        "configuration), PNG plots and the first seed's checkpoints to --out (a new or empty "
+        "folder). A run that diverges is recorded as diverged and the others go on. Defaults "
+        f"that depend on the dataset: {_dataset_defaults()}.",
     )
     S = argparse.SUPPRESS
     add = compare.add_argument
@@ -154,7 +165,11 @@ def _parser() -> _Parser:
         default=S,
         help="torch CPU threads (1 for digits and toy, else torch's default)",
     )
-    add("--out", default=None, help="output folder (default: a new compare-<time> folder)")
+    add(
+        "--out",
+        default=None,
+        help="output folder, new or empty (default: a new compare-<time> folder)",
+    )
     add("--config", default=None, help="rerun the configuration of a results.json")
     add("--quiet", action="store_true", help="no progress bars")
     add(
@@ -203,7 +218,7 @@ def _parser() -> _Parser:
 
 # --------------------------------------------------------------------------- compare
 def _compare_config(args: argparse.Namespace) -> Any:
-    from torchsam.experiments.compare import CompareConfig
+    from torchsam.experiments.compare import CompareConfig, contenders
 
     values: dict[str, Any] = {}
     if args.config is not None:
@@ -216,12 +231,20 @@ def _compare_config(args: argparse.Namespace) -> Any:
             raise _UsageError(f"--config: {path} is not JSON ({exc})") from exc
         if not isinstance(loaded, dict):
             raise _UsageError(f"--config: {path} holds no configuration")
-        values = CompareConfig.from_dict(loaded).to_dict()
+        try:
+            from_file = CompareConfig.from_dict(loaded)
+            from_file.validate()
+        except ValueError as exc:
+            raise _UsageError(f"--config {path}: {exc}") from exc
+        values = from_file.to_dict()
     skip = {"command", "out", "config", "quiet", "list_optimizers"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})
-    if values.get("data_dir") is not None and not Path(values["data_dir"]).is_dir():
-        raise _UsageError(f"--data-dir: no such folder: {values['data_dir']}")
-    return CompareConfig(**values)
+    config = CompareConfig(**values)
+    config.validate()
+    contenders(config.optimizers, config.rho)  # a bad --optimizers list fails here, not later
+    if config.data_dir is not None and not Path(config.data_dir).is_dir():
+        raise _UsageError(f"--data-dir: no such folder: {config.data_dir}")
+    return config
 
 
 def _default_out() -> Path:
@@ -280,12 +303,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.list_optimizers:
         _list_optimizers()
         return 0
-    from torchsam.experiments.compare import init_distributed
+    from torchsam.experiments.compare import check_output_folder, init_distributed
 
     config = _compare_config(args)
     out = Path(args.out) if args.out is not None else _default_out()
-    if out.exists() and not out.is_dir():
-        raise _UsageError(f"--out: {out} exists and is not a folder")
+    if int(os.environ.get("RANK", "0")) == 0:  # the writer (torchrun's rank 0, or alone)
+        check_output_folder(out)
     if not init_distributed(config.device):
         return _compare_and_print(args, config, out)
     import torch.distributed as dist
@@ -336,53 +359,104 @@ def _compare_and_print(args: argparse.Namespace, config: Any, out: Path, rank: i
 
 
 # --------------------------------------------------------------------------- landscape
+def _some(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _mismatch(model: torch.nn.Module, state: dict[str, Any]) -> str | None:
+    """What in ``state`` does not fit ``model.state_dict()``: shapes, missing and extra keys."""
+    mine = model.state_dict()
+    shapes = [
+        k
+        for k, v in mine.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    others = [k for k in mine if k in state and not isinstance(state[k], torch.Tensor)]
+    missing = [k for k in mine if k not in state]
+    extra = [k for k in state if k not in mine]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        more = f" (and {len(shapes) - 1} more shapes differ)" if len(shapes) > 1 else ""
+        parts.append(
+            f"{k!r} has shape {list(state[k].shape)} in the file but {list(mine[k].shape)} "
+            f"in the model{more}"
+        )
+    if others:
+        parts.append(f"{_some(others)} in the file is not a tensor")
+    if missing:
+        parts.append(f"the file lacks {_some(missing)}")
+    if extra:
+        parts.append(f"the model has no {_some(extra)}")
+    return "; ".join(parts) or None
+
+
+def _load_checkpoint(path: Path, args: argparse.Namespace) -> tuple[str, Any, list[Any]]:
+    """(label, model, data) of one checkpoint given to ``torchsam landscape``."""
+    from torchsam.experiments.compare import build_model, finite_loss, load_dataset, probe_data
+
+    if not path.is_file():
+        raise _UsageError(f"no such checkpoint: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file it cannot read
+        raise _UsageError(f"{path} is not a PyTorch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict):
+        raise _UsageError(f"{path} holds no state_dict")
+    meta: dict[str, Any] = ckpt if "state_dict" in ckpt else {"state_dict": ckpt}
+    model_name = args.model or meta.get("model")
+    dataset = args.dataset or meta.get("dataset")
+    if model_name is None or dataset is None:
+        raise _UsageError(
+            f"{path} is a plain state_dict: name its --model and --dataset as in compare"
+        )
+    noise = args.label_noise if args.label_noise is not None else meta.get("label_noise", 0.0)
+    split = load_dataset(
+        dataset,
+        noise=noise,
+        seed=meta.get("data_seed", 0),
+        data_dir=args.data_dir or meta.get("data_dir"),
+        train_size=meta.get("train_size"),
+    )
+    width = args.width or meta.get("width")
+    model = build_model(model_name, dataset, split, width)
+    state = meta["state_dict"]
+    described = f"--model {model_name}" + (f" --width {width}" if width else "")
+    problem = _mismatch(model, state) if isinstance(state, dict) else "it holds no state_dict"
+    if problem is None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            problem = " ".join(str(exc).split())
+    if problem is not None:
+        raise _UsageError(
+            f"{path} does not fit {described} on {dataset}: {problem} "
+            "(name the model it was trained as with --model and --width)"
+        )
+    model.eval()
+    data = probe_data(split, args.samples)
+    if not finite_loss(model, data):
+        raise _UsageError(
+            f"{path}: the model's loss on the data is not finite (a diverged run): "
+            "there is no landscape to draw"
+        )
+    return str(meta.get("label", path.stem)), model, data
+
+
 def _run_landscape(args: argparse.Namespace) -> int:
     from torch import nn
 
     import torchsam.landscape as landscape
-    from torchsam.experiments.compare import build_model, load_dataset
+    from torchsam.experiments.compare import check_output_file
 
     if len(args.checkpoints) > 2:
         raise _UsageError("landscape takes one or two checkpoints")
-    loaded = []
-    for name in args.checkpoints:
-        path = Path(name)
-        if not path.is_file():
-            raise _UsageError(f"no such checkpoint: {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a file it cannot read
-            raise _UsageError(f"{path} is not a PyTorch checkpoint ({exc})") from exc
-        if not isinstance(ckpt, dict):
-            raise _UsageError(f"{path} holds no state_dict")
-        meta: dict[str, Any] = ckpt if "state_dict" in ckpt else {"state_dict": ckpt}
-        model_name = args.model or meta.get("model")
-        dataset = args.dataset or meta.get("dataset")
-        if model_name is None or dataset is None:
-            raise _UsageError(
-                f"{path} is a plain state_dict: name its --model and --dataset as in compare"
-            )
-        noise = args.label_noise if args.label_noise is not None else meta.get("label_noise", 0.0)
-        split = load_dataset(
-            dataset,
-            noise=noise,
-            seed=meta.get("data_seed", 0),
-            data_dir=args.data_dir or meta.get("data_dir"),
-            train_size=meta.get("train_size"),
-        )
-        model = build_model(model_name, dataset, split, args.width or meta.get("width"))
-        try:
-            model.load_state_dict(meta["state_dict"])
-        except (RuntimeError, KeyError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise _UsageError(f"{path} does not fit --model {model_name}: {first}") from exc
-        model.eval()
-        data = [
-            (split.x_train[i : i + 256], split.y_train[i : i + 256])
-            for i in range(0, min(args.samples, split.x_train.shape[0]), 256)
-        ]
-        loaded.append((str(meta.get("label", path.stem)), model, data))
-
+    out = Path(args.out)
+    check_output_file(out)
+    if out.suffix.lower() != ".png":
+        raise _UsageError("--out: the landscape is written as a PNG: give a name ending in .png")
+    loaded = [_load_checkpoint(Path(name), args) for name in args.checkpoints]
     surfaces = [
         landscape.surface_2d(
             model,
@@ -394,7 +468,6 @@ def _run_landscape(args: argparse.Namespace) -> int:
         )
         for _, model, data in loaded
     ]
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from torchsam.experiments import plots
 
@@ -406,9 +479,10 @@ def _run_landscape(args: argparse.Namespace) -> int:
     else:
         plots.close(landscape.plot_contour(surfaces[0], title=loaded[0][0], path=out))
     for (label, _, _), surface in zip(loaded, surfaces, strict=True):
-        loss = torch.as_tensor(surface.loss)
-        centre = float(loss[loss.shape[0] // 2, loss.shape[1] // 2])
-        print(f"{label}: loss at the centre {centre:.4f}, max on the grid {float(loss.max()):.4f}")
+        print(
+            f"{label}: loss at the centre {surface.center:.4f}, "
+            f"max on the grid {float(torch.as_tensor(surface.loss).max()):.4f}"
+        )
     print(f"Landscape written to {out}")
     return 0
 

@@ -40,13 +40,19 @@ from torchsam.experiments.train import (
 
 __all__ = [
     "DATASETS",
+    "DATASET_DEFAULTS",
     "MODELS",
     "CompareConfig",
     "Contender",
     "build_model",
+    "check_output_file",
+    "check_output_folder",
     "contenders",
+    "finite_loss",
     "load_dataset",
+    "measure",
     "parse_optimizers",
+    "probe_data",
     "run_compare",
     "summarise",
     "verdict",
@@ -59,13 +65,13 @@ DATASETS = ("digits", "toy", "cifar10", "cifar100")
 MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8")
 """Names accepted by ``--model``."""
 
-# per-dataset defaults of the options that depend on the data
-_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"model": "small_cnn", "epochs": 30, "batch_size": 64, "lr": 0.02},
     "toy": {"model": "mlp", "epochs": 30, "batch_size": 64, "lr": 0.05},
     "cifar10": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
     "cifar100": {"model": "resnet18", "epochs": 10, "batch_size": 128, "lr": 0.1},
 }
+"""The defaults of the options that depend on the dataset (``--help`` prints them)."""
 # the small tasks' models gain nothing from more CPU threads, and lose much on a busy machine
 _ONE_THREAD = ("digits", "toy")
 _MODEL_WIDTH = {"mlp": 128, "small_cnn": 16, "resnet18": 64, "wrn16_8": 8}
@@ -248,38 +254,75 @@ def _has_rho(method: str) -> bool:
     return "rho" in get_method(method).defaults
 
 
+def _check_train_option(base: str, key: str, value: Any) -> None:
+    """``lr`` must be a number > 0, ``momentum`` and ``weight_decay`` numbers >= 0 (as on the
+    command line)."""
+    low = "> 0" if key == "lr" else ">= 0"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (key == "lr" and value == 0)
+    ):
+        raise ValueError(f"{base}: Invalid {key} value: {value!r}; it must be a number {low}")
+
+
 def contenders(spec: str, rhos: Sequence[float]) -> list[Contender]:
     """The contenders of ``--optimizers spec`` with ``--rho rhos`` applied.
 
     Each method with a radius (a ``rho`` default) that was not given ``rho`` explicitly runs
-    once per value in ``rhos``; others run once.
+    once per value in ``rhos``; others run once. A label is the method with its options
+    (``looksam(k=5)``), followed by `` rho=<rho>`` in a sweep and wherever two contenders
+    would otherwise share a label (``sam:rho=0.2,sam`` gives ``sam rho=0.2`` and
+    ``sam rho=0.1``).
+
+    Raises:
+        ValueError: for a malformed list (see :func:`parse_optimizers`), a ``rho``, ``lr``,
+            ``momentum`` or ``weight_decay`` out of range, or two identical contenders.
     """
     parsed = parse_optimizers(spec)
-    out: list[Contender] = []
+    drafts: list[tuple[str, Contender]] = []  # (label without rho, contender)
     for method, given in parsed:
+        extra = ",".join(f"{k}={v}" for k, v in given.items() if k != "rho")
+        base = f"{method}({extra})" if extra else method
+        for key in _TRAIN_OPTIONS:
+            if key in given:
+                _check_train_option(base, key, given[key])
         train_options = {
             **_TRAIN_DEFAULTS.get(method, {}),
             **{k: given[k] for k in _TRAIN_OPTIONS if k in given},
         }
         options = {k: v for k, v in given.items() if k not in _TRAIN_OPTIONS}
-        extra = ",".join(f"{k}={v}" for k, v in given.items() if k != "rho")
-        base = f"{method}({extra})" if extra else method
         if "rho" in options:
             rho = options["rho"]
             if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
                 raise ValueError(f"Invalid rho value: {rho!r}; rho must be >= 0")
-            label = f"{base} rho={rho}" if len(rhos) > 1 else base
-            out.append(Contender(label, method, options, train_options, float(rho)))
+            drafts.append((base, Contender(base, method, options, train_options, float(rho))))
         elif _has_rho(method):
             for rho in rhos:
-                label = f"{base} rho={rho}" if len(rhos) > 1 else base
-                out.append(Contender(label, method, {**options, "rho": rho}, train_options, rho))
+                contender = Contender(base, method, {**options, "rho": rho}, train_options, rho)
+                drafts.append((base, contender))
         else:
-            out.append(Contender(base, method, options, train_options, None))
-    labels = [c.label for c in out]
-    for label in labels:
-        if labels.count(label) > 1:
-            raise ValueError(f"optimizer {label!r} is listed twice in --optimizers")
+            drafts.append((base, Contender(base, method, options, train_options, None)))
+    bases = [base for base, _ in drafts]
+    out: list[Contender] = []
+    seen: dict[tuple[str, str, str, float | None], str] = {}
+    for base, contender in drafts:
+        label = base
+        if contender.rho is not None and (len(rhos) > 1 or bases.count(base) > 1):
+            label = f"{base} rho={contender.options['rho']}"
+        run = (
+            contender.method,
+            repr(sorted((k, v) for k, v in contender.options.items() if k != "rho")),
+            repr(sorted(contender.train_options.items())),
+            contender.rho,
+        )
+        if run in seen:
+            same = "" if seen[run] == label else f" (the same run as {seen[run]!r})"
+            raise ValueError(f"optimizer {label!r} is listed twice in --optimizers{same}")
+        seen[run] = label
+        out.append(dataclasses.replace(contender, label=label))
     return out
 
 
@@ -317,7 +360,7 @@ class CompareConfig:
 
     def resolved(self) -> CompareConfig:
         """A copy with the dataset's defaults filled in."""
-        defaults = _DATASET_DEFAULTS.get(self.dataset, _DATASET_DEFAULTS["digits"])
+        defaults = DATASET_DEFAULTS.get(self.dataset, DATASET_DEFAULTS["digits"])
         values = dataclasses.asdict(self)
         for key, value in defaults.items():
             if values[key] is None:
@@ -329,7 +372,11 @@ class CompareConfig:
         return CompareConfig(**values)
 
     def validate(self) -> None:
-        """Raise a ValueError naming the first option out of range (e.g. from a JSON file)."""
+        """Raise a ValueError naming the first option of the wrong type or out of range.
+
+        It refuses what the command line refuses, so that a configuration file (``--config``)
+        is held to the same rules as the options typed by hand.
+        """
 
         def whole(name: str, value: Any, low: int = 1, optional: bool = False) -> None:
             if optional and value is None:
@@ -360,19 +407,31 @@ class CompareConfig:
             raise ValueError(f"Invalid seeds value: {self.seeds!r}; give a list of seeds")
         for seed in self.seeds:
             whole("seed", seed, low=0)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"Invalid seeds value: {self.seeds!r}; a seed is repeated")
         if not isinstance(self.rho, list) or not self.rho:
             raise ValueError(f"Invalid rho value: {self.rho!r}; give a list of radii")
         for rho in self.rho:
             number("rho", rho)
+        if len(set(self.rho)) != len(self.rho):
+            raise ValueError(f"Invalid rho value: {self.rho!r}; a value is repeated")
         if number("label_noise", self.label_noise) >= 1.0:
             raise ValueError(f"Invalid label_noise value: {self.label_noise}; it must be < 1")
         for name in ("momentum", "weight_decay", "sharpness_rho"):
             number(name, getattr(self, name))
-        number("lr", self.lr, optional=True)
+        if self.lr is not None and number("lr", self.lr) == 0.0:
+            raise ValueError("Invalid lr value: 0; it must be > 0")
         if number("landscape_span", self.landscape_span) == 0.0:
             raise ValueError("Invalid landscape_span value: 0; it must be > 0")
-        if not isinstance(self.optimizers, str):
-            raise ValueError(f"Invalid optimizers value: {self.optimizers!r}; give a string")
+        for name in ("optimizers", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"Invalid {name} value: {getattr(self, name)!r}; give a string")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ValueError(f"Invalid data_dir value: {self.data_dir!r}; give a folder name")
+        if not isinstance(self.instruments, bool):
+            raise ValueError(
+                f"Invalid instruments value: {self.instruments!r}; it must be true or false"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -469,33 +528,133 @@ def _instrument_modules() -> tuple[Any, Any] | None:
     return sharpness, landscape
 
 
-def _batches(x: Tensor, y: Tensor, size: int = 256) -> list[tuple[Tensor, Tensor]]:
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+def probe_data(
+    split: Split, samples: int, device: torch.device | None = None, *, batch_size: int = 256
+) -> list[tuple[Tensor, Tensor]]:
+    """The first ``samples`` training samples of ``split`` (all of them if fewer), with their
+    (noisy) training labels, in batches of ``batch_size``: the data the instruments measure."""
+    x, y = split.x_train[:samples], split.y_train[:samples]
+    if device is not None:
+        x, y = x.to(device), y.to(device)
+    return [
+        (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)
+    ]
+
+
+def finite_loss(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]]) -> bool:
+    """Whether ``model``'s weights and its cross-entropy on every batch of ``data`` are finite
+    (BatchNorm in evaluation mode; the model's mode is restored). A run whose final model
+    fails this has diverged."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                return False
+            return all(
+                bool(torch.isfinite(nn.functional.cross_entropy(model(x), y))) for x, y in data
+            )
+    finally:
+        model.train(was_training)
 
 
 def measure(
     model: nn.Module, data: Sequence[tuple[Tensor, Tensor]], *, rho: float, iters: int, seed: int
-) -> dict[str, float | None]:
+) -> dict[str, Any]:
     """Top Hessian eigenvalue and SAM sharpness of ``model`` on ``data`` (the training loss).
 
-    Both come from :mod:`torchsam.sharpness`, with BatchNorm in evaluation mode; None when the
-    instruments are not installed.
+    Both come from :mod:`torchsam.sharpness`, with BatchNorm in evaluation mode. A measure
+    that is not available (the instruments are not installed), that raises a ``ValueError``
+    or a ``torch.linalg.LinAlgError`` (as they may on a model whose loss is not finite), or
+    whose value is not finite, is None; the reason is then in ``"errors"`` (the name of the
+    measure to the message), present only when there is one.
     """
     modules = _instrument_modules()
     if modules is None:
         return {"hessian_top": None, "sam_sharpness": None}
     sharpness = modules[0]
     loss_fn = nn.CrossEntropyLoss()
-    top = sharpness.hessian_eigenvalues(
-        model, loss_fn, data, k=1, max_iter=iters, generator=torch.Generator().manual_seed(seed)
-    )
-    sharp = sharpness.sam_sharpness(
-        model, loss_fn, data, rho=rho, generator=torch.Generator().manual_seed(seed)
-    )
-    return {"hessian_top": float(top[0]), "sam_sharpness": float(sharp)}
+
+    def top() -> float:
+        values = sharpness.hessian_eigenvalues(
+            model, loss_fn, data, k=1, max_iter=iters, generator=torch.Generator().manual_seed(seed)
+        )
+        return float(values[0])
+
+    def sharp() -> float:
+        value = sharpness.sam_sharpness(
+            model, loss_fn, data, rho=rho, generator=torch.Generator().manual_seed(seed)
+        )
+        return float(value)
+
+    out: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, compute in (("hessian_top", top), ("sam_sharpness", sharp)):
+        try:
+            value = compute()
+        except (ValueError, torch.linalg.LinAlgError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            value = None
+        if value is not None and not math.isfinite(value):
+            errors[name] = f"not finite ({value})"
+            value = None
+        out[name] = value
+    if errors:
+        out["errors"] = errors
+    return out
 
 
 # --------------------------------------------------------------------------- running
+def _check_creatable(path: Path, option: str) -> None:
+    """Raise a ValueError unless ``path`` (which does not exist) can be created: its nearest
+    existing ancestor must be a folder this process may write in."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{option}: cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: cannot create {path}: no permission to write in {ancestor}")
+
+
+def check_output_folder(out: Path, option: str = "--out") -> None:
+    """Raise a ValueError, naming ``option``, unless ``out`` is an empty folder this process may
+    write in or can be created as one.
+
+    :func:`run_compare` refuses a folder that already holds files, so that every file in its
+    output folder is the run's own (no checkpoint or picture of an earlier run beside them).
+    """
+    if not out.exists():
+        _check_creatable(out, option)
+        return
+    if not out.is_dir():
+        raise ValueError(f"{option}: {out} exists and is not a folder")
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+        raise ValueError(
+            f"{option}: {out} is not empty (it holds {held[0]}{more}): give a new or empty "
+            "folder, so that everything in it comes from this run"
+        )
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: no permission to write in {out}")
+
+
+def check_output_file(path: Path, option: str = "--out") -> None:
+    """Raise a ValueError, naming ``option``, unless the file ``path`` can be written: a file
+    this process may overwrite, or a new one whose folder exists or can be created."""
+    if path.is_dir():
+        raise ValueError(
+            f"{option}: {path} is a folder; give the name of the file to write, "
+            f"e.g. {path / 'landscape.png'}"
+        )
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{option}: no permission to overwrite {path}")
+        return
+    _check_creatable(path, option)
+
+
 @dataclass
 class Progress:
     """Callbacks for the command's progress display; the defaults do nothing."""
@@ -532,15 +691,22 @@ def run_compare(
     contender, the verdict and the files written. A ``KeyboardInterrupt`` stops the runs; what
     was gathered is still summarised and written, with ``"interrupted": true``.
 
+    A run that diverges (its final training loss, or its final model's loss on the measured
+    samples, is not finite: :func:`finite_loss`) is a result like any other: it is recorded
+    with ``"diverged": true``, its instruments are not measured (None), its non-finite numbers
+    are written as ``null``, and the other runs go on. ``out`` must be a new or empty folder
+    (:func:`check_output_folder`), so that the files listed are all this run's.
+
     In a process group of several processes (``torchrun``, after :func:`init_distributed`),
     every process calls it: each run trains data-parallel (``train(..., distributed=True)``:
     ``batch_size`` is the global batch, shared among the processes), and rank 0 alone measures
     the models and writes the files.
 
     Raises:
-        ValueError: for an invalid configuration; in a process group, also for a batch size
-            that is not a multiple of its size and for ``saf``, whose per-sample memory does
-            not follow a sample to another process.
+        ValueError: for an invalid configuration or an ``out`` that is not a new or empty
+            folder; in a process group, also for a batch size that is not a multiple of its
+            size and for ``saf``, whose per-sample memory does not follow a sample to another
+            process.
     """
     config.validate()
     config = config.resolved()
@@ -551,6 +717,8 @@ def run_compare(
     entries = contenders(config.optimizers, config.rho)
     rank, world = _rank_and_world()
     writer = rank == 0
+    if writer:
+        check_output_folder(out)
     if world > 1:
         if int(config.batch_size or 1) % world:
             raise ValueError(
@@ -575,7 +743,8 @@ def run_compare(
 
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
+        (out / "checkpoints").mkdir()
+    checkpoints: list[Path] = []
     report: dict[str, Any] = {
         "config": config.to_dict(),
         "environment": {**_environment(device), "processes": world},
@@ -584,8 +753,7 @@ def run_compare(
     }
     n_train = split.x_train.shape[0]
     steps_per_run = int(config.epochs or 1) * (n_train // int(config.batch_size or 1))
-    probe = split.x_train[: config.instrument_samples].to(device)
-    probe_data = _batches(probe, split.y_train[: config.instrument_samples].to(device))
+    probe = probe_data(split, config.instrument_samples, device)
     final_models: dict[str, nn.Module] = {}
     try:
         for seed in config.seeds:
@@ -599,14 +767,20 @@ def run_compare(
                     progress.end_run()
                 record.update(_result_fields(result))
                 if result.model is not None and writer:
+                    if record["diverged"] or not finite_loss(result.model, probe):
+                        record["diverged"] = True
+                        progress.note(f"{contender.label} (seed {seed}) diverged")
                     if seed == config.seeds[0]:
-                        final_models[contender.label] = result.model
-                        _save_checkpoint(out, contender, config, result.model)
-                    if config.instruments:
+                        if not record["diverged"]:
+                            final_models[contender.label] = result.model
+                        checkpoints.append(_save_checkpoint(out, contender, config, result.model))
+                    if config.instruments and record["diverged"]:
+                        record["instruments"] = {"hessian_top": None, "sam_sharpness": None}
+                    elif config.instruments:
                         progress.note(f"measuring {contender.label} (seed {seed})")
                         record["instruments"] = measure(
                             result.model,
-                            probe_data,
+                            probe,
                             rho=config.sharpness_rho,
                             iters=config.hessian_iters,
                             seed=seed,
@@ -617,16 +791,22 @@ def run_compare(
 
     report["summary"] = summarise(report["runs"], entries)
     report["verdict"] = verdict(report["summary"])
-    report["files"] = ["results.json"]
+    report["files"] = ["results.json", *sorted(str(p.relative_to(out)) for p in checkpoints)]
     if not writer:
         return report
+    _write_report(out, report)  # the runs are on disk before anything is drawn
     try:
-        report["files"] += _plots(report, out, final_models, probe_data, config, progress)
+        report["files"][1:1] = _plots(report, out, final_models, probe, config, progress)
     except KeyboardInterrupt:
         report["interrupted"] = True
-    report["files"] += sorted(str(p.relative_to(out)) for p in (out / "checkpoints").glob("*.pt"))
-    (out / "results.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    _write_report(out, report)
     return report
+
+
+def _write_report(out: Path, report: Mapping[str, Any]) -> None:
+    """``results.json``: the report, with every number that is not finite as ``null``."""
+    text = json.dumps(_jsonable(report), indent=2, allow_nan=False)
+    (out / "results.json").write_text(text + "\n")
 
 
 def _check_options(
@@ -687,6 +867,7 @@ def _train_one(
 def _result_fields(result: Result) -> dict[str, Any]:
     return {
         "complete": True,
+        "diverged": not math.isfinite(result.train_loss),
         "test_accuracy": result.test_accuracy,
         "train_accuracy_clean": result.train_accuracy,
         "final_train_loss": result.train_loss,
@@ -700,9 +881,14 @@ def _result_fields(result: Result) -> dict[str, Any]:
 
 def _save_checkpoint(
     out: Path, contender: Contender, config: CompareConfig, model: nn.Module
-) -> None:
+) -> Path:
     """``checkpoints/<label>.pt``: the state dict with what ``torchsam landscape`` needs."""
     name = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in contender.label)
+    path = out / "checkpoints" / f"{name}.pt"
+    n = 1
+    while path.exists():  # two labels that differ only in characters a file name cannot hold
+        n += 1
+        path = out / "checkpoints" / f"{name}-{n}.pt"
     torch.save(
         {
             "format": "torchsam-checkpoint-1",
@@ -716,8 +902,9 @@ def _save_checkpoint(
             "train_size": config.train_size,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         },
-        out / "checkpoints" / f"{name}.pt",
+        path,
     )
+    return path
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -767,7 +954,8 @@ def summarise(runs: Sequence[Mapping[str, Any]], entries: Sequence[Contender]) -
     (mean of the per-seed differences, in points) with ``gain_se`` (its standard error: the
     std of the differences over the square root of their number), ``final_train_loss`` (mean),
     ``time_ratio`` (median wall time over the baseline's), ``hessian_top`` and
-    ``sam_sharpness`` (means), ``seeds`` (number of complete runs), ``baseline`` (bool).
+    ``sam_sharpness`` (means over the runs where they were measured), ``seeds`` (number of
+    complete runs), ``diverged`` (how many of them diverged), ``baseline`` (bool).
     """
     if not entries:
         return []
@@ -804,6 +992,7 @@ def summarise(runs: Sequence[Mapping[str, Any]], entries: Sequence[Contender]) -
                 "rho": contender.rho,
                 "baseline": contender.label == base.label,
                 "seeds": len(mine),
+                "diverged": sum(1 for r in mine if r.get("diverged")),
                 "accuracy": acc,
                 "accuracy_std": acc_std,
                 "gain": None if contender.label == base.label else gain,
@@ -822,11 +1011,15 @@ def summarise(runs: Sequence[Mapping[str, Any]], entries: Sequence[Contender]) -
 
 
 def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
-    return missing if value is None else format(value, spec)
+    return missing if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
-    """The summary as an aligned text table (what ``torchsam compare`` prints)."""
+    """The summary as an aligned text table (what ``torchsam compare`` prints).
+
+    A contender with diverged runs is marked ``[diverged k/n]``; a number that is missing or
+    not finite shows as ``—``.
+    """
     header = (
         "optimizer",
         "test acc %",
@@ -847,13 +1040,15 @@ def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
             gain = _fmt(r["gain"], "+.2f")
             if r["gain_se"] is not None:
                 gain += f" ± {r['gain_se']:.2f}"
+        diverged = r.get("diverged", 0)
+        ratio = _fmt(r["time_ratio"], ".2f")
         lines.append(
             (
-                str(r["label"]),
+                str(r["label"]) + (f" [diverged {diverged}/{r['seeds']}]" if diverged else ""),
                 acc,
                 gain,
                 _fmt(r["final_train_loss"], ".3f"),
-                _fmt(r["time_ratio"], ".2f") + ("x" if r["time_ratio"] is not None else ""),
+                ratio if ratio == "—" else ratio + "x",
                 _fmt(r["hessian_top"], ".3g"),
                 _fmt(r["sam_sharpness"], ".3g"),
             )
@@ -882,8 +1077,32 @@ def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
 
     A gain is called settled when it exceeds twice its standard error; a smaller positive gain
     is reported with that caveat (with one seed there is no error estimate, and the sentence
-    says so).
+    says so). With a single contender there is nothing to compare, and the sentence says that.
+    Contenders with diverged runs are named after it.
     """
+    sentence = _gain_sentence(summary)
+    diverged = [
+        f"{_pretty(r['label'])} ({r['diverged']} of {r['seeds']})"
+        for r in summary
+        if r.get("diverged")
+    ]
+    if diverged:
+        sentence += (
+            " Diverged runs (loss not finite; null in results.json): " + ", ".join(diverged) + "."
+        )
+    return sentence
+
+
+def _gain_sentence(summary: Sequence[Mapping[str, Any]]) -> str:
+    if len(summary) == 1:
+        only = summary[0]
+        name = _pretty(only["label"])
+        if only.get("accuracy") is None:
+            return f"Nothing to compare: {name} was the only optimizer, and no run completed."
+        return (
+            f"Only {name} ran ({only['accuracy']:.2f}% test accuracy): nothing to compare it "
+            "with; add a baseline to --optimizers (e.g. sgd)."
+        )
     base = next((r for r in summary if r["baseline"]), None)
     others = [r for r in summary if not r["baseline"] and r["gain"] is not None]
     if base is None or not others:
@@ -937,7 +1156,7 @@ def _plots(
     report: dict[str, Any],
     out: Path,
     models: Mapping[str, nn.Module],
-    probe_data: Sequence[tuple[Tensor, Tensor]],
+    probe: Sequence[tuple[Tensor, Tensor]],
     config: CompareConfig,
     progress: Progress,
 ) -> list[str]:
@@ -958,7 +1177,7 @@ def _plots(
             landscape.surface_2d(
                 models[label],
                 nn.CrossEntropyLoss(),
-                probe_data,
+                probe,
                 steps=config.landscape_steps,
                 span=config.landscape_span,
                 generator=torch.Generator().manual_seed(config.data_seed),
@@ -976,14 +1195,9 @@ def _plots(
         report["landscape"] = {
             "models": list(pair),
             "seed": config.seeds[0],
-            "center_loss": [_center(s) for s in surfaces],
+            "center_loss": [s.center for s in surfaces],
         }
     return [str(p.relative_to(out)) for p in written]
-
-
-def _center(surface: Any) -> float:
-    loss = torch.as_tensor(surface.loss)
-    return float(loss[loss.shape[0] // 2, loss.shape[1] // 2])
 
 
 def _landscape_pair(

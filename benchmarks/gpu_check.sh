@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU check of issue 20, in one run: the environment, the CUDA tests and bench_gpu.py.
+#
+#   OUT=/path/to/results bash benchmarks/gpu_check.sh      (from anywhere in a copy of the repo)
+#
+# Everything it writes goes under "$OUT" (default: ./gpu_check_out), eight files at most:
+#   env.log                  python, torch, CUDA, the GPU (nvidia-smi)
+#   bench_gpu.log/.json      the contenders' table: ms/step, syncs/step, kernels/step, targets
+#   pytest_cuda_graphs.log   tests/test_cuda_graphs.py
+#   bench_graphs.log/.json   the CUDA-graph gain (eager, graph replay, torch.compile)
+#   pytest_cuda.log          the other CUDA tests of the suite (pytest -k cuda)
+#   summary.txt              each part's exit status and duration (also printed at the end)
+#
+# It needs a python with torch built for CUDA (PYTHON=..., default python3) and pytest; torchsam
+# is taken from ./src (no install). Nothing is downloaded: where torch is missing or sees no GPU
+# it says so and stops. Each part runs under `timeout`, sized so that the whole run ends within
+# BUDGET seconds (default 400, under 7 minutes); a part that fails or runs out of time does not
+# stop the next one. The exit status is 0 when every part passed, 1 otherwise.
+set -u
+
+cd "$(dirname "$0")/.." || exit 2
+OUT="${OUT:-$PWD/gpu_check_out}"
+PYTHON="${PYTHON:-python3}"
+BUDGET="${BUDGET:-400}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export PYTHONDONTWRITEBYTECODE=1
+START=$(date +%s)
+STATUS=0
+: >"$OUT/summary.txt"
+
+# run NAME LIMIT COMMAND...: COMMAND under `timeout`, its output in $OUT/NAME.log; LIMIT is
+# cut to what is left of BUDGET (with 10 s kept for the summary).
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - ($(date +%s) - START) - 10))
+    if ((left < limit)); then limit=$left; fi
+    if ((limit < 15)); then
+        echo "$name: not run (no time left in the ${BUDGET} s budget)" | tee -a "$OUT/summary.txt"
+        STATUS=1
+        return
+    fi
+    echo "=== $name (at most ${limit} s): $*"
+    local t0 rc
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    tail -n 30 "$OUT/$name.log"
+    local verdict="ok"
+    if ((rc == 124 || rc == 137)); then
+        verdict="TIMED OUT"
+    elif ((rc != 0)); then
+        verdict="FAILED"
+    fi
+    if ((rc != 0)); then STATUS=1; fi
+    echo "$name: $verdict (exit $rc, $(($(date +%s) - t0)) s)" | tee -a "$OUT/summary.txt"
+}
+
+# 1. the environment; stop here without torch or without a GPU (nothing can be installed)
+{
+    date -u
+    uname -a
+    nvidia-smi || echo "nvidia-smi: not available"
+    "$PYTHON" -c "import sys; print('python', sys.version)"
+    "$PYTHON" -m pytest --version
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'available', torch.cuda.is_available()); print('GPU', torch.cuda.get_device_name()); \
+print('cuDNN', torch.backends.cudnn.version())"
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    >/dev/null 2>&1; then
+    echo "env: torch with CUDA is not importable by $PYTHON (see env.log); install a CUDA" \
+        "build of torch first (offline: carry its wheel), then run this again" |
+        tee -a "$OUT/summary.txt"
+    exit 1
+fi
+echo "env: ok" >>"$OUT/summary.txt"
+
+# 2. the contenders' table (the issue's set-up: ResNet-18, batch 512, 5 + 30 steps, 3 rounds)
+run bench_gpu 170 "$PYTHON" benchmarks/bench_gpu.py --part table --json "$OUT/bench_gpu.json"
+
+# 3. a whole SAM step in a CUDA graph and under torch.compile, against eager
+run pytest_cuda_graphs 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+
+# 4. the CUDA-graph gain; the JSON is written before compiling, so a time-out keeps the replay
+run bench_graphs 60 "$PYTHON" benchmarks/bench_gpu.py --part graphs --json "$OUT/bench_graphs.json"
+
+# 5. the other CUDA tests of the suite
+run pytest_cuda 60 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not test_cuda_graphs" \
+    --continue-on-collection-errors tests
+
+echo "=== summary (total $(($(date +%s) - START)) s of a ${BUDGET} s budget; files in $OUT)"
+cat "$OUT/summary.txt"
+exit "$STATUS"
