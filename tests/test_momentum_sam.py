@@ -191,27 +191,21 @@ def test_adamw_version_equals_the_transcription(weight_decay: float) -> None:
         assert not _close(tilde, authors_tilde)
 
 
-def test_no_perturbation_before_the_momentum_exists_and_rho_zero_is_the_base() -> None:
+@pytest.mark.parametrize(("rho", "steps"), [(0.5, 1), (0.0, 5)])
+def test_no_perturbation_before_the_momentum_exists_and_rho_zero_is_the_base(
+    rho: float, steps: int
+) -> None:
     model, twin = _model(), _model()
-    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9)
     assert opt.state_dict()["state"] == {}
     sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-    _run(opt, model, 1)
-    for t in range(1):
+    _run(opt, model, steps)
+    for t in range(steps):
         sgd.zero_grad()
         _loss(twin, t).backward()
         sgd.step()
-    opt.eval()  # the first gradient was taken at w (no momentum yet): one SGD step
-    assert _same(model, twin)
-
-    model, twin = _model(), _model()
-    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9)
-    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-    _run(opt, model, 5)
-    for t in range(5):
-        sgd.zero_grad()
-        _loss(twin, t).backward()
-        sgd.step()
+    # the first gradient is taken at w (no momentum yet): one SGD step; rho = 0: SGD throughout
+    opt.eval()
     assert _same(model, twin)
 
 
