@@ -430,11 +430,88 @@ def test_experiments_method_evaluates_at_w() -> None:
     from torchsam.experiments import get_method, noisy_digits, train
 
     method = get_method("momentumsam")
-    assert method.defaults["rho"] == torchsam.MomentumSAM.hyperparameters["rho"]
+    assert "rho" not in method.defaults  # SAM's --rho does not apply: the class default does
     split = noisy_digits(0.2, seed=0)
     result = train("momentumsam", split, epochs=1, seed=0)
     assert result.forward_passes == result.steps  # one forward per step
     assert 0.0 <= result.test_accuracy <= 1.0
+
+
+def test_the_step_adds_a_constant_number_of_operators_and_one_synchronisation() -> None:
+    """Over the base optimizer's own step, MomentumSAM's work is multi-tensor: the operators it
+    adds do not grow with the number of parameter tensors, and the non-finite check is the
+    step's one host synchronisation (counted on the CPU, as a GPU would launch them)."""
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    def counts(layers: int, momentum_sam: bool) -> tuple[int, int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(*(nn.Linear(6, 6) for _ in range(layers)))
+        params, kwargs = model.parameters(), dict(lr=0.1, momentum=0.9)
+        opt: torch.optim.Optimizer = (
+            torchsam.MomentumSAM(params, torch.optim.SGD, **kwargs)
+            if momentum_sam
+            else torch.optim.SGD(params, **kwargs)
+        )
+        x = torch.randn(4, 6)
+        for _ in range(2):  # the second step is counted (the state exists)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            counter = DispatchCounter()
+            with counter:
+                opt.step()
+        return counter.ops, counter.syncs
+
+    extra = {n: counts(n, True)[0] - counts(n, False)[0] for n in (2, 6)}
+    assert extra[2] == extra[6] <= 16
+    assert counts(6, True)[1] == 1
+    assert counts(6, False)[1] == 0
+
+
+# --------------------------------------------------------------------------- DDP
+DDP_STEPS = 4
+
+
+def _ddp_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.test_distributed import _exit_cleanly
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(_model())
+        opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        for t in range(DDP_STEPS):
+            x, y = _data(t)
+            rows = slice(8 * rank, 8 * rank + 8)  # this rank's half of the batch
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+            opt.step()
+        opt.eval()
+        torch.save(_weights(model.module), f"{out}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
+    finally:
+        dist.destroy_process_group()
+    _exit_cleanly()  # gloo's threads can abort a finished process in the interpreter's teardown
+
+
+def test_ddp_ranks_stay_identical_and_equal_one_process(tmp_path: object) -> None:
+    """Two gloo processes, each with half of every batch: the gradients are all-reduced in the
+    one backward, so both ranks hold the same momentum, perturbation and weights, equal to one
+    process on the whole batch."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_ddp_worker, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(f"{tmp_path}/rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks, strict=True))
+    model = _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    _run(opt, model, DDP_STEPS)
+    opt.eval()
+    assert _close(ranks[0], _weights(model))
 
 
 # --------------------------------------------------------------------------- arguments

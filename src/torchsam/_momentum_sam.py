@@ -105,7 +105,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
         * Gradient clipping, accumulation, LR schedulers, ``torch.amp.GradScaler`` (it unscales
           and skips an overflowing step as for any optimizer) and DDP (the one backward
           all-reduces the gradients; every rank then holds the same momentum and perturbation)
-          work as with the base optimizer alone. There is no ``first_step``/``second_step``.
+          work as with the base optimizer alone (each tested). There is no
+          ``first_step``/``second_step``. FSDP2, ``torch.compile``, CUDA and the Lightning and
+          Hugging Face integrations have not been tested with it.
     """
 
     hyperparameters: ClassVar[dict[str, Any]] = {"rho": 0.5}
@@ -128,7 +130,6 @@ class MomentumSAM(SharpnessAwareOptimizer):
     ) -> None:
         if momentum_key is not None and not isinstance(momentum_key, str):
             raise TypeError(f"momentum_key must be a str or None, got {momentum_key!r}")
-        self._momentum_key_arg = momentum_key
         own = {"rho": rho, "skip_nonfinite": skip_nonfinite}
         super().__init__(params, base_optimizer, own, kwargs)
         self.momentum_key = _momentum_key(self.base_optimizer, momentum_key)
@@ -269,11 +270,10 @@ class MomentumSAM(SharpnessAwareOptimizer):
             return
         for params, ws, _, _ in groups:
             torch._foreach_copy_(ws, params)
-        norms = [torch._foreach_norm(vs) for _, _, vs, _ in groups]
+        # per-tensor norms in the tensors' dtype, combined in float64 on the first device
         device = groups[0][0][0].device
-        total = torch.linalg.vector_norm(
-            torch.stack([n.to(device=device, dtype=torch.float64) for ns in norms for n in ns])
-        )
+        norms = [n.to(device) for _, _, vs, _ in groups for n in torch._foreach_norm(vs)]
+        total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
         for params, _, vs, group in groups:
             scale = (-float(group["rho"]) / (total + _NORM_EPS)).to(params[0])
             torch._foreach_addcmul_(params, vs, [scale] * len(vs))

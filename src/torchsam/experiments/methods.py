@@ -131,8 +131,9 @@ register_method(
     "momentumsam",
     sharpness_aware(torchsam.MomentumSAM),
     make_step=_momentum_sam_step,
-    defaults={"rho": torchsam.MomentumSAM.hyperparameters["rho"]},
-    description="Momentum-SAM (Becker et al. 2024): one pass, perturbed along the momentum",
+    # no "rho" here: its radius is not SAM's (about 10x larger), so ``--rho`` of ``torchsam
+    # compare`` does not apply to it; it runs at the class default or ``momentumsam:rho=...``
+    description="Momentum-SAM (Becker et al. 2024): one pass along the momentum, rho 0.5",
 )
 register_method(
     "saf",
