@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer, StepContext
+from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
 
 __all__ = ["MomentumSAM"]
 
@@ -231,9 +231,6 @@ class MomentumSAM(SharpnessAwareOptimizer):
     def second_pass_due(self) -> bool:
         """Never: the one gradient of a step is taken at the perturbed point."""
         return False
-
-    def perturb(self, ctx: StepContext) -> None:  # pragma: no cover - never due
-        raise RuntimeError("MomentumSAM takes no second pass")
 
     # ------------------------------------------------------------------ the perturbation
     def _perturbed_groups(
