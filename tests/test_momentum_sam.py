@@ -155,12 +155,13 @@ STEPS = 12
 
 
 # --------------------------------------------------------------------------- the update rule
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_sgd_version_equals_the_transcription(weight_decay: float) -> None:
+def test_sgd_version_equals_the_transcription(weight_decay: float, foreach: bool) -> None:
     model = _model()
     w0 = _weights(model)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=weight_decay, rho=0.5)
-    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, **hyper)
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, **hyper, foreach=foreach)
     _run(opt, model, STEPS)
     tilde, w = authors_sgd(w0, _grad_fn(model), STEPS, **hyper, decay_at="w")
     assert _close(_weights(model), tilde)
@@ -173,12 +174,15 @@ def test_sgd_version_equals_the_transcription(weight_decay: float) -> None:
         assert not _close(tilde, authors_tilde)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_version_equals_the_transcription(weight_decay: float) -> None:
+def test_adamw_version_equals_the_transcription(weight_decay: float, foreach: bool) -> None:
     model = _model(1)
     w0 = _weights(model)
     hyper = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
-    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.AdamW, rho=2.0, **hyper)
+    opt = torchsam.MomentumSAM(
+        model.parameters(), torch.optim.AdamW, rho=2.0, **hyper, foreach=foreach
+    )
     _run(opt, model, STEPS)
     tilde, w = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, rho=2.0, decay="before")
     assert _close(_weights(model), tilde)
@@ -465,6 +469,31 @@ def test_the_step_adds_a_constant_number_of_operators_and_one_synchronisation() 
     assert extra[2] == extra[6] <= 16
     assert counts(6, True)[1] == 1
     assert counts(6, False)[1] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu_with_one_synchronisation_per_step() -> None:
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    def run(device: str) -> tuple[Params, list[int]]:
+        model = _model().to(device)
+        opt = torchsam.MomentumSAM(model.parameters(), torch.optim.AdamW, rho=1.0, lr=0.01)
+        syncs = []
+        for t in range(STEPS):
+            x, y = _data(t)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()
+            counter = DispatchCounter()
+            with counter:
+                opt.step()
+            syncs.append(counter.syncs)
+        opt.eval()
+        return [p.cpu() for p in _weights(model)], syncs
+
+    cpu, _ = run("cpu")
+    cuda, syncs = run("cuda")
+    assert _close(cuda, cpu)
+    assert syncs == [1] * STEPS  # the non-finite check, nothing else
 
 
 # --------------------------------------------------------------------------- DDP

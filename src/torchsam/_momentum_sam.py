@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer
+from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer, group_foreach
+from torchsam._engine import _functional as F
 
 __all__ = ["MomentumSAM"]
 
@@ -62,7 +63,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
         rho (float, optional): the length of the perturbation (default: 0.5). The authors
             use much larger values than SAM's 0.05 (0.3 to 3 in their experiments); the
             default is the value that held on every task of ``benchmarks/sweep_defaults.py``
-            (see the benchmarks page of the documentation)
+            (see the notes)
         momentum_key (str, optional): the key of the base optimizer's per-parameter state
             that holds the momentum; needed only for a base optimizer that is not one of the
             ``torch.optim`` classes above (default: None)
@@ -100,6 +101,25 @@ class MomentumSAM(SharpnessAwareOptimizer):
           the weights as they are: :math:`w` in evaluation mode, :math:`\tilde w` in training
           mode. Save and load the model and the optimizer together; resuming is bit-exact in
           both modes.
+        * The default ``rho`` comes from ``benchmarks/sweep_defaults.py --knobs "MomentumSAM
+          rho"``: six small CPU tasks (an MLP and a CNN with BatchNorm; SGD with momentum and
+          AdamW; noisy and clean labels), 3 seeds each. Gain in test accuracy over the base
+          optimizer alone, in points (mean over seeds), on the worst task and on average:
+
+          ====  ==========  =====  ===================
+          rho   worst task  mean   collapsed runs
+          ====  ==========  =====  ===================
+          0.05  -1.8        -0.5   0/18
+          0.2   -2.3        -0.4   0/18
+          0.5   -0.6        +1.2   0/18
+          0.7   -1.5        +1.6   0/18
+          1     -3.1        +2.2   0/18
+          3     -87.3       -11.2  3/18 (a CNN at 10%)
+          ====  ==========  =====  ===================
+
+          Of the radii that gained on average, 0.5 lost least on its worst task (a CNN at the
+          edge of stability, within the seeds' spread); larger radii gain more on noisy labels
+          and cost more on that CNN.
         * BatchNorm's running statistics are accumulated at :math:`\tilde w` (the one forward
           pass of a step), as in the authors' code.
         * Gradient clipping, accumulation, LR schedulers, ``torch.amp.GradScaler`` (it unscales
@@ -182,8 +202,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
         """Move the weights to :math:`w`, for evaluation and checkpointing (nothing if they are
         there already)."""
         if self.training:
-            for params, ws, _, _ in self._perturbed_groups():
-                torch._foreach_copy_(params, ws)
+            self._to_w()
             self.wide_state[_TRAIN_MODE] = False
 
     @torch.no_grad()
@@ -221,8 +240,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 loss = closure()
         self.begin_step(zero_grad=False, user_backward=True)
         try:
-            for params, ws, _, _ in self._perturbed_groups():
-                torch._foreach_copy_(params, ws)  # back at w, exactly
+            self._to_w()
             self.finish_step(own_closure=True)
         finally:
             self._perturb()
@@ -253,6 +271,11 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 out.append((params, ws, vs, group))
         return out
 
+    def _to_w(self) -> None:
+        """Move the weights to ``w``, exactly (a copy of the saved ``w``)."""
+        for params, ws, _, group in self._perturbed_groups():
+            F.copy_(params, ws, group_foreach(group))
+
     def _perturb(self) -> None:
         """``w = p`` for every parameter with a momentum, then ``p = w - rho v / (||v|| + eps)``
         with the norm over all of them (on the device, no synchronisation)."""
@@ -265,15 +288,21 @@ class MomentumSAM(SharpnessAwareOptimizer):
         groups = self._perturbed_groups()
         if not groups:
             return
-        for params, ws, _, _ in groups:
-            torch._foreach_copy_(ws, params)
+        norms: list[Tensor] = []
+        for params, ws, vs, group in groups:
+            foreach = group_foreach(group)
+            F.copy_(ws, params, foreach)
+            norms += (
+                torch._foreach_norm(vs) if foreach else [torch.linalg.vector_norm(v) for v in vs]
+            )
         # per-tensor norms in the tensors' dtype, combined in float64 on the first device
         device = groups[0][0][0].device
-        norms = [n.to(device) for _, _, vs, _ in groups for n in torch._foreach_norm(vs)]
-        total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
+        total = torch.linalg.vector_norm(
+            torch.stack([n.to(device) for n in norms]).to(torch.float64)
+        )
         for params, _, vs, group in groups:
             scale = (-float(group["rho"]) / (total + _NORM_EPS)).to(params[0])
-            torch._foreach_addcmul_(params, vs, [scale] * len(vs))
+            F.addcmul_(params, vs, scale, group_foreach(group))
 
 
 def _momentum_key(base: Optimizer, given: str | None) -> str:
