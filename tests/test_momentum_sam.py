@@ -558,3 +558,20 @@ def test_invalid_arguments_say_what_to_do() -> None:
         torchsam.MomentumSAM(_model(), torch.optim.SGD, lr=0.1, momentum=0.9)
     opt = torchsam.MomentumSAM(params, torch.optim.Adagrad, momentum_key="sum", lr=0.1)
     assert opt.momentum_key == "sum"
+
+
+def test_add_param_group_checks_the_momentum_and_takes_the_mode() -> None:
+    model = _model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = torchsam.MomentumSAM(first, torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.eval()
+    with pytest.raises(ValueError, match=r"momentum > 0"):
+        opt.add_param_group({"params": second, "momentum": 0.0})
+    opt.add_param_group({"params": second, "rho": 2.0})
+    assert opt.param_groups[1]["rho"] == 2.0
+    assert not opt.training
+    with pytest.raises(RuntimeError, match=r"optimizer\.train\(\)"):
+        opt.step()
+    opt.train()
+    _run(opt, model, 2)
+    assert all(p in opt.base_optimizer.state for p in model.parameters())

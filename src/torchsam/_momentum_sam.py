@@ -169,18 +169,16 @@ class MomentumSAM(SharpnessAwareOptimizer):
             raise TypeError(
                 f"skip_nonfinite must be True or False, got {group['skip_nonfinite']!r}"
             )
-
-    def complete_group(self, group: dict[str, Any]) -> None:
-        if "momentum_key" in self.__dict__:  # a group added after construction
+        if "momentum_key" in self.__dict__:  # after construction: a group added or loaded
             self._check_momentum(group)
 
     def _check_momentum(self, group: dict[str, Any]) -> None:
-        if self.momentum_key == "momentum_buffer" and group.get("momentum", 0) == 0:
+        momentum = group.get("momentum", self.base_optimizer.defaults.get("momentum", 0))
+        if self.momentum_key == "momentum_buffer" and momentum == 0:
             raise ValueError(
                 f"MomentumSAM follows the base optimizer's momentum, but "
-                f"{type(self.base_optimizer).__name__} has momentum="
-                f"{group.get('momentum', 0)} in a param group, so it keeps none: pass "
-                "momentum > 0 (e.g. momentum=0.9)"
+                f"{type(self.base_optimizer).__name__} has momentum={momentum} in a param "
+                "group, so it keeps none: pass momentum > 0 (e.g. momentum=0.9)"
             )
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
