@@ -321,7 +321,9 @@ def test_files_listed_are_exactly_the_files_of_the_run(
     out, report = finished(mixed)
     on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert sorted(report["files"]) == on_disk
-    assert len([f for f in on_disk if f.startswith("checkpoints/")]) == 4
+    # each of the four runs: its final model and its per-epoch resume checkpoint
+    assert len([f for f in on_disk if f.startswith("checkpoints/resume/")]) == 4
+    assert len([f for f in on_disk if f.startswith("checkpoints/")]) == 8
 
 
 @pytest.mark.parametrize("where", ["under a file", "an existing file"])

@@ -22,6 +22,7 @@ from torchsam._sam import SAM
 from torchsam._trajectory import MESA, SAF, trajectory_kl
 from torchsam._vasso import VaSSO
 from torchsam._wsam import WSAM
+from torchsam.monitor import SharpnessMonitor
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "LookSAM",
     "MomentumSAM",
     "SharpnessAwareOptimizer",
+    "SharpnessMonitor",
     "StepContext",
     "VaSSO",
     "__version__",

@@ -380,6 +380,7 @@ def hessian_eigenvalues(
     keep_graphs: bool = True,
     return_eigenvectors: bool = False,
     generator: torch.Generator | None = None,
+    start: Sequence[Tensor] | None = None,
 ) -> Eigenvalues:
     r"""The ``k`` largest eigenvalues of the Hessian of the loss over ``data``, largest first.
 
@@ -436,6 +437,12 @@ def hessian_eigenvalues(
             ``result.eigenvectors`` (default: False)
         generator (torch.Generator, optional): source of the random start (default: a
             generator seeded with 0)
+        start (sequence of Tensor, optional): the first start vector instead of a random one,
+            as tensors shaped like the parameters measured (in model order), such as
+            ``result.eigenvectors[0]`` of an earlier call: a warm start. Lanczos starts its
+            first run from it, power iteration its first eigenvalue; later runs and
+            eigenvalues start from ``generator`` as usual. It must be finite and not zero
+            (default: None, a random start)
 
     Returns:
         Eigenvalues: a ``list[float]``, largest first, with ``.products``, ``.converged`` and
@@ -457,14 +464,15 @@ def hessian_eigenvalues(
     if k > size:
         raise ValueError(f"k={k} exceeds the number of parameters measured ({size})")
     gen = random_generator(generator)
+    first = None if start is None else _start_vector(start, chosen)
     op: _Hessian | None = None
     with measuring(model, batch_norm):
         try:
             op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
             if method == "lanczos":
-                values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen)
+                values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen, first)
             else:
-                values, vectors, converged = _top_power(op, k, tol, max_iter, gen)
+                values, vectors, converged = _top_power(op, k, tol, max_iter, gen, first)
         except _NotFinite as error:
             not_finite(error.what)
             values, converged = [math.nan] * k, False
@@ -476,6 +484,27 @@ def hessian_eigenvalues(
     return result
 
 
+def _start_vector(start: Sequence[Tensor], params: list[Tensor]) -> Tensor:
+    """A warm start given as tensors shaped like ``params``, as one flat float64 vector."""
+    if isinstance(start, Tensor) or not all(isinstance(t, Tensor) for t in start):
+        raise TypeError(
+            "start must be a sequence of tensors shaped like the parameters measured (such as "
+            "result.eigenvectors[0] of an earlier call)"
+        )
+    pieces = list(start)
+    shapes = [tuple(t.shape) for t in pieces]
+    wanted = [tuple(p.shape) for p in params]
+    if shapes != wanted:
+        raise ValueError(
+            f"start has tensors of shapes {shapes}; the parameters measured have shapes {wanted}"
+        )
+    device = params[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in pieces])
+    if not bool(torch.isfinite(flat).all()) or float(flat.norm()) == 0.0:
+        raise ValueError("start must be finite and not zero: give None for a random start")
+    return flat
+
+
 def _top_scale(values: Sequence[float], k: int) -> float:
     """The scale of the relative tolerance: the largest ``|value|`` among the top ``k``."""
     top = sorted(values, reverse=True)[:k]
@@ -483,7 +512,12 @@ def _top_scale(values: Sequence[float], k: int) -> float:
 
 
 def _top_lanczos(
-    op: _Hessian, k: int, tol: float, max_iter: int, gen: torch.Generator
+    op: _Hessian,
+    k: int,
+    tol: float,
+    max_iter: int,
+    gen: torch.Generator,
+    first: Tensor | None = None,
 ) -> tuple[list[float], list[Tensor], bool]:
     """Lanczos runs with locking until the top ``k`` eigenpairs, multiplicities included, are
     found; see :func:`hessian_eigenvalues`."""
@@ -505,7 +539,10 @@ def _top_lanczos(
             scale = _top_scale(values + theta.tolist(), k)
             return bool((beta * s[-1, -want:].abs() <= tol * scale).all())
 
-        start = _normal(op.size, gen, op.device)
+        if first is not None:
+            start, first = first, None
+        else:
+            start = _normal(op.size, gen, op.device)
         if locked is not None:
             start = _orthogonalize(start, locked)
         t, basis, beta, exhausted = _lanczos(
@@ -549,7 +586,12 @@ def _top_lanczos(
 
 
 def _top_power(
-    op: _Hessian, k: int, tol: float, max_iter: int, gen: torch.Generator
+    op: _Hessian,
+    k: int,
+    tol: float,
+    max_iter: int,
+    gen: torch.Generator,
+    first: Tensor | None = None,
 ) -> tuple[list[float], list[Tensor], bool]:
     values: list[float] = []
     vectors: list[Tensor] = []
@@ -557,7 +599,10 @@ def _top_power(
     for _ in range(k):
         found = torch.stack(vectors) if vectors else torch.empty(0, op.size, device=op.device)
         found = found.to(torch.float64)
-        v = _orthogonalize(_normal(op.size, gen, op.device), found)
+        if first is not None:
+            v, first = first, None
+        else:
+            v = _orthogonalize(_normal(op.size, gen, op.device), found)
         v = v / v.norm()
         value = 0.0
         converged = False

@@ -10,19 +10,22 @@ numpy (a dependency of scikit-learn, ``pip install "torchsam[cli]"``) is needed 
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from torchsam.experiments.data import Split, _check_fraction, _symmetric_noise
+from torchsam.experiments.data import Images, Split, _check_fraction, _symmetric_noise
 
 __all__ = ["CIFAR_SHAPE", "cifar"]
 
 CIFAR_SHAPE = (3, 32, 32)
 """``(channels, height, width)`` of one CIFAR image."""
+_PIXELS = 3 * 32 * 32
 
 _LAYOUT = {
     # name: (folder, training files, test file, label key, classes)
@@ -41,6 +44,11 @@ _ALLOWED_GLOBALS = {
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    # protocol 5: an array rebuilt from its data buffer
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    # how Python 3 writes bytes under protocol 2 (str -> latin-1): a codec, not code
+    ("_codecs", "encode"),
 }
 
 
@@ -53,27 +61,94 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+# protocol 5's out-of-band buffers: no file can hold them
+_REFUSED_OPCODES = {"NEXT_BUFFER", "READONLY_BUFFER"}
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    """The file's dictionary with ``str`` keys; a ValueError naming the file for anything else.
+
+    The opcodes are read first (:mod:`pickletools`): out-of-band buffers are refused, and
+    protocol 5's in-band ``bytearray`` (how numpy pickles an array's data there) is read as
+    ``bytes``, the same data: an unpickler that fails halfway then leaves no buffer of a
+    bytearray exported. Any exception of the scan or the unpickler becomes that ValueError:
+    a corrupt pickle can make them raise almost any type (EOFError, TypeError, KeyError,
+    OverflowError, MemoryError...), and the restricted :class:`_ArrayUnpickler` keeps them
+    from building anything but arrays and containers, so no code of the file runs.
+    """
+    content = bytearray(path.read_bytes())
+    try:
+        for opcode, _, position in pickletools.genops(bytes(content)):
+            if opcode.name in _REFUSED_OPCODES:
+                raise pickle.UnpicklingError(f"opcode {opcode.name} has no place in a CIFAR file")
+            if opcode.name == "BYTEARRAY8" and position is not None:
+                content[position] = pickle.BINBYTES8[0]
+        raw = _ArrayUnpickler(io.BytesIO(content), encoding="bytes").load()
+    except Exception as exc:  # see the docstring: every failure is a malformed file
+        raise ValueError(
+            f"{path} is not a CIFAR batch in the python format ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path} is not a CIFAR batch in the python format: it holds a "
+            f"{type(raw).__name__}, not a dict"
+        )
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _pixels(path: Path, data: Any) -> Tensor:
+    """The ``data`` entry as a ``(N, 3072)`` uint8 tensor, or a ValueError: no cast."""
+    import numpy as np
+
+    if not isinstance(data, np.ndarray):
+        raise ValueError(
+            f"{path}: 'data' must be a numpy uint8 array of shape (N, 3072), got a "
+            f"{type(data).__name__}"
+        )
+    if data.dtype != np.uint8:
+        raise ValueError(f"{path}: 'data' must hold uint8 pixels, got dtype {data.dtype}")
+    if data.ndim != 2 or data.shape[1] != _PIXELS or data.shape[0] < 1:
+        raise ValueError(f"{path}: 'data' must have shape (N, 3072), N >= 1, got {data.shape}")
+    return torch.from_numpy(np.require(data, requirements=["C", "W"]))  # a copy if read-only
+
+
+def _labels(path: Path, labels: Any, key: str, n: int, num_classes: int) -> Tensor:
+    """The label entry as ``n`` int64 values in ``[0, num_classes)``, or a ValueError."""
+    import numpy as np
+
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise ValueError(
+                f"{path}: {key!r} must be a list of ints, got an array of dtype "
+                f"{labels.dtype} and shape {labels.shape}"
+            )
+        values = labels.astype(np.int64).tolist()
+    elif isinstance(labels, list):
+        values = labels
+    else:
+        raise ValueError(f"{path}: {key!r} must be a list of ints, got a {type(labels).__name__}")
+    bad = next((v for v in values if type(v) is not int), None)
+    if bad is not None:
+        raise ValueError(f"{path}: {key!r} must hold ints, found {bad!r}")
+    if len(values) != n:
+        raise ValueError(f"{path}: 'data' has {n} images but {key!r} has {len(values)} labels")
+    outside = next((v for v in values if not 0 <= v < num_classes), None)
+    if outside is not None:
+        raise ValueError(f"{path}: labels must lie in [0, {num_classes - 1}], found {outside}")
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _read(path: Path, label_key: str, num_classes: int) -> tuple[Tensor, Tensor]:
+    """``(pixels (N, 3072) uint8, labels (N,) int64)`` of one file; a ValueError naming the
+    file and the fault for anything malformed."""
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR file not found: {path}")
-    with path.open("rb") as f:
-        try:
-            raw = _ArrayUnpickler(f, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise ValueError(f"{path} is not a CIFAR batch in the python format: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a CIFAR batch in the python format (not a dict)")
-    entries = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
-    if "data" not in entries or label_key not in entries:
-        raise ValueError(f"{path} has no 'data' and {label_key!r} entries")
-    data = torch.as_tensor(entries["data"], dtype=torch.uint8)
-    labels = torch.as_tensor(list(entries[label_key]), dtype=torch.int64)
-    if data.dim() != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.numel():
-        raise ValueError(
-            f"{path}: expected data of shape (N, 3072) and N labels, got "
-            f"{tuple(data.shape)} and {labels.numel()}"
-        )
-    return data, labels
+    entries = _unpickle(path)
+    missing = [k for k in ("data", label_key) if k not in entries]
+    if missing:
+        raise ValueError(f"{path} has no {' and '.join(map(repr, missing))} entry")
+    data = _pixels(path, entries["data"])
+    return data, _labels(path, entries[label_key], label_key, data.shape[0], num_classes)
 
 
 def _folder(data_dir: str | Path, name: str) -> Path:
@@ -105,6 +180,14 @@ def cifar(
     reshape them). With ``train_size``, a random subset of that many training images is kept
     (for quick runs). Label noise is the same as :func:`~torchsam.experiments.noisy_digits`'s:
     exactly ``round(noise * n_train)`` labels replaced by a different class drawn uniformly.
+    The uint8 pixels and the statistics come along as :attr:`Split.images
+    <torchsam.experiments.data.Split>`, from which training builds its batches on the device.
+
+    Every file is checked: a file that is not a pickled dict holding a ``data`` numpy uint8
+    array of shape ``(N, 3072)`` and a list of ``N`` int labels in range (a corrupt or
+    truncated file, float pixels, labels as an int, a string, a list of pixels...) raises one
+    ValueError naming the file and the fault; nothing is cast. The unpickler builds numpy
+    arrays and plain containers only, so a hostile file cannot run code.
 
     Args:
         name (str): ``"cifar10"`` or ``"cifar100"``
@@ -130,13 +213,10 @@ def cifar(
         raise ValueError(f"Invalid train_size value: {train_size!r}; it must be an int >= 1")
     _, train_files, test_file, label_key, num_classes = _LAYOUT[name]
     folder = _folder(data_dir, name)
-    parts = [_read(folder / f, label_key) for f in train_files]
+    parts = [_read(folder / f, label_key, num_classes) for f in train_files]
     x_train = torch.cat([p[0] for p in parts])
     y_train = torch.cat([p[1] for p in parts])
-    x_test, y_test = _read(folder / test_file, label_key)
-    for labels in (y_train, y_test):
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} labels must lie in [0, {num_classes - 1}]")
+    x_test, y_test = _read(folder / test_file, label_key, num_classes)
 
     generator = torch.Generator().manual_seed(seed)
     train_index = torch.arange(y_train.numel())
@@ -145,22 +225,26 @@ def cifar(
         train_index = train_index.sort().values
     x_train, y_train = x_train[train_index], y_train[train_index]
 
+    pixels_train = x_train.reshape(-1, *CIFAR_SHAPE)
     scaled_train = x_train.float().div_(255.0).reshape(-1, 3, 32 * 32)
-    mean = scaled_train.mean(dim=(0, 2), keepdim=True)
-    std = scaled_train.std(dim=(0, 2), keepdim=True).clamp_min(1e-6)
-
-    def normalise(x: Tensor) -> Tensor:
-        return ((x.float().div_(255.0).reshape(-1, 3, 32 * 32) - mean) / std).reshape(-1, 3072)
+    images = Images(
+        train=pixels_train,
+        test=x_test.reshape(-1, *CIFAR_SHAPE),
+        mean=scaled_train.mean(dim=(0, 2)),
+        std=scaled_train.std(dim=(0, 2)).clamp_min(1e-6),
+    )
+    del scaled_train
 
     noisy, noisy_index = _symmetric_noise(y_train, noise, num_classes, generator)
     return Split(
-        x_train=normalise(x_train),
+        x_train=images.normalise(images.train).reshape(-1, _PIXELS),
         y_train=noisy,
         y_train_clean=y_train,
-        x_test=normalise(x_test),
+        x_test=images.normalise(images.test).reshape(-1, _PIXELS),
         y_test=y_test,
         num_classes=num_classes,
         train_index=train_index,
         test_index=torch.arange(y_test.numel()),
         noisy_index=noisy_index,
+        images=images,
     )

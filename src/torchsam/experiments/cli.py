@@ -76,6 +76,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(_number(text, int))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value > 0):
@@ -184,7 +191,38 @@ def _parser() -> _Parser:
     add("--sharpness-rho", type=_non_negative_float, default=S, help="rho of the measure (0.05)")
     add("--landscape-steps", type=_positive_int, default=S, help="grid points per axis (21)")
     add("--landscape-span", type=_positive_float, default=S, help="half-width of the grid (1)")
+    add(
+        "--monitor-every",
+        type=_non_negative_int,
+        default=S,
+        help="top Hessian eigenvalue every N steps of each run, on 64 training samples, "
+        "drawn in sharpness.png (0: off; default 150)",
+    )
     add("--list-optimizers", action="store_true", help="describe the optimizers and exit")
+    add(
+        "--augment",
+        choices=("none", "basic", "cutout"),
+        default=S,
+        help="CIFAR augmentation on the device: basic = 4-px pad random crop + flip, cutout = "
+        "basic + a 16x16 square (default: basic for CIFAR, none for digits and toy)",
+    )
+    add(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=S,
+        help="bf16: autocast and channels_last; auto: bf16 on CUDA, fp32 on the CPU (auto)",
+    )
+    add(
+        "--preset",
+        default=S,
+        help="a paper's protocol, e.g. foret2021 (WRN-28-10, CIFAR, SGD vs SAM, 200 epochs) "
+        "or foret2021-noise; options given here win; see docs/cifar.md",
+    )
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the runs of an interrupted comparison in --out from their checkpoints",
+    )
 
     landscape = commands.add_parser(
         "landscape",
@@ -237,8 +275,12 @@ def _compare_config(args: argparse.Namespace) -> Any:
         except ValueError as exc:
             raise _UsageError(f"--config {path}: {exc}") from exc
         values = from_file.to_dict()
-    skip = {"command", "out", "config", "quiet", "list_optimizers"}
+    skip = {"command", "out", "config", "quiet", "list_optimizers", "resume"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})
+    if values.get("preset") is not None:
+        from torchsam.experiments.presets import expand_preset
+
+        values = expand_preset(values["preset"], values)
     config = CompareConfig(**values)
     config.validate()
     contenders(config.optimizers, config.rho)  # a bad --optimizers list fails here, not later
@@ -306,9 +348,11 @@ def _run_compare(args: argparse.Namespace) -> int:
     from torchsam.experiments.compare import check_output_folder, init_distributed
 
     config = _compare_config(args)
+    if args.resume and args.out is None:
+        raise _UsageError("--resume continues the comparison in --out DIR: name that folder")
     out = Path(args.out) if args.out is not None else _default_out()
     if int(os.environ.get("RANK", "0")) == 0:  # the writer (torchrun's rank 0, or alone)
-        check_output_folder(out)
+        check_output_folder(out, resume=args.resume)
     if not init_distributed(config.device):
         return _compare_and_print(args, config, out)
     import torch.distributed as dist
@@ -331,7 +375,7 @@ def _compare_and_print(args: argparse.Namespace, config: Any, out: Path, rank: i
     from torchsam.experiments.compare import Progress, format_table, run_compare
 
     progress = _progress(args.quiet) if rank == 0 else Progress()
-    report = run_compare(config, out, progress=progress)
+    report = run_compare(config, out, progress=progress, resume=args.resume)
     if rank != 0:
         return 130 if report["interrupted"] else 0
     cfg = report["config"]
@@ -347,6 +391,16 @@ def _compare_and_print(args: argparse.Namespace, config: Any, out: Path, rank: i
         print("(torchsam.sharpness / torchsam.landscape are not available: no sharpness columns)")
     print()
     print(report["verdict"])
+    if cfg.get("preset") is not None:
+        from torchsam.experiments.presets import reference_lines
+
+        print(
+            "\n".join(
+                reference_lines(
+                    cfg["preset"], cfg["dataset"], cfg["label_noise"], report["summary"]
+                )
+            )
+        )
     print(
         f"Results in {out}/: "
         + ", ".join(report["files"][:5])

@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 import torchsam
 from torchsam.experiments.data import Split, noisy_digits, noisy_signals
-from torchsam.experiments.models import mlp, resnet18, small_cnn, wide_resnet
+from torchsam.experiments.long_runs import (
+    check_options,
+    default_augment,
+    epoch_estimate,
+    run_checkpoint,
+)
+from torchsam.experiments.models import mlp, resnet18, resnet_cifar, small_cnn, wide_resnet
 from torchsam.experiments.train import (
     METHODS,
     EpochStats,
@@ -37,6 +43,7 @@ from torchsam.experiments.train import (
     register_method,
     train,
 )
+from torchsam.monitor import SharpnessMonitor
 
 __all__ = [
     "DATASETS",
@@ -62,7 +69,7 @@ __all__ = [
 DATASETS = ("digits", "toy", "cifar10", "cifar100")
 """Names accepted by ``--dataset``."""
 
-MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8")
+MODELS = ("mlp", "small_cnn", "resnet18", "wrn16_8", "resnet32", "wrn28_10")
 """Names accepted by ``--model``."""
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -74,7 +81,16 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 """The defaults of the options that depend on the dataset (``--help`` prints them)."""
 # the small tasks' models gain nothing from more CPU threads, and lose much on a busy machine
 _ONE_THREAD = ("digits", "toy")
-_MODEL_WIDTH = {"mlp": 128, "small_cnn": 16, "resnet18": 64, "wrn16_8": 8}
+MONITOR_SAMPLES = 64
+"""Training samples of the probe on which ``--monitor-every`` measures (the first ones)."""
+_MODEL_WIDTH = {
+    "mlp": 128,
+    "small_cnn": 16,
+    "resnet18": 64,
+    "wrn16_8": 8,
+    "resnet32": 16,
+    "wrn28_10": 10,
+}
 _IMAGE_SHAPE = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
 
@@ -155,6 +171,10 @@ def build_model(name: str, dataset: str, split: Split, width: int | None = None)
         return small_cnn(shape, split.num_classes, channels=width)
     if name == "resnet18":
         return resnet18(shape, split.num_classes, width=width)
+    if name == "resnet32":
+        return resnet_cifar(shape, split.num_classes, depth=32, width=width)
+    if name == "wrn28_10":
+        return wide_resnet(shape, split.num_classes, depth=28, widen=width)
     return wide_resnet(shape, split.num_classes, depth=16, widen=width)
 
 
@@ -357,6 +377,10 @@ class CompareConfig:
     sharpness_rho: float = 0.05
     landscape_steps: int = 21
     landscape_span: float = 1.0
+    monitor_every: int = 150
+    augment: str | None = None
+    precision: str = "auto"
+    preset: str | None = None
 
     def resolved(self) -> CompareConfig:
         """A copy with the dataset's defaults filled in."""
@@ -369,6 +393,8 @@ class CompareConfig:
             values["width"] = _MODEL_WIDTH.get(values["model"])
         if values["threads"] is None and self.dataset in _ONE_THREAD:
             values["threads"] = 1
+        if values["augment"] is None:
+            values["augment"] = default_augment(self.dataset)
         return CompareConfig(**values)
 
     def validate(self) -> None:
@@ -402,6 +428,7 @@ class CompareConfig:
         for name in ("instrument_samples", "hessian_iters"):
             whole(name, getattr(self, name))
         whole("landscape_steps", self.landscape_steps, low=2)
+        whole("monitor_every", self.monitor_every, low=0)
         whole("data_seed", self.data_seed, low=0)
         if not isinstance(self.seeds, list) or not self.seeds:
             raise ValueError(f"Invalid seeds value: {self.seeds!r}; give a list of seeds")
@@ -423,6 +450,7 @@ class CompareConfig:
             raise ValueError("Invalid lr value: 0; it must be > 0")
         if number("landscape_span", self.landscape_span) == 0.0:
             raise ValueError("Invalid landscape_span value: 0; it must be > 0")
+        check_options(self.dataset, self.augment, self.precision, self.preset)
         for name in ("optimizers", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"Invalid {name} value: {getattr(self, name)!r}; give a string")
@@ -617,13 +645,23 @@ def _check_creatable(path: Path, option: str) -> None:
         raise ValueError(f"{option}: cannot create {path}: no permission to write in {ancestor}")
 
 
-def check_output_folder(out: Path, option: str = "--out") -> None:
+def check_output_folder(out: Path, option: str = "--out", *, resume: bool = False) -> None:
     """Raise a ValueError, naming ``option``, unless ``out`` is an empty folder this process may
-    write in or can be created as one.
+    write in or can be created as one; with ``resume=True``, unless it is an existing folder
+    this process may write in (the earlier run's, which ``--resume`` continues).
 
     :func:`run_compare` refuses a folder that already holds files, so that every file in its
     output folder is the run's own (no checkpoint or picture of an earlier run beside them).
     """
+    if resume:
+        if not out.is_dir():
+            raise ValueError(
+                f"{option}: {out} is not a folder; --resume continues the comparison written "
+                "there by an earlier run"
+            )
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"{option}: no permission to write in {out}")
+        return
     if not out.exists():
         _check_creatable(out, option)
         return
@@ -683,6 +721,7 @@ def run_compare(
     out: Path,
     *,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison of ``config`` and write its results under ``out``.
 
@@ -702,6 +741,9 @@ def run_compare(
     ``batch_size`` is the global batch, shared among the processes), and rank 0 alone measures
     the models and writes the files.
 
+    Every run writes a checkpoint after each epoch (``checkpoints/resume/``); with
+    ``resume=True`` a run whose checkpoint is there continues from it, bit for bit.
+
     Raises:
         ValueError: for an invalid configuration or an ``out`` that is not a new or empty
             folder; in a process group, also for a batch size that is not a multiple of its
@@ -718,7 +760,7 @@ def run_compare(
     rank, world = _rank_and_world()
     writer = rank == 0
     if writer:
-        check_output_folder(out)
+        check_output_folder(out, resume=resume)
     if world > 1:
         if int(config.batch_size or 1) % world:
             raise ValueError(
@@ -743,7 +785,7 @@ def run_compare(
 
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir()
+        (out / "checkpoints").mkdir(exist_ok=resume)
     checkpoints: list[Path] = []
     report: dict[str, Any] = {
         "config": config.to_dict(),
@@ -762,9 +804,16 @@ def run_compare(
                 report["runs"].append(record)
                 progress.start_run(contender.label, seed, steps_per_run)
                 try:
-                    result = _train_one(contender, seed, split, config, device, record, progress)
+                    resume_from = run_checkpoint(out, contender.label, seed)
+                    runs_left = len(entries) * len(config.seeds) - len(report["runs"])
+                    result = _train_one(
+                        contender, seed, split, config, device, record, progress,
+                        (resume_from, resume, runs_left),
+                    )  # fmt: skip
                 finally:
                     progress.end_run()
+                if writer and resume_from.is_file():  # the run's per-epoch checkpoint
+                    checkpoints.append(resume_from)
                 record.update(_result_fields(result))
                 if result.model is not None and writer:
                     if record["diverged"] or not finite_loss(result.model, probe):
@@ -837,9 +886,16 @@ def _train_one(
     device: torch.device,
     record: dict[str, Any],
     progress: Progress,
+    long_run: tuple[Path, bool, int],
 ) -> Result:
+    checkpoint, resume, runs_left = long_run
+    resume = resume and checkpoint.is_file()
+
     def on_epoch(stats: EpochStats) -> None:
         record["history"].append(dataclasses.asdict(stats))
+        if stats.epoch == 0 and not resume:
+            progress.note(f"{contender.label} seed {seed}: " + epoch_estimate(
+                stats, int(config.epochs or 1), runs_left))  # fmt: skip
 
     kwargs: dict[str, Any] = {
         "lr": config.lr,
@@ -847,6 +903,17 @@ def _train_one(
         "weight_decay": config.weight_decay,
         **contender.train_options,
     }
+    probe = probe_data(split, MONITOR_SAMPLES, device) if config.monitor_every > 0 else []
+
+    def monitor(model: nn.Module) -> SharpnessMonitor:
+        return SharpnessMonitor(
+            model,
+            nn.CrossEntropyLoss(),
+            probe,
+            every=config.monitor_every,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
     return train(
         contender.method,
         split,
@@ -859,13 +926,18 @@ def _train_one(
         on_step=progress.step,
         on_epoch=on_epoch,
         distributed=_rank_and_world()[1] > 1,
+        augment=str(config.augment),
+        precision=config.precision,
+        checkpoint=checkpoint,
+        resume=resume,
+        monitor=monitor if probe else None,
         **kwargs,
         **contender.options,
     )
 
 
 def _result_fields(result: Result) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {
         "complete": True,
         "diverged": not math.isfinite(result.train_loss),
         "test_accuracy": result.test_accuracy,
@@ -877,6 +949,13 @@ def _result_fields(result: Result) -> dict[str, Any]:
         "forward_samples": result.forward_samples,
         "forwards_per_step": result.forwards_per_step,
     }
+    if result.sharpness:  # --monitor-every: the top eigenvalue during training
+        fields["sharpness"] = [
+            {k: None if v != v else v for k, v in dataclasses.asdict(r).items()}  # NaN: null
+            for r in result.sharpness
+        ]
+        fields["monitor_seconds"] = sum(r.seconds for r in result.sharpness)
+    return fields
 
 
 def _save_checkpoint(
@@ -1168,6 +1247,10 @@ def _plots(
     ]
     if len(config.rho) > 1:
         written.append(plots.accuracy_vs_rho(report["summary"], out / "accuracy_vs_rho.png"))
+    if any(run.get("sharpness") for run in report["runs"]):
+        written.append(
+            plots.sharpness_over_training(report["runs"], out / "sharpness.png", lr=config.lr)
+        )
     pair = _landscape_pair(report["summary"], models)
     modules = _instrument_modules()
     if config.instruments and pair is not None and modules is not None:

@@ -17,13 +17,44 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "noisy_digits", "noisy_signals"]
+__all__ = ["Images", "Split", "noisy_digits", "noisy_signals"]
 
 _INSTALL_HINT = (
     "noisy_digits() needs scikit-learn, which ships the digits dataset; "
     'install it with: pip install "torchsam[data]"'
 )
 _PIXEL_MAX = 16.0  # the digits' pixel values are integers in [0, 16]
+
+
+@dataclass(frozen=True)
+class Images:
+    """A split's images as uint8 pixels, with the per-channel statistics that normalise them.
+
+    :func:`~torchsam.experiments.train.train` keeps these on the device (a quarter of the
+    float32 features' memory: 150 MB for CIFAR's training set) and builds each batch there:
+    index, augment (``augment=``), then :meth:`normalise`.
+
+    Attributes:
+        train (Tensor): training images ``(n_train, channels, height, width)``, uint8, in the
+            order of ``Split.x_train``
+        test (Tensor): test images ``(n_test, channels, height, width)``, uint8
+        mean (Tensor): per-channel mean of the training pixels scaled to ``[0, 1]``,
+            ``(channels,)`` float32
+        std (Tensor): their per-channel standard deviation, ``(channels,)`` float32
+    """
+
+    train: Tensor
+    test: Tensor
+    mean: Tensor
+    std: Tensor
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """``(pixels / 255 - mean) / std`` per channel, float32, same shape as ``pixels``."""
+        shape = (1, -1, 1, 1)
+        scaled = pixels.float().div_(255.0)
+        return (scaled - self.mean.to(scaled.device).view(shape)) / self.std.to(scaled.device).view(
+            shape
+        )
 
 
 @dataclass(frozen=True)
@@ -41,6 +72,9 @@ class Split:
         test_index (Tensor): row of each test example in the full dataset, int64
         noisy_index (Tensor): positions in the training set whose label was replaced (sorted),
             int64; ``y_train[noisy_index] != y_train_clean[noisy_index]`` everywhere
+        images (Images | None): the same images as uint8 pixels, for datasets of images
+            (CIFAR); ``x_train``/``x_test`` are then their normalised, flattened copies.
+            None for the digits and the signals (default: None)
     """
 
     x_train: Tensor
@@ -52,6 +86,7 @@ class Split:
     train_index: Tensor
     test_index: Tensor
     noisy_index: Tensor
+    images: Images | None = None
 
     @property
     def num_features(self) -> int:

@@ -1,5 +1,6 @@
 """Models for the experiments: small ones that are fast on a CPU (with optional BatchNorm), and
-the CIFAR variants of ResNet-18 and WideResNet-16-8 (3x3 stem, no initial max-pool).
+the CIFAR networks: ResNet-18 (3x3 stem, no initial max-pool), the CIFAR ResNet-32 of He et
+al. and WideResNet-``d``-``k`` (WRN-16-8, and WRN-28-10 of the SAM paper's CIFAR tables).
 
 Every model takes flat feature rows (as the :class:`~torchsam.experiments.data.Split` tensors
 hold them) or images.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["mlp", "resnet18", "small_cnn", "wide_resnet"]
+__all__ = ["mlp", "resnet18", "resnet_cifar", "small_cnn", "wide_resnet"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -66,13 +67,16 @@ def mlp(
 
 
 class _Unflatten(nn.Module):
-    """Reshape flat feature rows ``(n, c*h*w)`` into images ``(n, c, h, w)``."""
+    """Reshape flat feature rows ``(n, c*h*w)`` into images ``(n, c, h, w)``; images of that
+    shape pass as they are (keeping their memory layout, e.g. ``channels_last``)."""
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.shape = shape
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and tuple(x.shape[1:]) == self.shape:
+            return x
         return x.reshape(x.shape[0], *self.shape)
 
 
@@ -133,6 +137,36 @@ def _image_shape(image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _per_stage(depth: object, extra: int) -> int:
+    """Blocks per stage of a ``6n + extra``-layer network: ``n``, or a ValueError."""
+    if (
+        isinstance(depth, bool)
+        or not isinstance(depth, int)
+        or depth < 6 + extra
+        or (depth - extra) % 6
+    ):
+        raise ValueError(f"Invalid depth value: {depth!r}; depth must be 6n + {extra} with n >= 1")
+    return (depth - extra) // 6
+
+
+def _stem(shape: tuple[int, int, int], width: int) -> list[nn.Module]:
+    """``Conv3x3(width) -> BN -> ReLU`` on the (unflattened) images."""
+    conv = nn.Conv2d(shape[0], width, 3, padding=1, bias=False)
+    return [_Unflatten(shape), conv, nn.BatchNorm2d(width), nn.ReLU()]
+
+
+def _stages(
+    block: type[nn.Module], width_in: int, widths: list[int], blocks: int
+) -> list[nn.Module]:
+    """``blocks`` blocks per width; every stage after the first starts with stride 2."""
+    layers: list[nn.Module] = []
+    for stage, width_out in enumerate(widths):
+        for index in range(blocks):
+            layers.append(block(width_in, width_out, 2 if stage and not index else 1))
+            width_in = width_out
+    return layers
+
+
 class _BasicBlock(nn.Module):
     """ResNet's basic block: two 3x3 conv-BN layers and a (projected) shortcut, then ReLU."""
 
@@ -177,21 +211,52 @@ def resnet18(
     shape = _image_shape(image_shape)
     num_classes = _check_positive_int("num_classes", num_classes)
     width = _check_positive_int("width", width)
-    layers: list[nn.Module] = [
-        _Unflatten(shape),
-        nn.Conv2d(shape[0], width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-    ]
-    width_in = width
-    for stage in range(4):
-        width_out = width * 2**stage
-        for block in range(2):
-            stride = 2 if stage > 0 and block == 0 else 1
-            layers.append(_BasicBlock(width_in, width_out, stride))
-            width_in = width_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width_in, num_classes)]
-    return nn.Sequential(*layers)
+    widths = [width * 2**stage for stage in range(4)]
+    return nn.Sequential(
+        *_stem(shape, width),
+        *_stages(_BasicBlock, width, widths, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[-1], num_classes),
+    )
+
+
+def resnet_cifar(
+    image_shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    depth: int = 32,
+    width: int = 16,
+) -> nn.Sequential:
+    """The CIFAR ResNet of He et al. (2016, section 4.2), ResNet-32 by default.
+
+    Stem ``Conv3x3(width) -> BN -> ReLU``, three stages of ``(depth - 2) / 6`` basic blocks
+    with ``width, 2*width, 4*width`` channels (the last two start with stride 2), global
+    average pooling and a linear classifier. A shortcut that changes the shape is a 1x1
+    convolution with BatchNorm (the paper's option B; its CIFAR runs used zero-padding, A).
+    ResNet-32 has 0.47M parameters; it is the model of the SAM paper's label-noise table.
+
+    Args:
+        image_shape (tuple, optional): ``(channels, height, width)`` (default: CIFAR's)
+        num_classes (int, optional): output logits (default: 10)
+        depth (int, optional): ``6n + 2`` layers (default: 32)
+        width (int, optional): channels of the first stage (default: 16)
+
+    Example:
+        >>> resnet_cifar(depth=8, width=4)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    shape = _image_shape(image_shape)
+    num_classes = _check_positive_int("num_classes", num_classes)
+    width = _check_positive_int("width", width)
+    blocks = _per_stage(depth, 2)
+    widths = [width * 2**stage for stage in range(3)]
+    return nn.Sequential(
+        *_stem(shape, width),
+        *_stages(_BasicBlock, width, widths, blocks),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[-1], num_classes),
+    )
 
 
 class _WideBlock(nn.Module):
@@ -225,7 +290,7 @@ def wide_resnet(
     Stem ``Conv3x3(16)``, three groups of ``(depth - 4) / 6`` pre-activation blocks with
     ``16*widen, 32*widen, 64*widen`` channels (the last two start with stride 2), then
     ``BN -> ReLU``, global average pooling and a linear classifier; no dropout. WRN-16-8 has
-    11.0M parameters.
+    11.0M parameters; WRN-28-10 (``depth=28, widen=10``, the SAM paper's CIFAR model) 36.5M.
 
     Args:
         image_shape (tuple, optional): ``(channels, height, width)`` of one input
@@ -241,18 +306,13 @@ def wide_resnet(
     shape = _image_shape(image_shape)
     num_classes = _check_positive_int("num_classes", num_classes)
     widen = _check_positive_int("widen", widen)
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"Invalid depth value: {depth!r}; depth must be 6n + 4 with n >= 1")
-    blocks = (depth - 4) // 6
-    layers: list[nn.Module] = [_Unflatten(shape), nn.Conv2d(shape[0], 16, 3, padding=1, bias=False)]
-    width_in = 16
-    for group in range(3):
-        width_out = 16 * widen * 2**group
-        for block in range(blocks):
-            stride = 2 if group > 0 and block == 0 else 1
-            layers.append(_WideBlock(width_in, width_out, stride))
-            width_in = width_out
-    layers += [
+    blocks = _per_stage(depth, 4)
+    widths = [16 * widen * 2**group for group in range(3)]
+    width_in = widths[-1]
+    layers: list[nn.Module] = [
+        _Unflatten(shape),
+        nn.Conv2d(shape[0], 16, 3, padding=1, bias=False),
+        *_stages(_WideBlock, 16, widths, blocks),
         nn.BatchNorm2d(width_in),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),

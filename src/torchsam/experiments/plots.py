@@ -11,7 +11,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["accuracy_vs_rho", "accuracy_vs_time", "close", "learning_curves"]
+__all__ = [
+    "accuracy_vs_rho",
+    "accuracy_vs_time",
+    "close",
+    "learning_curves",
+    "sharpness_over_training",
+]
 
 _INSTALL_HINT = 'the plots need matplotlib: pip install "torchsam[cli]"'
 
@@ -122,5 +128,39 @@ def accuracy_vs_rho(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set(xlabel="rho", ylabel="test accuracy (%)", title="Accuracy against rho")
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def sharpness_over_training(
+    runs: Sequence[Mapping[str, Any]], path: Path, *, lr: float | None
+) -> Path:
+    """The top Hessian eigenvalue on the probe against the step, mean over seeds per contender
+    (``--monitor-every``), with the line ``2 / lr``: gradient descent's stability limit at the
+    peak learning rate (a quadratic of curvature above it diverges under plain gradient
+    descent)."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    for label in labels:
+        series = [r["sharpness"] for r in runs if r["label"] == label and r.get("sharpness")]
+        if not series:
+            continue
+        length = min(len(s) for s in series)
+        points = []
+        for i in range(length):
+            values = [s[i]["top_eigenvalue"] for s in series if s[i]["top_eigenvalue"] is not None]
+            if values:
+                points.append((series[0][i]["step"], statistics.fmean(values)))
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if lr:
+        ax.axhline(2 / lr, color="black", linestyle="--", label=f"2/lr = {2 / lr:g}")
+    ax.set(
+        xlabel="step",
+        ylabel="top Hessian eigenvalue (training probe)",
+        title="Sharpness during training",
+    )
+    ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(figure, path)

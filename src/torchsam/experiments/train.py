@@ -38,8 +38,9 @@ Extension points (methods whose step is not the standard closure):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -47,11 +48,21 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torchsam import SAM, freeze_running_stats
+from torchsam.experiments.augment import check_augment
+from torchsam.experiments.batches import BatchSource, batch_source
+from torchsam.experiments.checkpoint import (
+    load_checkpoint,
+    restore_state,
+    run_state,
+    save_checkpoint,
+)
 from torchsam.experiments.data import Split
 from torchsam.experiments.models import mlp
+from torchsam.monitor import SharpnessMonitor, SharpnessRecord
 
 __all__ = [
     "METHODS",
+    "PRECISIONS",
     "Batch",
     "EpochStats",
     "Method",
@@ -185,6 +196,9 @@ class Method:
         step_options (frozenset[str], optional): names of keyword arguments that go to
             ``make_step`` instead of ``make_optimizer`` (default: none)
         description (str, optional): one line for reports
+        resumable (bool, optional): whether a run can resume from a checkpoint, i.e. the step
+            function keeps no state of its own between steps (default: True, which
+            :func:`register_method` sets only for :func:`closure_step`)
     """
 
     name: str
@@ -193,6 +207,7 @@ class Method:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     step_options: frozenset[str] = frozenset()
     description: str = ""
+    resumable: bool = True
 
     def split_kwargs(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """``defaults`` updated with ``kwargs``, as (optimizer kwargs, step kwargs)."""
@@ -215,6 +230,7 @@ def register_method(
     step_options: Iterable[str] = (),
     description: str = "",
     replace: bool = False,
+    resumable: bool | None = None,
 ) -> Method:
     """Add a method to :data:`METHODS` and return it.
 
@@ -229,6 +245,10 @@ def register_method(
             (default: none)
         description (str, optional): one line for reports (default: "")
         replace (bool, optional): allow replacing a registered method (default: False)
+        resumable (bool, optional): whether runs of the method can resume from a checkpoint:
+            true when the step function keeps no state between steps beyond the optimizer,
+            the model and ``context.generator`` (default: True for :func:`closure_step`,
+            else False)
 
     Raises:
         ValueError: if ``name`` is empty, contains a comma or whitespace, or is taken and
@@ -248,6 +268,7 @@ def register_method(
         defaults=dict(defaults or {}),
         step_options=frozenset(step_options),
         description=description,
+        resumable=make_step is closure_step if resumable is None else resumable,
     )
     METHODS[name] = method
     return method
@@ -346,6 +367,8 @@ class Result:
         steps (int): optimisation steps taken
         train_loss (float): mean batch loss of the last epoch (see :class:`EpochStats`)
         history (tuple[EpochStats, ...]): one record per epoch
+        sharpness (tuple[SharpnessRecord, ...]): the measurements of the ``monitor`` given to
+            :func:`train`, if any (not compared, not shown in the repr)
         model (nn.Module | None): the trained model, in evaluation mode (not compared, not
             shown in the repr)
     """
@@ -360,6 +383,7 @@ class Result:
     steps: int
     train_loss: float = float("nan")
     history: tuple[EpochStats, ...] = ()
+    sharpness: tuple[SharpnessRecord, ...] = field(default=(), compare=False, repr=False)
     model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -374,11 +398,90 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Index tensors of one epoch: a fresh permutation in full batches (the tail is dropped)."""
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield order[start : start + batch_size]
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Names accepted by ``precision=`` (and ``--precision``)."""
+
+
+def _resolve_precision(precision: object, device: torch.device) -> bool:
+    """Whether a run of ``precision`` on ``device`` uses bf16 autocast (``"auto"``: on CUDA)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(
+            f"Invalid precision value: {precision!r}; use one of: {', '.join(PRECISIONS)}"
+        )
+    if precision == "auto":
+        return device.type == "cuda"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16': {device} does not support bfloat16; use 'fp32'")
+    return precision == "bf16"
+
+
+class _Autocast(nn.Module):
+    """Runs the wrapped module under bf16 autocast and returns float32 logits."""
+
+    def __init__(self, module: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.module(x).float()
+
+
+class _ForwardCounter:
+    """A forward pre-hook counting calls and samples while ``enabled`` (not in evaluations)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.samples = 0
+        self.enabled = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.enabled:
+            self.calls += 1
+            if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
+                self.samples += args[0].shape[0]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments of a run that are not objects."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    seed: int
+    augment: str
+    bf16: bool
+    device: torch.device
+    world: int
+    rank: int
+
+
+@dataclass
+class _Run:
+    """A run's objects and its progress: what an epoch advances and a checkpoint saves."""
+
+    settings: _Settings
+    model: nn.Module  # the bare model
+    net: nn.Module  # what the steps call: the model under DDP and autocast as configured
+    evaluator: nn.Module  # what evaluations call: the model under autocast as configured
+    optimizer: Optimizer
+    scheduler: Any
+    step_fn: StepFn
+    source: BatchSource
+    generators: dict[str, torch.Generator]
+    counter: _ForwardCounter
+    next_epoch: int = 0
+    steps: int = 0
+    wall_time: float = 0.0
+    history: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.source.n_train // self.settings.batch_size
 
 
 @torch.no_grad()
@@ -389,33 +492,244 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> 
     """
     if x.shape[0] == 0:
         return float("nan")
-    return _correct(model, x, y, batch_size) / x.shape[0]
-
-
-@torch.no_grad()
-def _correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> int:
     correct = 0
     for start in range(0, x.shape[0], batch_size):
         logits = model(x[start : start + batch_size])
         correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum().item())
-    return correct
+    return correct / x.shape[0]
 
 
 @torch.no_grad()
-def _shared_accuracy(model: nn.Module, x: Tensor, y: Tensor, world: int) -> float:
-    """:func:`accuracy` with the rows shared among the processes of the default group, each
-    evaluating its part with rank 0's buffers (BatchNorm statistics); the same on every rank."""
-    if world == 1 or x.shape[0] == 0:
-        return accuracy(model, x, y)
-    import torch.distributed as dist
+def _evaluate(run: _Run, which: str, labels: Tensor, chunk: int = 1024) -> float:
+    """Accuracy of the model in evaluation mode on the ``"train"`` or ``"test"`` rows of the
+    run's source against ``labels``; the counter is off. With several processes each
+    evaluates its share of the rows with rank 0's buffers and the count is summed."""
+    n, world = run.source.size(which), run.settings.world
+    if n == 0:
+        return float("nan")
+    low, high = 0, n
+    if world > 1:
+        import torch.distributed as dist
 
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
-    part = -(-x.shape[0] // world)
-    rows = slice(dist.get_rank() * part, (dist.get_rank() + 1) * part)
-    count = torch.tensor([_correct(model, x[rows], y[rows])], device=x.device)
-    dist.all_reduce(count)
-    return int(count.item()) / x.shape[0]
+        for buffer in run.model.buffers():
+            dist.broadcast(buffer, src=0)
+        part = -(-n // world)
+        low, high = min(n, run.settings.rank * part), min(n, (run.settings.rank + 1) * part)
+    run.counter.enabled = False
+    run.model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    for start in range(low, high, chunk):
+        stop = min(start + chunk, high)
+        logits = run.evaluator(run.source.inputs(which, start, stop))
+        correct += (logits.argmax(dim=1) == labels[start:stop]).sum()
+    if world > 1:
+        torch.distributed.all_reduce(correct)
+    run.model.train()
+    run.counter.enabled = True
+    return int(correct.item()) / n
+
+
+def _run_epoch(
+    run: _Run,
+    epoch: int,
+    on_step: Callable[[int, int, Tensor], None] | None,
+    monitor: SharpnessMonitor | None = None,
+) -> EpochStats:
+    """One pass over a fresh permutation of the training set, in full batches (the tail is
+    dropped); a step and a scheduler step per batch."""
+    settings, source = run.settings, run.source
+    local = settings.batch_size // settings.world
+    _synchronize(settings.device)
+    start = time.perf_counter()
+    order = torch.randperm(source.n_train, generator=run.generators["batches"])
+    order = order.to(settings.device)  # one copy per epoch, none per step
+    loss_sum = torch.zeros((), device=settings.device)
+    for first in range(0, run.steps_per_epoch * settings.batch_size, settings.batch_size):
+        index = order[first : first + settings.batch_size]
+        if settings.world > 1:  # this process's share of the global batch
+            index = index[settings.rank * local : (settings.rank + 1) * local]
+        x = source.train_inputs(index)
+        loss = run.step_fn(Batch(x, source.y_train[index], index, epoch, run.steps))
+        loss_sum += loss.detach()
+        run.scheduler.step()
+        run.steps += 1
+        if on_step is not None:
+            on_step(epoch, run.steps, loss)
+        if monitor is not None and monitor.due(run.steps):
+            start += _measure(run, monitor)  # not training time
+    _synchronize(settings.device)
+    run.wall_time += time.perf_counter() - start
+    if settings.world > 1:  # the mean over the ranks' equal shares: the global batches'
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= settings.world
+    return EpochStats(epoch, (loss_sum / run.steps_per_epoch).item(), run.wall_time)
+
+
+def _measure(run: _Run, monitor: SharpnessMonitor) -> float:
+    """Let ``monitor`` measure at the run's step count, outside the forward count; return the
+    seconds it took (the device synchronised before and after)."""
+    _synchronize(run.settings.device)
+    began = time.perf_counter()
+    run.counter.enabled = False
+    try:
+        monitor.step(run.steps)
+    finally:
+        run.counter.enabled = True
+    _synchronize(run.settings.device)
+    return time.perf_counter() - began
+
+
+def _build_run(
+    spec: Method,
+    split: Split,
+    settings: _Settings,
+    model_fn: Callable[[Split], nn.Module] | None,
+    method_kwargs: Mapping[str, Any],
+) -> _Run:
+    """The model and its wrappers, the optimizer, the cosine schedule, the batch source and
+    the step function."""
+    target = settings.device
+    model, net, evaluator = _models(split, settings, model_fn)
+    opt_kwargs, step_kwargs = spec.split_kwargs(method_kwargs)
+    optimizer = spec.make_optimizer(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        **opt_kwargs,
+    )
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"method {spec.name!r} built {type(optimizer)!r}, not a torch.optim.Optimizer"
+        )
+    generators = {
+        "batches": torch.Generator().manual_seed(settings.seed),
+        # a stream of its own, so a method's draws never shift the batches
+        "method": torch.Generator().manual_seed(settings.seed + 1),
+    }
+    if settings.augment != "none":
+        generators["augment"] = torch.Generator(target).manual_seed(settings.seed + 2)
+    split = _labels_on(split, target)
+    source = batch_source(
+        split,
+        target,
+        augment=settings.augment,
+        generator=generators.get("augment"),
+        channels_last=settings.bf16,
+    )
+    steps_per_epoch = source.n_train // settings.batch_size
+    context = TrainContext(
+        model=net,
+        optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(),
+        per_sample_loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        split=split,
+        epochs=settings.epochs,
+        steps_per_epoch=steps_per_epoch,
+        generator=generators["method"],
+        world_size=settings.world,
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=settings.epochs * steps_per_epoch
+    )
+    step_fn = spec.make_step(context, **step_kwargs)
+    counter = _ForwardCounter()
+    net.register_forward_pre_hook(counter)
+    return _Run(
+        settings, model, net, evaluator, optimizer, scheduler, step_fn, source, generators, counter
+    )
+
+
+def _models(
+    split: Split, settings: _Settings, model_fn: Callable[[Split], nn.Module] | None
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """``(model, net, evaluator)``: the model built (from the global generator, seeded by the
+    caller) and moved to the device; what the steps call (under DDP and autocast as
+    configured); what evaluations call (under autocast as configured)."""
+    target = settings.device
+    model = model_fn(split) if model_fn is not None else mlp(split.num_features, split.num_classes)
+    model.to(target)
+    if settings.bf16:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net: nn.Module = model
+    if settings.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None)
+    if not settings.bf16:
+        return model, net, model
+    return model, _Autocast(net, target.type), _Autocast(model, target.type)
+
+
+def _labels_on(split: Split, device: torch.device) -> Split:
+    """The split with its tensors on ``device``; a split of images keeps its feature rows
+    where they are (the batches come from the pixels)."""
+    if split.y_train.device == device and split.x_train.device == device:
+        return split
+    on_device = split.images is None
+    return replace(
+        split,
+        x_train=split.x_train.to(device) if on_device else split.x_train,
+        x_test=split.x_test.to(device) if on_device else split.x_test,
+        y_train=split.y_train.to(device),
+        y_train_clean=split.y_train_clean.to(device),
+        y_test=split.y_test.to(device),
+    )
+
+
+def _checkpoint_state(run: _Run, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    progress = {
+        "next_epoch": run.next_epoch,
+        "steps": run.steps,
+        "wall_time": run.wall_time,
+        "forward_calls": run.counter.calls,
+        "forward_samples": run.counter.samples,
+        "history": [asdict(stats) for stats in run.history],
+    }
+    return run_state(
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        generators=run.generators,
+        progress=progress,
+        fingerprint=fingerprint,
+    )
+
+
+def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str, Any]) -> None:
+    """Continue ``run`` from the checkpoint at ``path``."""
+    if not spec.resumable:
+        raise ValueError(
+            f"method {spec.name!r} keeps per-run state in its step function, which a checkpoint "
+            "does not hold: it cannot resume; rerun it from the start"
+        )
+    progress = restore_state(
+        load_checkpoint(path, fingerprint),
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        generators=run.generators,
+    )
+    run.next_epoch, run.steps = int(progress["next_epoch"]), int(progress["steps"])
+    run.wall_time = float(progress["wall_time"])
+    run.counter.calls = int(progress["forward_calls"])
+    run.counter.samples = int(progress["forward_samples"])
+    run.history = [EpochStats(**stats) for stats in progress["history"]]
+
+
+def _fingerprint(
+    spec: Method, settings: _Settings, n_train: int, method_kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint must match to resume a run: the configuration, not the device."""
+    values = asdict(settings)
+    del values["device"], values["rank"]
+    options = {**spec.defaults, **method_kwargs}
+    return {
+        **values,
+        "method": spec.name,
+        "options": repr(sorted(options.items())),
+        "n_train": n_train,
+    }
 
 
 def train(
@@ -434,6 +748,11 @@ def train(
     on_step: Callable[[int, int, Tensor], None] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
     distributed: bool = False,
+    augment: str = "none",
+    precision: str = "auto",
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    monitor: Callable[[nn.Module], SharpnessMonitor] | None = None,
     **method_kwargs: Any,
 ) -> Result:
     """Train a fresh model on ``split`` with one method and report its accuracy and cost.
@@ -446,6 +765,11 @@ def train(
     is cross-entropy on the noisy labels ``split.y_train``. The global RNG state is forked, so
     the caller's random stream is untouched, and the same arguments give the same result (on
     the same machine and thread count).
+
+    The run is built from small pieces: the data held on the device
+    (:func:`~torchsam.experiments.batches.batch_source`), one epoch (``_run_epoch``), an
+    evaluation (``_evaluate``), a checkpoint after each epoch
+    (:mod:`~torchsam.experiments.checkpoint`), and the loop over the epochs here.
 
     Args:
         method (str | Method | OptimizerFactory): a registered name (see :data:`METHODS`), a
@@ -476,18 +800,97 @@ def train(
             by DDP are those of one process on the whole batch; the training loss and the
             accuracies (evaluated in shares with rank 0's buffers) are the same on every rank;
             ``wall_time`` is this process's (default: False)
+        augment (str, optional): ``"none"``, ``"basic"`` (random crop of the image padded by
+            4 pixels and horizontal flip) or ``"cutout"`` (basic, then a 16x16 square set to
+            the mean), applied on the device to each batch from a generator on the device
+            seeded with ``seed + 2``; only for a split with images (CIFAR)
+            (default: ``"none"``); see :mod:`~torchsam.experiments.augment`
+        precision (str, optional): ``"fp32"``; ``"bf16"``: the forward passes run under
+            bfloat16 autocast (weights, gradients and optimizer state stay float32; the
+            logits are returned as float32) and the model and image batches take the
+            ``channels_last`` layout; ``"auto"``: bf16 on CUDA, fp32 elsewhere
+            (default: ``"auto"``)
+        checkpoint (str | Path, optional): write the run's state there after every epoch
+            (model, optimizer, scheduler, generators, history; see
+            :mod:`~torchsam.experiments.checkpoint`) (default: None)
+        resume (bool, optional): continue from ``checkpoint``, which an interrupted run of
+            the same configuration wrote: the run ends bit for bit as if never interrupted
+            (the restored epochs are passed to ``on_epoch`` first; their ``wall_time`` is the
+            earlier run's) (default: False)
+        monitor (Callable, optional): builds a :class:`~torchsam.SharpnessMonitor` from the
+            bare model (once, when the model is built); after every step whose count is due
+            (:meth:`~torchsam.SharpnessMonitor.due`) it measures, outside the timed loop and
+            the forward count, so that ``wall_time`` and ``forward_passes`` are those of the
+            training alone; its records are :attr:`Result.sharpness` (those of this call only:
+            a resumed run's earlier measurements are not restored) (default: None)
         **method_kwargs: the method's options (``rho=...``), over its registered defaults
 
     Returns:
-        Result: accuracies, training wall time, forward passes, steps, the per-epoch history
-        and the trained model.
+        Result: accuracies, training wall time, forward passes, steps, the per-epoch history,
+        the monitor's records and the trained model.
 
     Raises:
-        ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``;
+        ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``/
+            ``augment``/``precision``; an augmentation of a split without images; a
+            checkpoint of another configuration, or a method that cannot resume;
             with ``distributed=True``, without a process group or for a ``batch_size`` that
             is not a multiple of the number of processes.
+        FileNotFoundError: with ``resume=True``, if ``checkpoint`` does not exist.
     """
     spec = get_method(method)
+    settings = _check_settings(
+        split,
+        epochs,
+        batch_size,
+        lr,
+        momentum,
+        weight_decay,
+        seed,
+        device,
+        distributed,
+        augment,
+        precision,
+    )
+    fingerprint = _fingerprint(spec, settings, split.x_train.shape[0], method_kwargs)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint path to resume from")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        run = _build_run(spec, split, settings, model_fn, method_kwargs)
+        if resume and checkpoint is not None:
+            _resume(run, spec, checkpoint, fingerprint)
+            for stats in run.history:
+                if on_epoch is not None:
+                    on_epoch(stats)
+        watcher = monitor(run.model) if monitor is not None else None
+        run.model.train()
+        for epoch in range(run.next_epoch, settings.epochs):
+            stats = _run_epoch(run, epoch, on_step, watcher)
+            if curves:
+                stats = replace(stats, test_accuracy=_evaluate(run, "test", run.source.y_test))
+            run.history.append(stats)
+            run.next_epoch = epoch + 1
+            if checkpoint is not None and settings.rank == 0:
+                save_checkpoint(checkpoint, _checkpoint_state(run, fingerprint))
+            if on_epoch is not None:
+                on_epoch(stats)
+        result = _result(run, spec)
+        return result if watcher is None else replace(result, sharpness=tuple(watcher.records))
+
+
+def _check_settings(
+    split: Split,
+    epochs: Any,
+    batch_size: Any,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    seed: Any,
+    device: str | torch.device | None,
+    distributed: bool,
+    augment: str,
+    precision: str,
+) -> _Settings:
     epochs = _check_int("epochs", epochs, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -497,129 +900,42 @@ def train(
         raise ValueError(
             f"Invalid batch_size value: {batch_size}; the training set has only {n_train} samples"
         )
-    opt_kwargs, step_kwargs = spec.split_kwargs(method_kwargs)
-    world, rank = _world(distributed, batch_size)
-    local_batch = batch_size // world
-
+    check_augment(augment)
+    if augment != "none" and split.images is None:
+        raise ValueError(
+            f"augment={augment!r} needs a dataset of images (CIFAR); this split has feature "
+            "rows only: use augment='none'"
+        )
     target = torch.device(device) if device is not None else torch.device("cpu")
-    if split.x_train.device != target:
-        split = replace(
-            split,
-            x_train=split.x_train.to(target),
-            y_train=split.y_train.to(target),
-            y_train_clean=split.y_train_clean.to(target),
-            x_test=split.x_test.to(target),
-            y_test=split.y_test.to(target),
-        )
+    bf16 = _resolve_precision(precision, target)
+    world, rank = _world(distributed, batch_size)
+    return _Settings(
+        epochs, batch_size, lr, momentum, weight_decay, seed, augment, bf16, target, world, rank
+    )
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = (
-            model_fn(split) if model_fn is not None else mlp(split.num_features, split.num_classes)
-        )
-        model.to(target)
-        net = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
 
-            net = DistributedDataParallel(
-                model, device_ids=[target] if target.type == "cuda" else None
-            )
-        optimizer = spec.make_optimizer(
-            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, **opt_kwargs
-        )
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"method {spec.name!r} built {type(optimizer)!r}, not a torch.optim.Optimizer"
-            )
-        steps_per_epoch = n_train // batch_size
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=epochs * steps_per_epoch
-        )
-        batch_generator = torch.Generator().manual_seed(seed)
-        context = TrainContext(
-            model=net,
-            optimizer=optimizer,
-            loss_fn=nn.CrossEntropyLoss(),
-            per_sample_loss_fn=nn.CrossEntropyLoss(reduction="none"),
-            split=split,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            # a stream of its own, so a method's draws never shift the batches
-            generator=torch.Generator().manual_seed(seed + 1),
-            world_size=world,
-        )
-        step_fn = spec.make_step(context, **step_kwargs)
-
-        counts = [0, 0]  # forward calls, samples
-
-        def count_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
-            counts[0] += 1
-            if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
-                counts[1] += args[0].shape[0]
-
-        handle = net.register_forward_pre_hook(count_forward)
-        model.train()
-        steps = 0
-        wall_time = 0.0
-        history: list[EpochStats] = []
-        try:
-            for epoch in range(epochs):
-                _synchronize(target)
-                start = time.perf_counter()
-                loss_sum = torch.zeros((), device=target)
-                for index in _batches(n_train, batch_size, batch_generator):
-                    if world > 1:  # this process's share of the global batch
-                        index = index[rank * local_batch : (rank + 1) * local_batch]
-                    index = index.to(target)
-                    batch = Batch(split.x_train[index], split.y_train[index], index, epoch, steps)
-                    loss = step_fn(batch)
-                    loss_sum += loss.detach()
-                    scheduler.step()
-                    steps += 1
-                    if on_step is not None:
-                        on_step(epoch, steps, loss)
-                _synchronize(target)
-                wall_time += time.perf_counter() - start
-                if world > 1:  # the mean over the ranks' equal shares: the global batches'
-                    torch.distributed.all_reduce(loss_sum)
-                    loss_sum /= world
-                epoch_accuracy = None
-                if curves:
-                    handle.remove()
-                    model.eval()
-                    epoch_accuracy = _shared_accuracy(model, split.x_test, split.y_test, world)
-                    model.train()
-                    handle = net.register_forward_pre_hook(count_forward)
-                stats = EpochStats(
-                    epoch, (loss_sum / steps_per_epoch).item(), wall_time, epoch_accuracy
-                )
-                history.append(stats)
-                if on_epoch is not None:
-                    on_epoch(stats)
-        finally:
-            handle.remove()
-
-        model.eval()
-        test_accuracy = _shared_accuracy(model, split.x_test, split.y_test, world)
-        train_accuracy = _shared_accuracy(model, split.x_train, split.y_train_clean, world)
-        if world > 1:  # samples through the forward passes of all processes
-            samples = torch.tensor([counts[1]], device=target)
-            torch.distributed.all_reduce(samples)
-            counts[1] = int(samples.item())
-
+def _result(run: _Run, spec: Method) -> Result:
+    """Final accuracies (evaluation mode, clean training labels) and the run's record."""
+    test_accuracy = _evaluate(run, "test", run.source.y_test)
+    train_accuracy = _evaluate(run, "train", run.source.y_train_clean)
+    run.model.eval()
+    samples = run.counter.samples
+    if run.settings.world > 1:  # samples through the forward passes of all processes
+        total = torch.tensor([samples], device=run.settings.device)
+        torch.distributed.all_reduce(total)
+        samples = int(total.item())
     return Result(
         method=spec.name,
-        seed=seed,
+        seed=run.settings.seed,
         test_accuracy=test_accuracy,
         train_accuracy=train_accuracy,
-        wall_time=wall_time,
-        forward_passes=counts[0],
-        forward_samples=counts[1],
-        steps=steps,
-        train_loss=history[-1].train_loss,
-        history=tuple(history),
-        model=model,
+        wall_time=run.wall_time,
+        forward_passes=run.counter.calls,
+        forward_samples=samples,
+        steps=run.steps,
+        train_loss=run.history[-1].train_loss,
+        history=tuple(run.history),
+        model=run.model,
     )
 
 

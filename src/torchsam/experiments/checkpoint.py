@@ -1,0 +1,116 @@
+"""Checkpoints of a training run, written after every epoch, from which a run resumes bit for bit.
+
+A checkpoint holds everything the rest of a run depends on: the model's ``state_dict``
+(weights and BatchNorm statistics), the optimizer's and the learning-rate scheduler's, the
+states of the run's ``torch.Generator`` objects (batch order, augmentation, the method's own)
+and of the global generator, the counters and the per-epoch history, plus a *fingerprint* of
+the run's configuration: a checkpoint resumes only the run that wrote it. It is written to a
+temporary file and renamed over the old one, so an interrupted write leaves the last complete
+checkpoint in place. Files are read with ``torch.load(weights_only=True)``: no code runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+__all__ = ["FORMAT", "load_checkpoint", "restore_state", "run_state", "save_checkpoint"]
+
+FORMAT = 1
+"""Version of the checkpoint layout; a file of another version is refused."""
+
+
+def run_state(
+    *,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: Any,
+    generators: Mapping[str, torch.Generator],
+    progress: Mapping[str, Any],
+    fingerprint: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The state of a run between two epochs, as :func:`save_checkpoint` writes it.
+
+    Args:
+        model (nn.Module): the bare model (not its DDP or autocast wrapper)
+        optimizer (Optimizer): the run's optimizer
+        scheduler: its learning-rate scheduler
+        generators (Mapping[str, torch.Generator]): the run's generators by name
+        progress (Mapping[str, Any]): plain values (next epoch, steps, counters, history)
+        fingerprint (Mapping[str, Any]): the configuration the checkpoint belongs to
+    """
+    return {
+        "format": FORMAT,
+        "fingerprint": dict(fingerprint),
+        "progress": dict(progress),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+        "global_rng": torch.get_rng_state(),
+    }
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` to ``path`` through a temporary file renamed over it (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(dict(state), partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: str | Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """The state saved in ``path``, checked against the run's ``fingerprint``.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        ValueError: for a file that is not a checkpoint of this layout, or one written by a
+            run of another configuration (the message names the first difference).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file it cannot read
+        raise ValueError(f"{path} is not a torchsam training checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a torchsam training checkpoint (format {FORMAT})")
+    saved = state.get("fingerprint", {})
+    for key in sorted(set(saved) | set(fingerprint)):
+        if saved.get(key) != fingerprint.get(key):
+            raise ValueError(
+                f"{path} belongs to another run: {key} is {saved.get(key)!r} there and "
+                f"{fingerprint.get(key)!r} here; resume with the same configuration"
+            )
+    return state
+
+
+def restore_state(
+    state: Mapping[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: Any,
+    generators: Mapping[str, torch.Generator],
+) -> dict[str, Any]:
+    """Load a :func:`run_state` into the run's objects; return its ``progress`` values."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    saved = state["generators"]
+    if set(saved) != set(generators):
+        raise ValueError(
+            f"the checkpoint holds generators {sorted(saved)}, not {sorted(generators)}"
+        )
+    for name, generator in generators.items():
+        generator.set_state(saved[name])
+    torch.set_rng_state(state["global_rng"])
+    return dict(state["progress"])

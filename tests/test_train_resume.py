@@ -1,0 +1,239 @@
+"""Training on CIFAR-format files: checkpoints every epoch and a resume that continues bit for
+bit; precision and augmentation options; the command's --preset and --resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_cifar import write_cifar
+from torchsam.experiments import train
+from torchsam.experiments.cifar import cifar
+from torchsam.experiments.data import Split
+from torchsam.experiments.models import resnet_cifar
+from torchsam.experiments.train import EpochStats, Result
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=12)
+    return cifar("cifar10", root, noise=0.25, seed=0)
+
+
+def _model(split: Split) -> nn.Module:
+    return resnet_cifar(num_classes=split.num_classes, depth=8, width=4)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run(split: Split, **kwargs: Any) -> Result:
+    options: dict[str, Any] = {
+        "epochs": 3,
+        "batch_size": 16,
+        "lr": 0.1,
+        "seed": 2,
+        "model_fn": _model,
+        "augment": "cutout",
+        "curves": True,
+        "rho": 0.1,
+    }
+    return train("sam", split, **{**options, **kwargs})
+
+
+def _assert_same_state(a: Any, b: Any) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor)
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same_state(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+def test_resume_continues_bit_for_bit(split: Split, tmp_path: Path) -> None:
+    straight = _run(split, checkpoint=tmp_path / "straight.pt")
+    path = tmp_path / "run.pt"
+
+    def stop_after_first(stats: EpochStats) -> None:
+        if stats.epoch == 0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(split, checkpoint=path, on_epoch=stop_after_first)
+    assert torch.load(path, weights_only=True)["progress"]["next_epoch"] == 1
+    seen: list[int] = []
+    resumed = _run(split, checkpoint=path, resume=True, on_epoch=lambda s: seen.append(s.epoch))
+    assert seen == [0, 1, 2]  # the restored epoch first
+    assert straight.model is not None
+    assert resumed.model is not None
+    _assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    final = torch.load(path, weights_only=True)
+    _assert_same_state(
+        torch.load(tmp_path / "straight.pt", weights_only=True)["optimizer"], final["optimizer"]
+    )
+    assert final["optimizer"]["state"]  # momentum buffers are there to compare
+    keys = ("test_accuracy", "train_accuracy", "train_loss", "steps", "forward_passes")
+    assert [getattr(resumed, k) for k in keys] == [getattr(straight, k) for k in keys]
+    assert resumed.forward_samples == straight.forward_samples
+    assert [(h.train_loss, h.test_accuracy) for h in resumed.history] == [
+        (h.train_loss, h.test_accuracy) for h in straight.history
+    ]
+    # resuming a finished run trains nothing and gives the same result
+    again = _run(split, checkpoint=path, resume=True)
+    assert again.model is not None
+    _assert_same_state(straight.model.state_dict(), again.model.state_dict())
+
+
+def test_resume_refuses_another_configuration(split: Split, tmp_path: Path) -> None:
+    path = tmp_path / "run.pt"
+    _run(split, epochs=1, checkpoint=path)
+    with pytest.raises(ValueError, match="belongs to another run: epochs is 1 there and 2 here"):
+        _run(split, epochs=2, checkpoint=path, resume=True)
+    with pytest.raises(ValueError, match="belongs to another run: augment is 'cutout' there"):
+        _run(split, epochs=1, augment="basic", checkpoint=path, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        _run(split, checkpoint=tmp_path / "missing.pt", resume=True)
+    with pytest.raises(ValueError, match="resume=True needs the checkpoint path"):
+        _run(split, resume=True)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="is not a torchsam training checkpoint"):
+        _run(split, checkpoint=tmp_path / "junk.pt", resume=True)
+
+
+def test_methods_with_state_in_their_step_cannot_resume(split: Split, tmp_path: Path) -> None:
+    import torchsam.experiments.methods  # noqa: F401 (registers saf)
+
+    path = tmp_path / "saf.pt"
+    train("saf", split, epochs=1, batch_size=16, model_fn=_model, checkpoint=path)
+    with pytest.raises(ValueError, match="'saf' keeps per-run state in its step function"):
+        train("saf", split, epochs=1, batch_size=16, model_fn=_model, checkpoint=path, resume=True)
+
+
+def test_augmentation_is_seeded_in_training(split: Split) -> None:
+    first = _run(split, epochs=1, curves=False)
+    again = _run(split, epochs=1, curves=False)
+    plain = _run(split, epochs=1, curves=False, augment="none")
+    assert first.model is not None
+    assert again.model is not None
+    assert plain.model is not None
+    _assert_same_state(first.model.state_dict(), again.model.state_dict())
+    assert not torch.equal(first.model[1].weight, plain.model[1].weight)
+
+
+def test_bf16_precision_runs_with_channels_last_and_float32_state(split: Split) -> None:
+    result = _run(split, epochs=1, precision="bf16", curves=False)
+    assert result.model is not None
+    conv = result.model[1]
+    assert conv.weight.dtype == torch.float32
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(torch.tensor(result.train_loss))
+    with pytest.raises(ValueError, match="Invalid precision value: 'fp16'; use one of: auto"):
+        _run(split, precision="fp16")
+
+
+def test_feature_rows_refuse_augmentation() -> None:
+    pytest.importorskip("sklearn")
+    from torchsam.experiments import noisy_digits
+
+    with pytest.raises(ValueError, match="augment='basic' needs a dataset of images"):
+        train("sgd", noisy_digits(0.2), epochs=1, augment="basic")
+
+
+# --------------------------------------------------------------------------- the command
+def test_compare_preset_prints_the_papers_numbers_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from torchsam.experiments.cli import main
+
+    write_cifar(tmp_path / "data", per_file=8)
+    argv = [
+        "compare", "--preset", "foret2021", "--data-dir", str(tmp_path / "data"),
+        "--width", "1", "--epochs", "2", "--batch-size", "8", "--no-instruments", "--quiet",
+        "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "The paper (Foret et al. 2021 (SAM), Table 1; WRN-28-10" in out
+    assert "paper 96.5% (error 3.5%)" in out
+    assert "paper 97.3% (error 2.7%)" in out
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    config = report["config"]
+    assert (config["model"], config["augment"], config["rho"]) == ("wrn28_10", "basic", [0.05])
+    assert (config["label_noise"], config["preset"], config["epochs"]) == (0.0, "foret2021", 2)
+    resume = tmp_path / "run" / "checkpoints" / "resume"
+    assert sorted(p.name for p in resume.iterdir()) == ["sam-seed0.pt", "sgd-seed0.pt"]
+    # a finished comparison resumed: every run continues from its last checkpoint (no epoch
+    # left) and reports the same numbers
+    assert main([*argv, "--resume"]) == 0
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    for first, second in zip(report["runs"], again["runs"], strict=True):
+        assert first["test_accuracy"] == second["test_accuracy"]
+        assert first["history"] == second["history"]
+    assert main(["compare", "--dataset", "digits", "--resume"]) == 2
+    assert "--resume continues the comparison in --out DIR" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_defaults_to_bf16_and_augments_on_the_device(split: Split) -> None:
+    from torchsam.experiments.batches import batch_source
+
+    device = torch.device("cuda")
+    result = _run(split, epochs=2, device=device, curves=False)
+    assert result.model is not None
+    conv = result.model[1]
+    assert conv.weight.device.type == "cuda"
+    assert conv.weight.dtype == torch.float32
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # precision auto: bf16
+    assert torch.isfinite(torch.tensor(result.train_loss))
+    batches = [
+        batch_source(
+            split, device, augment="basic", generator=torch.Generator(device).manual_seed(4)
+        ).train_inputs(torch.arange(16, device=device))
+        for _ in range(2)
+    ]
+    assert batches[0].device.type == "cuda"
+    assert torch.equal(batches[0], batches[1])
+
+
+def test_time_estimate_and_option_checks() -> None:
+    from torchsam.experiments.long_runs import check_options, epoch_estimate, run_checkpoint
+
+    line = epoch_estimate(EpochStats(0, 1.0, 90.0), epochs=200, runs_left=3)
+    assert line.startswith(
+        "epoch 1 took 90 s: this run needs about 5.0 h more; the 3 runs after it about 15.0 h"
+    )
+    assert "4 min more" in epoch_estimate(EpochStats(0, 1.0, 30.0), epochs=9, runs_left=0)
+    assert run_checkpoint(Path("out"), "looksam(k=5)", 2) == Path(
+        "out/checkpoints/resume/looksam_k=5_-seed2.pt"
+    )
+    check_options("cifar10", "cutout", "bf16", "foret2021")
+    with pytest.raises(ValueError, match="--augment basic needs CIFAR; digits is trained as it"):
+        check_options("digits", "basic", "auto", None)
+    with pytest.raises(ValueError, match="Invalid precision 'half'"):
+        check_options("cifar10", None, "half", None)
+    with pytest.raises(ValueError, match="Unknown preset 'paper'"):
+        check_options("cifar10", None, "auto", "paper")
