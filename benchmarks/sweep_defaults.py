@@ -205,6 +205,10 @@ def configs(quick: bool = False) -> list[Config]:
         for g in pick((0.5, 0.7, 0.9, 1.0), (0.5, 1.0))
     ]
     out += [Config("ESAM beta", b, "esam", {"gamma": 1.0, "beta": b}) for b in pick((0.3, 1.0), ())]
+    out += [
+        Config("MomentumSAM rho", r, "momentumsam", {"rho": r})
+        for r in pick((0.02, 0.05, 0.1, 0.2, 0.5, 0.7, 1.0, 3.0), (0.5,))
+    ]
     return out
 
 
@@ -212,6 +216,7 @@ _CLASSES: dict[str, type[torchsam.SAM]] = {
     "sam": torchsam.SAM,
     "looksam": torchsam.LookSAM,
     "esam": torchsam.ESAM,
+    "momentumsam": torchsam.MomentumSAM,
 }
 
 
@@ -425,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--report", type=Path, default=None, help="also write the Markdown tables there"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--knobs",
+        default=None,
+        help="comma-separated knobs to sweep (default: all; SGD always runs): "
+        + ", ".join(dict.fromkeys(c.knob for c in configs()[1:])),
+    )
     args = parser.parse_args(argv)
 
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else SEEDS)
@@ -438,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(known)}")
     tasks = [known[n] for n in names]
     grid = configs(args.quick)
+    if args.knobs is not None:
+        wanted = [k.strip() for k in args.knobs.split(",") if k.strip()]
+        missing = [k for k in wanted if k not in {c.knob for c in grid}]
+        if missing:
+            parser.error(f"unknown knob(s) {', '.join(missing)}")
+        grid = [grid[0], *(c for c in grid[1:] if c.knob in wanted)]
 
     torch.set_num_threads(args.threads)
     header = [

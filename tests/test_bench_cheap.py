@@ -37,5 +37,6 @@ def test_cheap_benchmark_smoke_run(
     assert rows["esam"][-2:] == ["3.00", "2.50"]  # the second pass takes half the batch
     assert rows["looksam"][-2:] == ["1.20", "1.20"]  # a two-pass step in five
     assert rows["periodic"][-2:] == ["1.20", "1.20"]
-    for name in ("saf", "mesa", "esam", "looksam", "periodic"):
+    assert rows["momentumsam"][-2:] == ["1.00", "1.00"]  # one pass, perturbed between steps
+    for name in ("saf", "mesa", "esam", "looksam", "periodic", "momentumsam"):
         assert f"  {name}: " in out.split("targets:")[1]

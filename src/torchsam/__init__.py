@@ -16,6 +16,7 @@ from torchsam._fsam import FriendlySAM
 from torchsam._gsam import GSAM
 from torchsam._intermittent import IntermittentSAM
 from torchsam._looksam import LookSAM
+from torchsam._momentum_sam import MomentumSAM
 from torchsam._msam import MSAM
 from torchsam._sam import SAM
 from torchsam._trajectory import MESA, SAF, trajectory_kl
@@ -37,6 +38,7 @@ __all__ = [
     "GroupView",
     "IntermittentSAM",
     "LookSAM",
+    "MomentumSAM",
     "SharpnessAwareOptimizer",
     "SharpnessMonitor",
     "StepContext",

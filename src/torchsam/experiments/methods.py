@@ -47,6 +47,26 @@ def _per_sample_step(context: TrainContext) -> StepFn:
     return step
 
 
+def _momentum_sam_step(context: TrainContext) -> StepFn:
+    """MomentumSAM: the standard closure step in the optimizer's training mode, and
+    ``optimizer.eval()`` after the last step of each epoch, so that the model is evaluated
+    (after the epoch, after training) at the unperturbed weights ``w``; the next step returns to
+    training mode first."""
+    optimizer = context.optimizer
+    if not isinstance(optimizer, torchsam.MomentumSAM):
+        raise TypeError(f"momentumsam needs a MomentumSAM, got {type(optimizer).__name__}")
+    inner = closure_step(context)
+
+    def step(batch: Batch) -> Tensor:
+        optimizer.train()
+        loss = inner(batch)
+        if (batch.step + 1) % context.steps_per_epoch == 0:
+            optimizer.eval()
+        return loss
+
+    return step
+
+
 def _saf_step(context: TrainContext, **options: Any) -> StepFn:
     """SGD with SAF's trajectory term added to the loss: one forward/backward per step."""
     if context.world_size > 1:
@@ -107,6 +127,14 @@ for _name, _cls, _defaults, _description in _FAMILY:
         defaults={"rho": 0.05, **_defaults},
         description=_description,
     )
+register_method(
+    "momentumsam",
+    sharpness_aware(torchsam.MomentumSAM),
+    make_step=_momentum_sam_step,
+    # no "rho" here: its radius is not SAM's (about 10x larger), so ``--rho`` of ``torchsam
+    # compare`` does not apply to it; it runs at the class default or ``momentumsam:rho=...``
+    description="Momentum-SAM (Becker et al. 2024): one pass along the momentum, rho 0.5",
+)
 register_method(
     "saf",
     _sgd,

@@ -1,0 +1,577 @@
+"""MomentumSAM against independent float64 transcriptions of the authors' algorithm, and its
+promises: one pass per step, the evaluation/training modes, resume, the non-finite guard, param
+groups, schedulers, clipping, accumulation, GradScaler and argument validation.
+
+The transcriptions follow Becker, Altrock and Risse, "Momentum-SAM: Sharpness Aware Minimization
+without Computational Overhead" (arXiv 2401.12033), Algorithm 1, in the two forms the authors
+publish: SGD with (heavy-ball, undampened) momentum, whose coupled weight decay is added to the
+gradient at the perturbed weights, and AdamW, whose decoupled decay shrinks ``w`` after the Adam
+update. Between steps the weights are ``w~ = w - rho * v / (||v|| + 1e-12)`` (``v = 0`` at
+first: no perturbation).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import torchsam
+
+Params = list[Tensor]
+
+
+# --------------------------------------------------------------------------- model and data
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def _data(step: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(
+        16, 2, generator=g, dtype=torch.float64
+    )
+
+
+def _loss(model: nn.Module, step: int) -> Tensor:
+    x, y = _data(step)
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _grad_fn(model: nn.Module) -> Callable[[Params, int], Params]:
+    """The gradient of step ``step``'s loss at the weights ``params`` (a pure function)."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def grad(params: Params, step: int) -> Params:
+        leaves = [p.detach().clone().requires_grad_(True) for p in params]
+        x, y = _data(step)
+        out = functional_call(model, dict(zip(names, leaves, strict=True)), (x,))
+        return list(torch.autograd.grad(nn.functional.mse_loss(out, y), leaves))
+
+    return grad
+
+
+def _norm(tensors: Params) -> Tensor:
+    return torch.sqrt(sum((t * t).sum() for t in tensors))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the answer keys
+def authors_sgd(
+    w0: Params,
+    grad: Callable[[Params, int], Params],
+    steps: int,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    rho: float,
+    decay_at: str = "perturbed",
+) -> tuple[Params, Params]:
+    """SGD Momentum-SAM, one tensor at a time; returns (w~, w). ``decay_at="perturbed"`` is the
+    authors' (the decay term is lambda * w~), ``"w"`` adds lambda * w instead."""
+    tilde = [p.clone() for p in w0]
+    v = [torch.zeros_like(p) for p in w0]
+    factor = 0.0  # rho / (||v|| + 1e-12); 0 before the first step (v = 0)
+    for t in range(steps):
+        g = grad(tilde, t)
+        w = [p + factor * vi for p, vi in zip(tilde, v, strict=True)]  # back to w
+        at = tilde if decay_at == "perturbed" else w
+        d = [gi + weight_decay * a for gi, a in zip(g, at, strict=True)]
+        v = [momentum * vi + di for vi, di in zip(v, d, strict=True)]
+        w = [wi - lr * vi for wi, vi in zip(w, v, strict=True)]
+        factor = rho / (float(_norm(v)) + 1e-12)
+        tilde = [wi - factor * vi for wi, vi in zip(w, v, strict=True)]
+    w = [p + factor * vi for p, vi in zip(tilde, v, strict=True)]
+    return tilde, w
+
+
+def authors_adamw(
+    w0: Params,
+    grad: Callable[[Params, int], Params],
+    steps: int,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    rho: float,
+    decay: str = "after",
+) -> tuple[Params, Params]:
+    """AdamW Momentum-SAM; returns (w~, w). ``decay="after"`` is the authors' (w shrinks after
+    the Adam update), ``"before"`` is torch.optim.AdamW's order."""
+    b1, b2 = betas
+    tilde = [p.clone() for p in w0]
+    m = [torch.zeros_like(p) for p in w0]
+    s = [torch.zeros_like(p) for p in w0]
+    factor = 0.0
+    for t in range(1, steps + 1):
+        g = grad(tilde, t - 1)
+        w = [p + factor * mi for p, mi in zip(tilde, m, strict=True)]
+        if decay == "before":
+            w = [wi * (1 - lr * weight_decay) for wi in w]
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g, strict=True)]
+        s = [b2 * si + (1 - b2) * gi * gi for si, gi in zip(s, g, strict=True)]
+        step_size = lr / (1 - b1**t)
+        w = [
+            wi - step_size * mi / (si.sqrt() / math.sqrt(1 - b2**t) + eps)
+            for wi, mi, si in zip(w, m, s, strict=True)
+        ]
+        if decay == "after":
+            w = [wi * (1 - lr * weight_decay) for wi in w]
+        factor = rho / (float(_norm(m)) + 1e-12)
+        tilde = [wi - factor * mi for wi, mi in zip(w, m, strict=True)]
+    w = [p + factor * mi for p, mi in zip(tilde, m, strict=True)]
+    return tilde, w
+
+
+def _run(optimizer: torchsam.MomentumSAM, model: nn.Module, steps: int, start: int = 0) -> None:
+    for t in range(start, start + steps):
+        optimizer.zero_grad()
+        _loss(model, t).backward()
+        optimizer.step()
+
+
+def _close(a: Params, b: Params) -> bool:
+    return all(torch.allclose(x, y, rtol=1e-10, atol=1e-12) for x, y in zip(a, b, strict=True))
+
+
+def _weights(model: nn.Module) -> Params:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+STEPS = 12
+
+
+# --------------------------------------------------------------------------- the update rule
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_sgd_version_equals_the_transcription(weight_decay: float, foreach: bool) -> None:
+    model = _model()
+    w0 = _weights(model)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=weight_decay, rho=0.5)
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, **hyper, foreach=foreach)
+    _run(opt, model, STEPS)
+    tilde, w = authors_sgd(w0, _grad_fn(model), STEPS, **hyper, decay_at="w")
+    assert _close(_weights(model), tilde)
+    opt.eval()
+    assert _close(_weights(model), w)
+    authors_tilde, _ = authors_sgd(w0, _grad_fn(model), STEPS, **hyper)
+    if weight_decay == 0:  # the authors' rule exactly
+        assert _close(tilde, authors_tilde)
+    else:  # the documented difference: torch's SGD decays w, the authors' code decays w~
+        assert not _close(tilde, authors_tilde)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_version_equals_the_transcription(weight_decay: float, foreach: bool) -> None:
+    model = _model(1)
+    w0 = _weights(model)
+    hyper = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
+    opt = torchsam.MomentumSAM(
+        model.parameters(), torch.optim.AdamW, rho=2.0, **hyper, foreach=foreach
+    )
+    _run(opt, model, STEPS)
+    tilde, w = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, rho=2.0, decay="before")
+    assert _close(_weights(model), tilde)
+    opt.eval()
+    assert _close(_weights(model), w)
+    authors_tilde, _ = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, rho=2.0)
+    if weight_decay == 0:
+        assert _close(tilde, authors_tilde)
+    else:  # torch.optim.AdamW decays before its update, the authors' code after
+        assert not _close(tilde, authors_tilde)
+
+
+@pytest.mark.parametrize(("rho", "steps"), [(0.5, 1), (0.0, 5)])
+def test_no_perturbation_before_the_momentum_exists_and_rho_zero_is_the_base(
+    rho: float, steps: int
+) -> None:
+    model, twin = _model(), _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9)
+    assert opt.state_dict()["state"] == {}
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    _run(opt, model, steps)
+    for t in range(steps):
+        sgd.zero_grad()
+        _loss(twin, t).backward()
+        sgd.step()
+    # the first gradient is taken at w (no momentum yet): one SGD step; rho = 0: SGD throughout
+    opt.eval()
+    assert _same(model, twin)
+
+
+def test_param_groups_with_their_own_rho_share_one_norm_and_a_gradless_param() -> None:
+    model = _model()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))  # never gets a gradient
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = torchsam.MomentumSAM(
+        [{"params": first, "rho": 0.2}, {"params": [*second, extra], "rho": 1.0, "lr": 0.05}],
+        torch.optim.SGD,
+        lr=0.1,
+        momentum=0.9,
+    )
+    w, v = _weights(model), [torch.zeros_like(p) for p in model.parameters()]
+    lrs, rhos = [0.1, 0.1, 0.05, 0.05], [0.2, 0.2, 1.0, 1.0]
+    grad = _grad_fn(model)
+    for t in range(6):
+        n = float(_norm(v))
+        scales = [r / (n + 1e-12) if t else 0.0 for r in rhos]  # v = 0 before the first step
+        tilde = [wi - c * vi for wi, vi, c in zip(w, v, scales, strict=True)]
+        g = grad(tilde, t)
+        v = [0.9 * vi + gi for vi, gi in zip(v, g, strict=True)]
+        w = [wi - lr * vi for wi, vi, lr in zip(w, v, lrs, strict=True)]
+        opt.zero_grad()
+        _loss(model, t).backward()
+        opt.step()
+    n = float(_norm(v))
+    tilde = [wi - r / (n + 1e-12) * vi for wi, vi, r in zip(w, v, rhos, strict=True)]
+    assert _close(_weights(model), tilde)
+    assert torch.equal(extra, torch.ones(3, dtype=torch.float64))
+    opt.eval()
+    assert _close(_weights(model), w)
+
+
+# --------------------------------------------------------------------------- one pass per step
+def test_one_backward_and_one_closure_evaluation_per_step() -> None:
+    model = _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    calls = []
+
+    def closure() -> Tensor:
+        calls.append(1)
+        opt.zero_grad()
+        loss = _loss(model, len(calls))
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        loss = opt.step(closure)
+        assert isinstance(loss, Tensor)
+    assert len(calls) == 4
+    with pytest.raises(RuntimeError, match=r"one forward/backward pass per step"):
+        opt.first_step()
+    with pytest.raises(RuntimeError, match=r"one forward/backward pass per step"):
+        opt.second_step()
+
+
+# --------------------------------------------------------------------------- the modes
+def test_eval_and_train_move_the_weights_exactly_and_step_in_eval_raises() -> None:
+    model = _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    _run(opt, model, 3)
+    tilde = _weights(model)
+    assert opt.training
+    opt.eval()
+    opt.eval()  # safe twice
+    w = _weights(model)
+    assert not opt.training
+    assert not _close(w, tilde)
+    for p, wi in zip(model.parameters(), w, strict=True):
+        assert torch.equal(opt.state[p]["sam.w"], wi)
+    with pytest.raises(RuntimeError, match=r"evaluation mode.*optimizer\.train\(\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), w, strict=True))
+    opt.train()
+    opt.train()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), tilde, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_resume_is_bit_exact_in_both_modes(mode: str) -> None:
+    model = _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.AdamW, rho=1.0, lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for t in range(5):
+        _run(opt, model, 1, start=t)
+        sched.step()
+    if mode == "eval":
+        opt.eval()
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+        buffer,
+    )
+
+    def go_on(m: nn.Module, o: torchsam.MomentumSAM, s: object) -> Params:
+        o.train()
+        for t in range(5, 9):
+            _run(o, m, 1, start=t)
+            s.step()  # type: ignore[attr-defined]
+        o.eval()
+        return _weights(m)
+
+    expected = go_on(model, opt, sched)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = _model(7)
+    opt2 = torchsam.MomentumSAM(model2.parameters(), torch.optim.AdamW, rho=1.0, lr=0.01)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert opt2.training is (mode == "train")
+    got = go_on(model2, opt2, sched2)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_deepcopy_steps_like_the_original() -> None:
+    model = _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    _run(opt, model, 3)
+    model2, opt2 = copy.deepcopy((model, opt))  # one memo: the copy steps the copied weights
+    _run(opt, model, 3, start=3)
+    _run(opt2, model2, 3, start=3)
+    assert _same(model, model2)
+
+
+# --------------------------------------------------------------------------- guards and tools
+def test_a_nonfinite_gradient_skips_the_step_and_poisons_nothing() -> None:
+    model, twin = _model(), _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    ref = torchsam.MomentumSAM(twin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    _run(opt, model, 3)
+    _run(ref, twin, 3)
+    opt.zero_grad()
+    _loss(model, 99).backward()
+    next(model.parameters()).grad[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert _same(model, twin)
+    _run(opt, model, 2, start=3)
+    _run(ref, twin, 2, start=3)
+    assert _same(model, twin)
+    opt.eval()
+    ref.eval()
+    assert _same(model, twin)
+
+
+def test_clipping_and_accumulation_act_on_the_gradient_it_steps_with() -> None:
+    # two half-batch backwards, then clipping: the step uses the accumulated, clipped gradient
+    model, twin = _model(), _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    ref = torchsam.MomentumSAM(twin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    for t in range(4):
+        x, y = _data(t)
+        opt.zero_grad()
+        for rows in (slice(0, 8), slice(8, 16)):
+            (nn.functional.mse_loss(model(x[rows]), y[rows]) / 2).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        ref.zero_grad()
+        _loss(twin, t).backward()
+        nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
+        opt.step()
+        ref.step()
+    assert _close(_weights(model), _weights(twin))
+
+
+def test_grad_scaler_unscales_and_skips_an_overflow() -> None:
+    model, twin = _model(), _model()
+    model.float()
+    twin.float()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    ref = torchsam.MomentumSAM(twin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for t in range(3):
+        x, y = _data(t)
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x.float()), y.float())).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref.zero_grad()
+        nn.functional.mse_loss(twin(x.float()), y.float()).backward()
+        ref.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    before = _weights(model)
+    opt.zero_grad()
+    scaler.scale(nn.functional.mse_loss(model(x.float()), y.float())).backward()
+    next(model.parameters()).grad[0, 0] = math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scaler skips silently
+        scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), before, strict=True))
+
+
+def test_schedulers_and_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    x, y = torch.randn(64, 3), torch.randn(64, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no scheduler ordering warning
+        losses = []
+        for _ in range(10):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert losses[-1] < losses[0]
+    opt.eval()
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+
+
+def test_experiments_method_evaluates_at_w() -> None:
+    from torchsam.experiments import get_method, noisy_digits, train
+
+    method = get_method("momentumsam")
+    assert "rho" not in method.defaults  # SAM's --rho does not apply: the class default does
+    split = noisy_digits(0.2, seed=0)
+    result = train("momentumsam", split, epochs=1, seed=0)
+    assert result.forward_passes == result.steps  # one forward per step
+    assert 0.0 <= result.test_accuracy <= 1.0
+
+
+def test_the_step_adds_a_constant_number_of_operators_and_one_synchronisation() -> None:
+    """Over the base optimizer's own step, MomentumSAM's work is multi-tensor: the operators it
+    adds do not grow with the number of parameter tensors, and the non-finite check is the
+    step's one host synchronisation (counted on the CPU, as a GPU would launch them)."""
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    def counts(layers: int, momentum_sam: bool) -> tuple[int, int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(*(nn.Linear(6, 6) for _ in range(layers)))
+        params, kwargs = model.parameters(), dict(lr=0.1, momentum=0.9)
+        opt: torch.optim.Optimizer = (
+            torchsam.MomentumSAM(params, torch.optim.SGD, **kwargs)
+            if momentum_sam
+            else torch.optim.SGD(params, **kwargs)
+        )
+        x = torch.randn(4, 6)
+        for _ in range(2):  # the second step is counted (the state exists)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            counter = DispatchCounter()
+            with counter:
+                opt.step()
+        return counter.ops, counter.syncs
+
+    extra = {n: counts(n, True)[0] - counts(n, False)[0] for n in (2, 6)}
+    assert extra[2] == extra[6] <= 16
+    assert counts(6, True)[1] == 1
+    assert counts(6, False)[1] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu_with_one_synchronisation_per_step() -> None:
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    def run(device: str) -> tuple[Params, list[int]]:
+        model = _model().to(device)
+        opt = torchsam.MomentumSAM(model.parameters(), torch.optim.AdamW, rho=1.0, lr=0.01)
+        syncs = []
+        for t in range(STEPS):
+            x, y = _data(t)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()
+            counter = DispatchCounter()
+            with counter:
+                opt.step()
+            syncs.append(counter.syncs)
+        opt.eval()
+        return [p.cpu() for p in _weights(model)], syncs
+
+    cpu, _ = run("cpu")
+    cuda, syncs = run("cuda")
+    assert _close(cuda, cpu)
+    assert syncs == [1] * STEPS  # the non-finite check, nothing else
+
+
+# --------------------------------------------------------------------------- DDP
+DDP_STEPS = 4
+
+
+def _ddp_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.test_distributed import _exit_cleanly
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model = DistributedDataParallel(_model())
+        opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        for t in range(DDP_STEPS):
+            x, y = _data(t)
+            rows = slice(8 * rank, 8 * rank + 8)  # this rank's half of the batch
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+            opt.step()
+        opt.eval()
+        torch.save(_weights(model.module), f"{out}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
+    finally:
+        dist.destroy_process_group()
+    _exit_cleanly()  # gloo's threads can abort a finished process in the interpreter's teardown
+
+
+def test_ddp_ranks_stay_identical_and_equal_one_process(tmp_path: object) -> None:
+    """Two gloo processes, each with half of every batch: the gradients are all-reduced in the
+    one backward, so both ranks hold the same momentum, perturbation and weights, equal to one
+    process on the whole batch."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_ddp_worker, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(f"{tmp_path}/rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks, strict=True))
+    model = _model()
+    opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    _run(opt, model, DDP_STEPS)
+    opt.eval()
+    assert _close(ranks[0], _weights(model))
+
+
+# --------------------------------------------------------------------------- arguments
+def test_invalid_arguments_say_what_to_do() -> None:
+    params = list(_model().parameters())
+    with pytest.raises(ValueError, match="Invalid rho value"):
+        torchsam.MomentumSAM(params, torch.optim.SGD, rho=-1.0, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="Invalid rho value"):
+        torchsam.MomentumSAM(params, torch.optim.SGD, rho=math.nan, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"momentum > 0"):
+        torchsam.MomentumSAM(params, torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="momentum_key"):
+        torchsam.MomentumSAM(params, torch.optim.Adagrad, lr=0.1)
+    with pytest.raises(TypeError, match=r"model\.parameters\(\)"):
+        torchsam.MomentumSAM(_model(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt = torchsam.MomentumSAM(params, torch.optim.Adagrad, momentum_key="sum", lr=0.1)
+    assert opt.momentum_key == "sum"
+
+
+def test_add_param_group_checks_the_momentum_and_takes_the_mode() -> None:
+    model = _model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = torchsam.MomentumSAM(first, torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.eval()
+    with pytest.raises(ValueError, match=r"momentum > 0"):
+        opt.add_param_group({"params": second, "momentum": 0.0})
+    opt.add_param_group({"params": second, "rho": 2.0})
+    assert opt.param_groups[1]["rho"] == 2.0
+    assert not opt.training
+    with pytest.raises(RuntimeError, match=r"optimizer\.train\(\)"):
+        opt.step()
+    opt.train()
+    _run(opt, model, 2)
+    assert all(p in opt.base_optimizer.state for p in model.parameters())
