@@ -612,6 +612,56 @@ def test_train_with_a_monitor_trains_the_same() -> None:
     assert all(r.converged and math.isfinite(r.top_eigenvalue) for r in watched.sharpness)
 
 
+def test_train_measures_momentum_sam_at_w_and_trains_the_same() -> None:
+    """MomentumSAM's weights sit at a perturbed point between steps: the monitor of ``train``
+    measures the model at ``w`` (the optimizer in evaluation mode), and training is unchanged."""
+    from torchsam.experiments import train
+    from torchsam.experiments.compare import load_dataset, probe_data
+
+    split = load_dataset("toy", noise=0.4, seed=0)
+    probe = probe_data(split, 32)
+    at: list[list[Tensor]] = []
+
+    class Recording(SharpnessMonitor):
+        def measure(self) -> SharpnessRecord:
+            at.append([p.detach().clone() for p in self.model.parameters()])
+            return super().measure()
+
+    def make(model: nn.Module) -> SharpnessMonitor:
+        return Recording(model, nn.CrossEntropyLoss(), probe, every=5)
+
+    kwargs: dict[str, Any] = {"epochs": 2, "batch_size": 64, "seed": 0}
+    plain = train("momentumsam", split, **kwargs)
+    watched = train("momentumsam", split, **kwargs, monitor=make)
+    assert plain.model is not None
+    assert watched.model is not None
+    a, b = plain.model.state_dict(), watched.model.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert [h.train_loss for h in watched.history] == [h.train_loss for h in plain.history]
+    # the first measurement saw w, not the perturbed point w~ = w - rho v/||v|| where the plain
+    # run's weights are after the same step: they differ by rho (0.5, the default) in norm
+    step = watched.sharpness[0].step
+    perturbed: list[Tensor] = []
+
+    def keep(epoch: int, steps: int, loss: Tensor) -> None:
+        if steps == step:
+            perturbed.extend(p.detach().clone() for p in model_params())
+
+    model_params = None  # the model is built inside train; on_step reads it from the monitor
+
+    def make_plain(model: nn.Module) -> SharpnessMonitor:
+        nonlocal model_params
+        model_params = model.parameters
+        return SharpnessMonitor(model, nn.CrossEntropyLoss(), probe, every=10**9)
+
+    train("momentumsam", split, **kwargs, monitor=make_plain, on_step=keep)
+    assert perturbed
+    distance = torch.linalg.vector_norm(
+        torch.cat([(p - q).flatten() for p, q in zip(at[0], perturbed, strict=True)])
+    )
+    assert distance.item() == pytest.approx(0.5, rel=1e-4)
+
+
 def test_compare_monitor_every_writes_records_and_the_figure(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     import json

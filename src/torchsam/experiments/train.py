@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torchsam import SAM, freeze_running_stats
+from torchsam import SAM, MomentumSAM, freeze_running_stats
 from torchsam.experiments.augment import check_augment
 from torchsam.experiments.batches import BatchSource, batch_source
 from torchsam.experiments.checkpoint import (
@@ -567,13 +567,24 @@ def _run_epoch(
 
 def _measure(run: _Run, monitor: SharpnessMonitor) -> float:
     """Let ``monitor`` measure at the run's step count, outside the forward count; return the
-    seconds it took (the device synchronised before and after)."""
+    seconds it took (the device synchronised before and after).
+
+    An optimizer with training and evaluation modes (:class:`torchsam.MomentumSAM`, whose
+    weights sit at a perturbed point between steps) is put in evaluation mode for the
+    measurement, so that the model is measured at its weights ``w``, and back in training mode
+    after it (which recomputes the same perturbed point: training is unchanged)."""
     _synchronize(run.settings.device)
     began = time.perf_counter()
     run.counter.enabled = False
+    optimizer = run.optimizer
+    modes = optimizer if isinstance(optimizer, MomentumSAM) and optimizer.training else None
     try:
+        if modes is not None:
+            modes.eval()
         monitor.step(run.steps)
     finally:
+        if modes is not None:
+            modes.train()
         run.counter.enabled = True
     _synchronize(run.settings.device)
     return time.perf_counter() - began
