@@ -10,7 +10,7 @@ with warnings.catch_warnings():
 
 from torchsam import distributed, landscape, sharpness
 from torchsam._batchnorm import freeze_running_stats
-from torchsam._engine import GroupView, SharpnessAwareOptimizer, StepContext
+from torchsam._engine import GroupView, SharpnessAwareOptimizer, StepContext, VariantContract
 from torchsam._esam import ESAM
 from torchsam._fsam import FriendlySAM
 from torchsam._gsam import GSAM
@@ -43,6 +43,7 @@ __all__ = [
     "SharpnessMonitor",
     "StepContext",
     "VaSSO",
+    "VariantContract",
     "__version__",
     "distributed",
     "freeze_running_stats",
