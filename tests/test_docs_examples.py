@@ -9,7 +9,8 @@ How a page's examples run:
   what an earlier block of the same page defined. Files are written in a temporary directory.
 * A block that calls ``step(`` or ``second_step(`` and asserts nothing itself must change a
   weight of a module that ran a forward pass in it (from its value at that first forward pass).
-* A block is not run only when the line right above its fence is a marker comment:
+* A block is not run only when the line right above its fence is a marker comment (shell
+  blocks are never run here, and each must carry one):
 
       <!-- not-runnable: REASON -->      a reason is required (a GPU, several machines, ...)
       <!-- runs-in: tests/test_x.py -->  another test runs it (it needs processes, a trainer);
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 FENCE = re.compile(r"^```(?:python|py)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
+SHELL = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", flags=re.DOTALL | re.MULTILINE)
 MARKER = re.compile(r"<!--\s*(not-runnable|runs-in):\s*(\S.*?)\s*-->")
 
 # A closure over the page's current `optimizer`, `model` and batch, for pages whose examples
@@ -80,11 +82,12 @@ def default_namespace() -> dict[str, Any]:
     }
 
 
-def examples(page: Path) -> list[tuple[str, str | None, str]]:
-    """The page's examples as (code, marker kind or None, marker text), in order."""
+def examples(page: Path, fence: re.Pattern[str] = FENCE) -> list[tuple[str, str | None, str]]:
+    """The page's examples (``fence``: Python blocks by default) as (code, marker kind or
+    None, marker text), in order."""
     text = page.read_text()
     found = []
-    for match in FENCE.finditer(text):
+    for match in fence.finditer(text):
         above = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         marker = MARKER.fullmatch(above.strip())
         kind, note = (marker.group(1), marker.group(2)) if marker else (None, "")
@@ -163,6 +166,19 @@ def test_examples_not_run_here_say_why_or_where(page: Path) -> None:
             )
         elif kind == "not-runnable":
             assert len(note) > 10, f"{page_id(page)} block {i}: say why it cannot run"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_shell_blocks_say_why_they_are_not_run_here(page: Path) -> None:
+    """Shell blocks (installs, long trainings, launches on several processes or a GPU) are not
+    run by this test: each carries a marker that says why, and which test runs the same
+    command on small settings where one does."""
+    for i, (_, kind, note) in enumerate(examples(page, SHELL), start=1):
+        assert kind is not None, f"{page_id(page)} shell block {i}: no marker above its fence"
+        if kind == "not-runnable":
+            assert len(note) > 10, f"{page_id(page)} shell block {i}: say why it cannot run"
+        for named in re.findall(r"tests/test_\w+\.py", note):
+            assert (ROOT / named).is_file(), f"{page_id(page)} shell block {i}: no {named}"
 
 
 def test_marker_before_a_fence_is_recognised(tmp_path: Path) -> None:
