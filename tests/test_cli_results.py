@@ -313,6 +313,12 @@ def test_compare_refuses_a_non_empty_out_folder(
     empty.mkdir()
     check_output_folder(empty)  # an empty folder is fine, and so is a new one
     check_output_folder(tmp_path / "new" / "deeper")
+    # --resume continues in the earlier run's folder: it must exist, and may hold files
+    check_output_folder(run, resume=True)
+    with pytest.raises(ValueError, match="--resume continues the comparison written there"):
+        check_output_folder(tmp_path / "new", resume=True)
+    with pytest.raises(ValueError, match="is not a folder"):
+        check_output_folder(run / "landscape.png", resume=True)
 
 
 def test_files_listed_are_exactly_the_files_of_the_run(

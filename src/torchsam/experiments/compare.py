@@ -653,21 +653,17 @@ def check_output_folder(out: Path, option: str = "--out", *, resume: bool = Fals
     :func:`run_compare` refuses a folder that already holds files, so that every file in its
     output folder is the run's own (no checkpoint or picture of an earlier run beside them).
     """
-    if resume:
-        if not out.is_dir():
-            raise ValueError(
-                f"{option}: {out} is not a folder; --resume continues the comparison written "
-                "there by an earlier run"
-            )
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise ValueError(f"{option}: no permission to write in {out}")
-        return
+    if resume and not out.is_dir():
+        raise ValueError(
+            f"{option}: {out} is not a folder; --resume continues the comparison written "
+            "there by an earlier run"
+        )
     if not out.exists():
         _check_creatable(out, option)
         return
     if not out.is_dir():
         raise ValueError(f"{option}: {out} exists and is not a folder")
-    held = sorted(p.name for p in out.iterdir())
+    held = [] if resume else sorted(p.name for p in out.iterdir())
     if held:
         more = f" and {len(held) - 1} more" if len(held) > 1 else ""
         raise ValueError(
