@@ -63,33 +63,45 @@ def _norm(tensors: Params) -> Tensor:
     return torch.sqrt(sum((t * t).sum() for t in tensors))  # type: ignore[return-value]
 
 
+PerTensor = float | list[float]
+
+
+def _per(value: PerTensor, n: int) -> list[float]:
+    """A hyper-parameter per tensor (a float is every tensor's)."""
+    return list(value) if isinstance(value, list) else [value] * n
+
+
 # --------------------------------------------------------------------------- the answer keys
 def authors_sgd(
     w0: Params,
     grad: Callable[[Params, int], Params],
     steps: int,
     *,
-    lr: float,
+    lr: PerTensor,
     momentum: float,
-    weight_decay: float,
-    rho: float,
+    weight_decay: PerTensor,
+    rho: PerTensor,
     decay_at: str = "perturbed",
 ) -> tuple[Params, Params]:
     """SGD Momentum-SAM, one tensor at a time; returns (w~, w). ``decay_at="perturbed"`` is the
-    authors' (the decay term is lambda * w~), ``"w"`` adds lambda * w instead."""
+    authors' (the decay term is lambda * w~), ``"w"`` adds lambda * w instead (torch's SGD at
+    w). ``lr``, ``weight_decay`` and ``rho`` may be given per tensor (param groups); the norm
+    is over all tensors' momentum."""
+    n = len(w0)
+    lrs, decays, rhos = _per(lr, n), _per(weight_decay, n), _per(rho, n)
     tilde = [p.clone() for p in w0]
     v = [torch.zeros_like(p) for p in w0]
-    factor = 0.0  # rho / (||v|| + 1e-12); 0 before the first step (v = 0)
+    inv = 0.0  # 1 / (||v|| + 1e-12); 0 before the first step (v = 0)
     for t in range(steps):
         g = grad(tilde, t)
-        w = [p + factor * vi for p, vi in zip(tilde, v, strict=True)]  # back to w
+        w = [p + r * inv * vi for p, vi, r in zip(tilde, v, rhos, strict=True)]  # back to w
         at = tilde if decay_at == "perturbed" else w
-        d = [gi + weight_decay * a for gi, a in zip(g, at, strict=True)]
+        d = [gi + wd * a for gi, a, wd in zip(g, at, decays, strict=True)]
         v = [momentum * vi + di for vi, di in zip(v, d, strict=True)]
-        w = [wi - lr * vi for wi, vi in zip(w, v, strict=True)]
-        factor = rho / (float(_norm(v)) + 1e-12)
-        tilde = [wi - factor * vi for wi, vi in zip(w, v, strict=True)]
-    w = [p + factor * vi for p, vi in zip(tilde, v, strict=True)]
+        w = [wi - lr_ * vi for wi, vi, lr_ in zip(w, v, lrs, strict=True)]
+        inv = 1 / (float(_norm(v)) + 1e-12)
+        tilde = [wi - r * inv * vi for wi, vi, r in zip(w, v, rhos, strict=True)]
+    w = [p + r * inv * vi for p, vi, r in zip(tilde, v, rhos, strict=True)]
     return tilde, w
 
 
@@ -98,37 +110,40 @@ def authors_adamw(
     grad: Callable[[Params, int], Params],
     steps: int,
     *,
-    lr: float,
+    lr: PerTensor,
     betas: tuple[float, float],
     eps: float,
-    weight_decay: float,
-    rho: float,
+    weight_decay: PerTensor,
+    rho: PerTensor,
     decay: str = "after",
 ) -> tuple[Params, Params]:
     """AdamW Momentum-SAM; returns (w~, w). ``decay="after"`` is the authors' (w shrinks after
-    the Adam update), ``"before"`` is torch.optim.AdamW's order."""
+    the Adam update), ``"before"`` is torch.optim.AdamW's order. Per-tensor hyper-parameters
+    as in :func:`authors_sgd`."""
+    n = len(w0)
+    lrs, decays, rhos = _per(lr, n), _per(weight_decay, n), _per(rho, n)
     b1, b2 = betas
     tilde = [p.clone() for p in w0]
     m = [torch.zeros_like(p) for p in w0]
     s = [torch.zeros_like(p) for p in w0]
-    factor = 0.0
+    inv = 0.0
     for t in range(1, steps + 1):
         g = grad(tilde, t - 1)
-        w = [p + factor * mi for p, mi in zip(tilde, m, strict=True)]
+        w = [p + r * inv * mi for p, mi, r in zip(tilde, m, rhos, strict=True)]
+        shrink = [1 - lr_ * wd for lr_, wd in zip(lrs, decays, strict=True)]
         if decay == "before":
-            w = [wi * (1 - lr * weight_decay) for wi in w]
+            w = [wi * k for wi, k in zip(w, shrink, strict=True)]
         m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g, strict=True)]
         s = [b2 * si + (1 - b2) * gi * gi for si, gi in zip(s, g, strict=True)]
-        step_size = lr / (1 - b1**t)
         w = [
-            wi - step_size * mi / (si.sqrt() / math.sqrt(1 - b2**t) + eps)
-            for wi, mi, si in zip(w, m, s, strict=True)
+            wi - lr_ / (1 - b1**t) * mi / (si.sqrt() / math.sqrt(1 - b2**t) + eps)
+            for wi, mi, si, lr_ in zip(w, m, s, lrs, strict=True)
         ]
         if decay == "after":
-            w = [wi * (1 - lr * weight_decay) for wi in w]
-        factor = rho / (float(_norm(m)) + 1e-12)
-        tilde = [wi - factor * mi for wi, mi in zip(w, m, strict=True)]
-    w = [p + factor * mi for p, mi in zip(tilde, m, strict=True)]
+            w = [wi * k for wi, k in zip(w, shrink, strict=True)]
+        inv = 1 / (float(_norm(m)) + 1e-12)
+        tilde = [wi - r * inv * mi for wi, mi, r in zip(w, m, rhos, strict=True)]
+    w = [p + r * inv * mi for p, mi, r in zip(tilde, m, rhos, strict=True)]
     return tilde, w
 
 
@@ -157,26 +172,24 @@ STEPS = 12
 # --------------------------------------------------------------------------- the update rule
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_sgd_version_equals_the_transcription(weight_decay: float, foreach: bool) -> None:
+def test_sgd_version_equals_the_authors_rule(weight_decay: float, foreach: bool) -> None:
     model = _model()
     w0 = _weights(model)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=weight_decay, rho=0.5)
     opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, **hyper, foreach=foreach)
     _run(opt, model, STEPS)
-    tilde, w = authors_sgd(w0, _grad_fn(model), STEPS, **hyper, decay_at="w")
+    tilde, w = authors_sgd(w0, _grad_fn(model), STEPS, **hyper)  # the decay at w~
     assert _close(_weights(model), tilde)
     opt.eval()
     assert _close(_weights(model), w)
-    authors_tilde, _ = authors_sgd(w0, _grad_fn(model), STEPS, **hyper)
-    if weight_decay == 0:  # the authors' rule exactly
-        assert _close(tilde, authors_tilde)
-    else:  # the documented difference: torch's SGD decays w, the authors' code decays w~
-        assert not _close(tilde, authors_tilde)
+    torch_tilde, _ = authors_sgd(w0, _grad_fn(model), STEPS, **hyper, decay_at="w")
+    # the two placements differ with a decay (so the test above tells them apart)
+    assert _close(tilde, torch_tilde) is (weight_decay == 0)
 
 
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_version_equals_the_transcription(weight_decay: float, foreach: bool) -> None:
+def test_adamw_version_equals_the_authors_rule(weight_decay: float, foreach: bool) -> None:
     model = _model(1)
     w0 = _weights(model)
     hyper = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
@@ -184,15 +197,149 @@ def test_adamw_version_equals_the_transcription(weight_decay: float, foreach: bo
         model.parameters(), torch.optim.AdamW, rho=2.0, **hyper, foreach=foreach
     )
     _run(opt, model, STEPS)
-    tilde, w = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, rho=2.0, decay="before")
+    tilde, w = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, rho=2.0)  # decay after
     assert _close(_weights(model), tilde)
     opt.eval()
     assert _close(_weights(model), w)
-    authors_tilde, _ = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, rho=2.0)
-    if weight_decay == 0:
-        assert _close(tilde, authors_tilde)
-    else:  # torch.optim.AdamW decays before its update, the authors' code after
-        assert not _close(tilde, authors_tilde)
+    torch_tilde, _ = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, rho=2.0, decay="before")
+    assert _close(tilde, torch_tilde) is (weight_decay == 0)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_authors_weight_decay_false_decays_where_the_base_optimizer_does(base: str) -> None:
+    model = _model(2)
+    w0 = _weights(model)
+    if base == "sgd":
+        hyper: dict = dict(lr=0.1, momentum=0.9, weight_decay=0.05, rho=0.5)
+        cls: type = torch.optim.SGD
+        want = authors_sgd(w0, _grad_fn(model), STEPS, **hyper, decay_at="w")
+    else:
+        hyper = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, rho=2.0)
+        cls = torch.optim.AdamW
+        want = authors_adamw(w0, _grad_fn(model), STEPS, **hyper, decay="before")
+    opt = torchsam.MomentumSAM(model.parameters(), cls, **hyper, authors_weight_decay=False)
+    _run(opt, model, STEPS)
+    assert _close(_weights(model), want[0])
+    opt.eval()
+    assert _close(_weights(model), want[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_without_weight_decay_both_placements_step_bit_for_bit_alike(seed: int) -> None:
+    runs = []
+    for authors in (True, False):
+        model = _model(seed)
+        cls = torch.optim.SGD if seed == 0 else torch.optim.AdamW
+        kwargs: dict = {"momentum": 0.9} if seed == 0 else {}
+        opt = torchsam.MomentumSAM(
+            model.parameters(), cls, lr=0.05, weight_decay=0, authors_weight_decay=authors, **kwargs
+        )
+        _run(opt, model, STEPS)
+        runs.append(_weights(model))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def _grouped(model: nn.Module, base: str) -> tuple[torchsam.MomentumSAM, nn.Parameter, dict]:
+    """Three param groups with their own lr, weight decay and rho, and a parameter that never
+    gets a gradient; the per-tensor hyper-parameters of the transcription."""
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    groups = [
+        {"params": first[:1], "rho": 0.2},
+        {"params": [first[1], extra], "weight_decay": 0.0, "lr": 0.05},
+        {"params": second, "rho": 1.5, "weight_decay": 0.2},
+    ]
+    if base == "sgd":
+        opt = torchsam.MomentumSAM(groups, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.05)
+        default_lr, default_decay, default_rho = 0.1, 0.05, 0.5
+    else:
+        opt = torchsam.MomentumSAM(groups, torch.optim.AdamW, lr=0.01, weight_decay=0.1, rho=1.0)
+        default_lr, default_decay, default_rho = 0.01, 0.1, 1.0
+    per = {
+        "lr": [default_lr, 0.05, default_lr, default_lr],
+        "weight_decay": [default_decay, 0.0, 0.2, 0.2],
+        "rho": [0.2, default_rho, 1.5, 1.5],
+    }
+    return opt, extra, per
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_param_groups_and_a_gradless_param_follow_the_authors_rule(base: str) -> None:
+    """The authors' code takes one param group; with several, each group has its own lr,
+    weight decay and rho, and the norm is over the momentum of all groups together."""
+    model = _model(3)
+    w0 = _weights(model)
+    opt, extra, per = _grouped(model, base)
+    _run(opt, model, STEPS)
+    if base == "sgd":
+        tilde, w = authors_sgd(w0, _grad_fn(model), STEPS, momentum=0.9, **per)
+    else:
+        tilde, w = authors_adamw(w0, _grad_fn(model), STEPS, betas=(0.9, 0.999), eps=1e-8, **per)
+    assert _close(_weights(model), tilde)
+    assert torch.equal(extra, torch.ones(3, dtype=torch.float64))
+    opt.eval()
+    assert _close(_weights(model), w)
+    assert torch.equal(extra, torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_resume_with_weight_decay_and_groups_is_bit_exact(base: str, mode: str) -> None:
+    model = _model(3)
+    opt, _, _ = _grouped(model, base)
+    _run(opt, model, 4)
+    if mode == "eval":
+        opt.eval()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+
+    def go_on(m: nn.Module, o: torchsam.MomentumSAM) -> Params:
+        o.train()
+        _run(o, m, 4, start=4)
+        o.eval()
+        return _weights(m)
+
+    expected = go_on(model, opt)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = _model(9)
+    opt2, _, _ = _grouped(model2, base)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.training is (mode == "train")
+    assert all(g["authors_weight_decay"] is True for g in opt2.param_groups)
+    got = go_on(model2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_coupled_decay_of_other_bases_and_maximize_is_taken_at_the_perturbed_point() -> None:
+    """Adam's (coupled, L2) decay is taken at w~ as SGD's is; a maximizing SGD negates the
+    gradient and then adds its decay, so w~'s decay term keeps its sign."""
+    for cls, kwargs in ((torch.optim.Adam, {}), (torch.optim.SGD, {"momentum": 0.9})):
+        for maximize in (False, True):
+            model, twin = _model(4), _model(4)
+            hyper = dict(lr=0.01, weight_decay=0.3, maximize=maximize, **kwargs)
+            opt = torchsam.MomentumSAM(model.parameters(), cls, rho=0.5, **hyper)
+            _run(opt, model, 5)
+            # the reference: the base optimizer itself, stepping at w~ with its decay at w~,
+            # then moved back by w - w~ (what the authors' rule means for these bases)
+            ref = cls(twin.parameters(), **hyper)
+            w = _weights(twin)
+            tilde = [p.clone() for p in w]
+            for t in range(5):
+                with torch.no_grad():
+                    for p, x in zip(twin.parameters(), tilde, strict=True):
+                        p.copy_(x)
+                ref.zero_grad()
+                _loss(twin, t).backward()
+                ref.step()  # decays the weights it sees: w~
+                with torch.no_grad():
+                    w = [p + (wi - x) for p, wi, x in zip(twin.parameters(), w, tilde, strict=True)]
+                key = "momentum_buffer" if cls is torch.optim.SGD else "exp_avg"
+                v = [ref.state[p][key] for p in twin.parameters()]
+                inv = 1 / (float(_norm(v)) + 1e-12)
+                tilde = [wi - 0.5 * inv * vi for wi, vi in zip(w, v, strict=True)]
+            assert _close(_weights(model), tilde), (cls, maximize)
 
 
 @pytest.mark.parametrize(("rho", "steps"), [(0.5, 1), (0.0, 5)])

@@ -10,7 +10,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsam._engine import BaseOptimizerArg, SharpnessAwareOptimizer, group_foreach
+from torchsam._engine import (
+    BaseOptimizerArg,
+    GroupView,
+    SharpnessAwareOptimizer,
+    StepContext,
+    group_foreach,
+)
 from torchsam._engine import _functional as F
 
 __all__ = ["MomentumSAM"]
@@ -67,6 +73,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
         momentum_key (str, optional): the key of the base optimizer's per-parameter state
             that holds the momentum; needed only for a base optimizer that is not one of the
             ``torch.optim`` classes above (default: None)
+        authors_weight_decay (bool, optional): apply the base optimizer's weight decay where
+            the authors' code applies it (see the notes); False: where the base optimizer
+            applies it, at :math:`w` (default: True)
         skip_nonfinite (bool, optional): skip a step (with a warning) whose gradient is inf or
             NaN: the weights, the momentum and the perturbation stay as they were, at the cost
             of one host synchronisation per step (default: True)
@@ -86,12 +95,24 @@ class MomentumSAM(SharpnessAwareOptimizer):
         >>> optimizer.train()  # back to the perturbed weights before the next step
 
     Notes:
-        * Weight decay is the base optimizer's, applied where it applies it, at :math:`w`:
-          ``torch.optim.SGD`` adds :math:`\lambda w` to the gradient (the authors' SGD code
-          adds :math:`\lambda \tilde w`), ``torch.optim.AdamW`` shrinks :math:`w` before its
-          update (the authors' AdamW code shrinks it after). Without weight decay the steps
-          equal the authors' for both (tested in float64); with it they differ by those
-          terms (also tested).
+        * Weight decay is applied where the authors apply it (``authors_weight_decay=True``,
+          the default), through the base optimizer's own ``weight_decay``: the coupled decay
+          of ``torch.optim.SGD`` (and of Adam, NAdam, RAdam, Adamax and RMSprop, which add
+          :math:`\lambda w` to the gradient) is taken at the perturbed point, where the
+          gradient is: the base optimizer steps with :math:`g + \lambda \tilde w`, as the
+          authors' SGD code does; the decoupled decay of ``torch.optim.AdamW`` (and of Adam,
+          NAdam and RAdam with ``decoupled_weight_decay=True``) shrinks :math:`w` after the
+          base update, :math:`w \leftarrow (w - \eta u)(1 - \eta\lambda)`, as the authors'
+          AdamW code does (``torch.optim.AdamW`` shrinks before its update). Both are tested
+          equal to float64 transcriptions of the authors' code. MomentumSAM corrects the base
+          optimizer's step by the difference (for the coupled decay, :math:`\lambda (\tilde
+          w - w)` is added to the gradient the base optimizer sees; for the decoupled one,
+          :math:`w` is rescaled after the base step), so ``weight_decay`` stays the base
+          optimizer's hyper-parameter, per group and schedulable; the results agree with the
+          authors' to rounding. ``authors_weight_decay=False`` leaves the decay where the
+          base optimizer applies it, at :math:`w`. A base optimizer that is not one of the
+          ``torch.optim`` classes above (given with ``momentum_key``) always decays where it
+          decays itself. Without weight decay the two settings are the same, bit for bit.
         * The norm is taken over the momentum of every parameter that has one, in all groups
           together; each group uses its own ``rho``. A parameter without a gradient on a step
           keeps its momentum and :math:`w`, and is perturbed with the step's common scale.
@@ -131,6 +152,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
     """
 
     hyperparameters: ClassVar[dict[str, Any]] = {"rho": 0.5}
+    options: ClassVar[dict[str, Any]] = {"authors_weight_decay": True}
     no_two_call_style: ClassVar[str | None] = (
         "it takes one forward/backward pass per step: call loss.backward() and then step()"
     )
@@ -145,14 +167,22 @@ class MomentumSAM(SharpnessAwareOptimizer):
         rho: float = 0.5,
         *,
         momentum_key: str | None = None,
+        authors_weight_decay: bool = True,
         skip_nonfinite: bool = True,
         **kwargs: Any,
     ) -> None:
         if momentum_key is not None and not isinstance(momentum_key, str):
             raise TypeError(f"momentum_key must be a str or None, got {momentum_key!r}")
-        own = {"rho": rho, "skip_nonfinite": skip_nonfinite}
+        own = {
+            "rho": rho,
+            "authors_weight_decay": authors_weight_decay,
+            "skip_nonfinite": skip_nonfinite,
+        }
         super().__init__(params, base_optimizer, own, kwargs)
         self.momentum_key = _momentum_key(self.base_optimizer, momentum_key)
+        #: whether the base optimizer is a ``torch.optim`` class whose weight decay
+        #: MomentumSAM knows how to move to where the authors apply it
+        self._known_decay = momentum_key is None
         for group in self.param_groups:
             self._check_momentum(group)
         if self.wide_state.get(_TRAIN_MODE) is None:
@@ -165,6 +195,10 @@ class MomentumSAM(SharpnessAwareOptimizer):
             raise ValueError(f"Invalid rho value: {rho!r}; rho must be a real number")
         if not math.isfinite(rho) or rho < 0:
             raise ValueError(f"Invalid rho value: {rho}; rho must be finite and >= 0")
+        if not isinstance(group["authors_weight_decay"], bool):
+            raise TypeError(
+                f"authors_weight_decay must be True or False, got {group['authors_weight_decay']!r}"
+            )
         if not isinstance(group["skip_nonfinite"], bool):
             raise TypeError(
                 f"skip_nonfinite must be True or False, got {group['skip_nonfinite']!r}"
@@ -284,23 +318,94 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 if isinstance(v, Tensor) and "w" not in self.own_state.get(p, {}):
                     self.own_state[p]["w"] = torch.empty_like(p)
         groups = self._perturbed_groups()
+        for params, ws, _, group in groups:
+            F.copy_(ws, params, group_foreach(group))
+        for (params, _, vs, group), scale in zip(groups, self._scales(groups), strict=True):
+            F.addcmul_(params, vs, scale, group_foreach(group))
+
+    def _scales(
+        self, groups: list[tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]
+    ) -> list[Tensor]:
+        """Per group of ``groups`` (from :meth:`_perturbed_groups`), the 0-dim factor
+        ``-rho / (||v|| + eps)`` of the perturbation, in the dtype of the group's first
+        parameter, with the norm over the momentum of all groups together."""
         if not groups:
-            return
+            return []
         norms: list[Tensor] = []
-        for params, ws, vs, group in groups:
-            foreach = group_foreach(group)
-            F.copy_(ws, params, foreach)
+        for _, _, vs, group in groups:
             norms += (
-                torch._foreach_norm(vs) if foreach else [torch.linalg.vector_norm(v) for v in vs]
+                torch._foreach_norm(vs)
+                if group_foreach(group)
+                else [torch.linalg.vector_norm(v) for v in vs]
             )
         # per-tensor norms in the tensors' dtype, combined in float64 on the first device
         device = groups[0][0][0].device
         total = torch.linalg.vector_norm(
             torch.stack([n.to(device) for n in norms]).to(torch.float64)
         )
-        for params, _, vs, group in groups:
-            scale = (-float(group["rho"]) / (total + _NORM_EPS)).to(params[0])
-            F.addcmul_(params, vs, scale, group_foreach(group))
+        return [(-float(group["rho"]) / (total + _NORM_EPS)).to(p[0]) for p, _, _, group in groups]
+
+    # ------------------------------------------------------------------ weight decay
+    def _decay(self, group: dict[str, Any]) -> str | None:
+        """Where the authors' rule moves ``group``'s weight decay: ``"perturbed"`` (a coupled
+        decay, taken at ``w~``), ``"after"`` (a decoupled decay, after the base update), or
+        None (no decay, the base optimizer's placement asked for, or an unknown base)."""
+        decay = group.get("weight_decay", 0)
+        if not (self._known_decay and group["authors_weight_decay"]) or not decay:
+            return None
+        decoupled = isinstance(self.base_optimizer, torch.optim.AdamW) or bool(
+            group.get("decoupled_weight_decay", False)
+        )
+        return "after" if decoupled else "perturbed"
+
+    def base_gradient(self, ctx: StepContext) -> None:
+        """For a coupled decay, the base optimizer sees ``g + lambda (w~ - w)`` and adds
+        ``lambda w`` itself: its step uses ``g + lambda w~``, the authors' SGD rule. For a
+        decoupled decay, save ``w`` of the parameters not yet perturbed (the first step) for
+        :meth:`after_base_step`."""
+        coupled = []
+        for view in ctx.views:
+            where = self._decay(view.group)
+            if where == "perturbed":
+                coupled.append(view)
+            elif where == "after":
+                for p in view.params:
+                    if "w" not in self.own_state.get(p, {}):
+                        self.own_state[p]["w"] = p.detach().clone()
+        if coupled:
+            self._decay_at_perturbed_point(ctx, coupled)
+
+    def _decay_at_perturbed_point(self, ctx: StepContext, views: list[GroupView]) -> None:
+        """``base_grad = g + sign * lambda * scale * v`` for the perturbed parameters of
+        ``views`` (``w~ - w = scale * v``; ``sign`` is -1 for a maximizing base optimizer,
+        which negates the gradient before adding its decay)."""
+        groups = self._perturbed_groups()
+        scales = {id(g[3]): s for g, s in zip(groups, self._scales(groups), strict=True)}
+        base_state = self.base_optimizer.state
+        for view in views:
+            moved = [
+                i
+                for i, p in enumerate(view.params)
+                if "w" in self.own_state.get(p, {}) and self.momentum_key in base_state.get(p, {})
+            ]
+            if not moved:  # not perturbed yet (the first step): w~ = w
+                continue
+            grads = ctx.base_grads(view)
+            F.copy_(grads, view.grads, view.foreach)
+            sign = -1.0 if view.group.get("maximize", False) else 1.0
+            coefficient = sign * float(view.group["weight_decay"]) * scales[id(view.group)]
+            momenta = [base_state[view.params[i]][self.momentum_key] for i in moved]
+            F.addcmul_([grads[i] for i in moved], momenta, coefficient, view.foreach)
+
+    def after_base_step(self, ctx: StepContext) -> None:
+        """For a decoupled decay: the base optimizer left ``(1 - c) w - lr u`` (``c = lr *
+        lambda``); rescale to ``(1 - c) (w - lr u)``, the authors' AdamW rule."""
+        for view in ctx.views:
+            if self._decay(view.group) != "after":
+                continue
+            c = view.group["lr"] * float(view.group["weight_decay"])
+            ws = [self.own_state[p]["w"] for p in view.params]
+            F.combine_(view.params, view.params, 1 - c, ws, c * (1 - c), view.foreach)
 
 
 def _momentum_key(base: Optimizer, given: str | None) -> str:
