@@ -363,6 +363,7 @@ def test_a_real_summary_writer(tmp_path: Path) -> None:
         ({"writer": object()}, TypeError, "add_scalar"),
         ({"params": "nope"}, ValueError, "nope"),
         ({"generator": 0}, TypeError, "generator"),
+        ({"tag": 1}, TypeError, "tag"),
     ],
 )
 def test_bad_arguments_say_what_to_do(options: dict[str, Any], error: type, match: str) -> None:

@@ -91,6 +91,43 @@ def _check_count(name: str, value: object, low: int) -> int:
     return value
 
 
+def _check_model(model: object, loss_fn: object) -> None:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "SharpnessMonitor got a DistributedDataParallel wrapper: build it on the module "
+            "inside (model.module); the wrapper's forward takes part in DDP's collectives, "
+            "which a measurement on one rank would leave the other ranks waiting for"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+
+
+def _check_measures(
+    tol: object, trace_samples: int | None, sam_rho: object, batch_norm: str
+) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if trace_samples is not None:
+        _check_count("trace_samples", trace_samples, 2)
+    if sam_rho is not None and (
+        isinstance(sam_rho, bool) or not isinstance(sam_rho, (int, float)) or not sam_rho >= 0
+    ):
+        raise ValueError(f"Invalid sam_rho value: {sam_rho}")
+    check_batch_norm(batch_norm)
+
+
+def _check_writer(writer: object, tag: object) -> None:
+    if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(
+            "writer must be a torch.utils.tensorboard.SummaryWriter or have an "
+            f"add_scalar(tag, value, global_step) method, got {type(writer).__name__}"
+        )
+    if not isinstance(tag, str):
+        raise TypeError(f"tag must be a string, got {type(tag).__name__}")
+
+
 class SharpnessMonitor:
     r"""Measure the sharpness of ``model`` every ``every`` steps (or epochs) while it trains.
 
@@ -174,30 +211,13 @@ class SharpnessMonitor:
         writer: Any = None,
         tag: str = "sharpness",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+        _check_model(model, loss_fn)
         self.every = _check_count("every", every, 1)
         if unit not in _UNITS:
             raise ValueError(f'unit must be "step" or "epoch", got {unit!r}')
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ValueError(f"tol must be a positive number, got {tol!r}")
         self.max_iter = _check_count("max_iter", max_iter, 1)
-        if trace_samples is not None:
-            _check_count("trace_samples", trace_samples, 2)
-        if sam_rho is not None and (
-            isinstance(sam_rho, bool) or not isinstance(sam_rho, (int, float)) or not sam_rho >= 0
-        ):
-            raise ValueError(f"Invalid sam_rho value: {sam_rho}")
-        check_batch_norm(batch_norm)
-        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
-            raise TypeError(
-                "writer must be a torch.utils.tensorboard.SummaryWriter or have an "
-                f"add_scalar(tag, value, global_step) method, got {type(writer).__name__}"
-            )
-        if not isinstance(tag, str):
-            raise TypeError(f"tag must be a string, got {type(tag).__name__}")
+        _check_measures(tol, trace_samples, sam_rho, batch_norm)
+        _check_writer(writer, tag)
         select_params(model, params)  # refuse a bad selection now, not at the first measurement
         self.model = model
         self.loss_fn = loss_fn
