@@ -25,10 +25,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import torchsam
-from tests.test_distributed import _exit_cleanly
+from tests import test_fsdp as fsdp
+from tests.test_distributed import WORLD, _exit_cleanly, loss_fn
 from torchsam.monitor import SharpnessMonitor
 
-WORLD, LOCAL, STEPS, EVERY = 2, 4, 6, 2
+STEPS, EVERY = 6, 2
 #: base optimizers of the FSDP2 job, with weight decay (where the authors' rule moves it)
 BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}),
@@ -36,37 +37,21 @@ BASES: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 }
 
 
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ((out - y) ** 2).mean()
-
-
 def make_model(batchnorm: bool = False) -> nn.Sequential:
-    torch.manual_seed(0)
-    norm = [nn.BatchNorm1d(8, dtype=torch.float64)] if batchnorm else []
-    return nn.Sequential(
-        nn.Linear(4, 8, dtype=torch.float64),  # 8 rows: 4 per rank
-        *norm,
-        nn.Tanh(),
-        nn.Linear(8, 7, dtype=torch.float64),  # 7 rows: 4 and 3
-        nn.Tanh(),
-        nn.Linear(7, 1, dtype=torch.float64),  # 1 row: rank 1 holds nothing
-    )
+    """``tests/test_fsdp.py``'s model (a parameter leaves rank 1 an empty shard), with a
+    BatchNorm after the first layer when asked."""
+    model = fsdp.make_model()
+    if batchnorm:
+        model.insert(1, nn.BatchNorm1d(8, dtype=torch.float64))
+    return model
 
 
-def make_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    n = WORLD * LOCAL
-    return [
-        (
-            torch.randn(n, 4, generator=g, dtype=torch.float64),
-            torch.randn(n, 1, generator=g, dtype=torch.float64),
-        )
-        for _ in range(STEPS)
-    ]
+def make_data() -> list[tuple[torch.Tensor, ...]]:
+    return fsdp.make_data(STEPS)
 
 
-def _half(batch: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, ...]:
-    return tuple(t[rank * LOCAL : (rank + 1) * LOCAL] for t in batch)
+def _half(batch: tuple[torch.Tensor, ...], rank: int) -> tuple[torch.Tensor, ...]:
+    return fsdp.shard_batch(batch, rank)
 
 
 def momentum_sam(model: nn.Module, base: str) -> torchsam.MomentumSAM:
@@ -87,15 +72,9 @@ def train_momentum_sam(model: nn.Module, base: str, rank: int | None) -> None:
 
 # ---------------------------------------------------------------------- jobs in the workers
 def _fsdp_job(rank: int) -> dict[str, Any]:
-    from torch.distributed.fsdp import fully_shard
-
     out = {}
     for base in BASES:
-        model = make_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        model = fsdp.shard_layers(make_model())
         train_momentum_sam(model, base, rank)
         out[f"fsdp/{base}"] = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
     return out

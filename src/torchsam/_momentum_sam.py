@@ -147,8 +147,10 @@ class MomentumSAM(SharpnessAwareOptimizer):
           and skips an overflowing step as for any optimizer) and DDP (the one backward
           all-reduces the gradients; every rank then holds the same momentum and perturbation)
           work as with the base optimizer alone (each tested). There is no
-          ``first_step``/``second_step``. FSDP2, ``torch.compile``, CUDA and the Lightning and
-          Hugging Face integrations have not been tested with it.
+          ``first_step``/``second_step``. FSDP2, a ``torch.compile``-d model, CPU autocast,
+          PyTorch Lightning's automatic optimisation and the plain Hugging Face ``Trainer``
+          are tested with it (``docs/family.md`` says how); ``SAMTrainer`` and
+          ``LocalPerturbation``, which drive the two-pass step, refuse it.
     """
 
     hyperparameters: ClassVar[dict[str, Any]] = {"rho": 0.5}
