@@ -239,6 +239,27 @@ def test_without_weight_decay_both_placements_step_bit_for_bit_alike(seed: int) 
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+def test_an_unknown_base_optimizer_keeps_its_own_decay_placement() -> None:
+    runs = []
+    for authors in (True, False):
+        model = _model(5)
+        opt = torchsam.MomentumSAM(
+            model.parameters(),
+            torch.optim.Adagrad,
+            momentum_key="sum",
+            lr=0.1,
+            weight_decay=0.1,
+            authors_weight_decay=authors,
+        )
+        _run(opt, model, STEPS)
+        runs.append(_weights(model))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    with pytest.raises(TypeError, match="authors_weight_decay must be True or False"):
+        torchsam.MomentumSAM(
+            _model().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, authors_weight_decay=1
+        )
+
+
 def _grouped(model: nn.Module, base: str) -> tuple[torchsam.MomentumSAM, nn.Parameter, dict]:
     """Three param groups with their own lr, weight decay and rho, and a parameter that never
     gets a gradient; the per-tensor hyper-parameters of the transcription."""

@@ -111,8 +111,8 @@ class MomentumSAM(SharpnessAwareOptimizer):
           optimizer's hyper-parameter, per group and schedulable; the results agree with the
           authors' to rounding. ``authors_weight_decay=False`` leaves the decay where the
           base optimizer applies it, at :math:`w`. A base optimizer that is not one of the
-          ``torch.optim`` classes above (given with ``momentum_key``) always decays where it
-          decays itself. Without weight decay the two settings are the same, bit for bit.
+          ``torch.optim`` classes above (nor a subclass) decays where it decays itself.
+          Without weight decay the two settings are the same, bit for bit.
         * The norm is taken over the momentum of every parameter that has one, in all groups
           together; each group uses its own ``rho``. A parameter without a gradient on a step
           keeps its momentum and :math:`w`, and is perturbed with the step's common scale.
@@ -182,9 +182,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
         }
         super().__init__(params, base_optimizer, own, kwargs)
         self.momentum_key = _momentum_key(self.base_optimizer, momentum_key)
-        #: whether the base optimizer is a ``torch.optim`` class whose weight decay
-        #: MomentumSAM knows how to move to where the authors apply it
-        self._known_decay = momentum_key is None
+        #: whether the base optimizer is (a subclass of) one of the ``torch.optim`` classes of
+        #: ``MOMENTUM_KEYS``, whose weight decay MomentumSAM knows how to move
+        self._known_decay = any(cls in MOMENTUM_KEYS for cls in type(self.base_optimizer).__mro__)
         for group in self.param_groups:
             self._check_momentum(group)
         if self.wide_state.get(_TRAIN_MODE) is None:
