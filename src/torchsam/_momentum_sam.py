@@ -118,10 +118,10 @@ class MomentumSAM(SharpnessAwareOptimizer):
           keeps its momentum and :math:`w`, and is perturbed with the step's common scale.
         * ``state_dict()`` holds the base optimizer's state (the momentum), torchsam's own
           state (``"sam.w"``, the unperturbed weights of each stepped parameter) and, in the
-          param groups, ``rho``, the step count and the mode. The model's own state dict holds
-          the weights as they are: :math:`w` in evaluation mode, :math:`\tilde w` in training
-          mode. Save and load the model and the optimizer together; resuming is bit-exact in
-          both modes.
+          param groups, ``rho``, ``authors_weight_decay``, the step count and the mode. The
+          model's own state dict holds the weights as they are: :math:`w` in evaluation mode,
+          :math:`\tilde w` in training mode. Save and load the model and the optimizer
+          together; resuming is bit-exact in both modes.
         * The default ``rho`` comes from ``benchmarks/sweep_defaults.py --knobs "MomentumSAM
           rho"``: six small CPU tasks (an MLP and a CNN with BatchNorm; SGD with momentum and
           AdamW; noisy and clean labels), 3 seeds each. Gain in test accuracy over the base
