@@ -800,7 +800,10 @@ def train(
         curves (bool, optional): evaluate the test accuracy after every epoch (outside the
             timed loop) into :attr:`Result.history` (default: False)
         on_step (Callable, optional): called after every step as ``on_step(epoch, step,
-            loss)`` with the step's loss tensor (default: None)
+            loss)`` with the step's loss tensor, on the device: the loop itself never
+            synchronises with the device (the epoch's mean loss is read once per epoch), and
+            a callback that reads the loss (``loss.item()``) adds a synchronisation each time
+            it does (default: None)
         on_epoch (Callable, optional): called with each epoch's :class:`EpochStats` as soon
             as it is recorded (default: None)
         distributed (bool, optional): train data-parallel with the processes of the
