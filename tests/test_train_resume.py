@@ -73,8 +73,24 @@ def _assert_same_state(a: Any, b: Any) -> None:
         assert a == b
 
 
+def _last_full_state(path: Path, saved: dict[str, Any]) -> Any:
+    """An ``on_epoch`` that keeps the checkpoint of the last epoch as written before the run
+    finishes (and slims it)."""
+
+    def keep(stats: EpochStats) -> None:
+        if stats.epoch == 2:
+            saved["state"] = torch.load(path, weights_only=True)
+
+    return keep
+
+
 def test_resume_continues_bit_for_bit(split: Split, tmp_path: Path) -> None:
-    straight = _run(split, checkpoint=tmp_path / "straight.pt")
+    full: dict[str, Any] = {}
+    straight = _run(
+        split,
+        checkpoint=tmp_path / "straight.pt",
+        on_epoch=_last_full_state(tmp_path / "straight.pt", full),
+    )
     path = tmp_path / "run.pt"
 
     def stop_after_first(stats: EpochStats) -> None:
@@ -85,16 +101,20 @@ def test_resume_continues_bit_for_bit(split: Split, tmp_path: Path) -> None:
         _run(split, checkpoint=path, on_epoch=stop_after_first)
     assert torch.load(path, weights_only=True)["progress"]["next_epoch"] == 1
     seen: list[int] = []
-    resumed = _run(split, checkpoint=path, resume=True, on_epoch=lambda s: seen.append(s.epoch))
+    final: dict[str, Any] = {}
+    keep = _last_full_state(path, final)
+
+    def on_epoch(stats: EpochStats) -> None:
+        seen.append(stats.epoch)
+        keep(stats)
+
+    resumed = _run(split, checkpoint=path, resume=True, on_epoch=on_epoch)
     assert seen == [0, 1, 2]  # the restored epoch first
     assert straight.model is not None
     assert resumed.model is not None
     _assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
-    final = torch.load(path, weights_only=True)
-    _assert_same_state(
-        torch.load(tmp_path / "straight.pt", weights_only=True)["optimizer"], final["optimizer"]
-    )
-    assert final["optimizer"]["state"]  # momentum buffers are there to compare
+    _assert_same_state(full["state"]["optimizer"], final["state"]["optimizer"])
+    assert final["state"]["optimizer"]["state"]  # momentum buffers are there to compare
     keys = ("test_accuracy", "train_accuracy", "train_loss", "steps", "forward_passes")
     assert [getattr(resumed, k) for k in keys] == [getattr(straight, k) for k in keys]
     assert resumed.forward_samples == straight.forward_samples
@@ -105,6 +125,30 @@ def test_resume_continues_bit_for_bit(split: Split, tmp_path: Path) -> None:
     again = _run(split, checkpoint=path, resume=True)
     assert again.model is not None
     _assert_same_state(straight.model.state_dict(), again.model.state_dict())
+
+
+def test_a_finished_run_keeps_a_slim_checkpoint_and_resumes_without_training(
+    split: Split, tmp_path: Path
+) -> None:
+    path = tmp_path / "run.pt"
+    full: dict[str, Any] = {}
+    first = _run(split, checkpoint=path, on_epoch=_last_full_state(path, full))
+    assert set(full["state"]) >= {"optimizer", "scheduler", "generators", "global_rng"}
+    slim = torch.load(path, weights_only=True)
+    assert sorted(slim) == ["fingerprint", "finished", "format", "model", "progress"]
+    assert slim["finished"] is True
+    _assert_same_state(slim["model"], full["state"]["model"])
+    _assert_same_state(slim["progress"], full["state"]["progress"])
+    torch.save(full["state"], tmp_path / "full.pt")
+    assert path.stat().st_size < 0.6 * (tmp_path / "full.pt").stat().st_size  # no momentum
+    steps: list[int] = []
+    again = _run(split, checkpoint=path, resume=True, on_step=lambda e, s, loss: steps.append(s))
+    assert steps == []  # nothing trained
+    assert again == first  # accuracies, losses, counters and history
+    assert first.model is not None
+    assert again.model is not None
+    _assert_same_state(first.model.state_dict(), again.model.state_dict())
+    assert sorted(torch.load(path, weights_only=True)) == sorted(slim)
 
 
 def test_resume_refuses_another_configuration(split: Split, tmp_path: Path) -> None:

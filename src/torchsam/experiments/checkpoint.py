@@ -7,6 +7,12 @@ and of the global generator, the counters and the per-epoch history, plus a *fin
 the run's configuration: a checkpoint resumes only the run that wrote it. It is written to a
 temporary file and renamed over the old one, so an interrupted write leaves the last complete
 checkpoint in place. Files are read with ``torch.load(weights_only=True)``: no code runs.
+
+When the run has finished, :func:`finished_state` slims its checkpoint to what a finished run
+needs: the model's ``state_dict``, the counters and history and the fingerprint, without the
+optimizer, the scheduler and the generators (for SAM around SGD with momentum the optimizer's
+state is as large as the model). Resuming a finished run from it trains nothing: the model is
+restored and evaluated again, as the full checkpoint would have given it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,15 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["FORMAT", "load_checkpoint", "restore_state", "run_state", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "finished_state",
+    "is_finished",
+    "load_checkpoint",
+    "restore_state",
+    "run_state",
+    "save_checkpoint",
+]
 
 FORMAT = 1
 """Version of the checkpoint layout; a file of another version is refused."""
@@ -55,6 +69,18 @@ def run_state(
         "generators": {name: g.get_state() for name, g in generators.items()},
         "global_rng": torch.get_rng_state(),
     }
+
+
+def finished_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The slim checkpoint of a finished run: ``state`` (a :func:`run_state`) without the
+    optimizer, the scheduler and the generators, marked ``"finished": True``."""
+    kept = ("format", "fingerprint", "progress", "model")
+    return {**{key: state[key] for key in kept}, "finished": True}
+
+
+def is_finished(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` is the slim checkpoint of a finished run (:func:`finished_state`)."""
+    return state.get("finished") is True
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
@@ -101,8 +127,13 @@ def restore_state(
     scheduler: Any,
     generators: Mapping[str, torch.Generator],
 ) -> dict[str, Any]:
-    """Load a :func:`run_state` into the run's objects; return its ``progress`` values."""
+    """Load a :func:`run_state` into the run's objects; return its ``progress`` values.
+
+    A finished run's slim state (:func:`finished_state`) restores the model only: nothing
+    else is used again."""
     model.load_state_dict(state["model"])
+    if is_finished(state):
+        return dict(state["progress"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     saved = state["generators"]

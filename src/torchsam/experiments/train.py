@@ -51,6 +51,7 @@ from torchsam import SAM, MomentumSAM, freeze_running_stats
 from torchsam.experiments.augment import check_augment
 from torchsam.experiments.batches import BatchSource, batch_source
 from torchsam.experiments.checkpoint import (
+    finished_state,
     load_checkpoint,
     restore_state,
     run_state,
@@ -826,11 +827,13 @@ def train(
             (default: ``"auto"``)
         checkpoint (str | Path, optional): write the run's state there after every epoch
             (model, optimizer, scheduler, generators, history; see
-            :mod:`~torchsam.experiments.checkpoint`) (default: None)
+            :mod:`~torchsam.experiments.checkpoint`); once the run has finished the file keeps
+            only the model, the counters and the history (default: None)
         resume (bool, optional): continue from ``checkpoint``, which an interrupted run of
             the same configuration wrote: the run ends bit for bit as if never interrupted
             (the restored epochs are passed to ``on_epoch`` first; their ``wall_time`` is the
-            earlier run's) (default: False)
+            earlier run's); a finished run's checkpoint trains nothing and gives the same
+            result (default: False)
         monitor (Callable, optional): builds a :class:`~torchsam.SharpnessMonitor` from the
             bare model (once, when the model is built); after every step whose count is due
             (:meth:`~torchsam.SharpnessMonitor.due`) it measures, outside the timed loop and
@@ -888,6 +891,8 @@ def train(
                 save_checkpoint(checkpoint, _checkpoint_state(run, fingerprint))
             if on_epoch is not None:
                 on_epoch(stats)
+        if checkpoint is not None and settings.rank == 0:  # finished: keep the model only
+            save_checkpoint(checkpoint, finished_state(_checkpoint_state(run, fingerprint)))
         result = _result(run, spec)
         return result if watcher is None else replace(result, sharpness=tuple(watcher.records))
 
