@@ -58,6 +58,7 @@ from torchsam.experiments.checkpoint import (
     save_checkpoint,
 )
 from torchsam.experiments.data import Split
+from torchsam.experiments.graphs import WARMUP_STEPS, CapturedStep, GraphPlan, plan_graphs
 from torchsam.experiments.models import mlp
 from torchsam.monitor import SharpnessMonitor, SharpnessRecord
 
@@ -200,6 +201,11 @@ class Method:
         resumable (bool, optional): whether a run can resume from a checkpoint, i.e. the step
             function keeps no state of its own between steps (default: True, which
             :func:`register_method` sets only for :func:`closure_step`)
+        graph_options (Mapping | None, optional): the option values with which a step can be
+            captured whole in a CUDA graph (``train(..., graphs=...)``, see
+            :mod:`~torchsam.experiments.graphs`): the step never synchronises with the host
+            and runs the same kernels every time, and the optimizer takes ``fused=True``;
+            None: never captured (default: None)
     """
 
     name: str
@@ -209,6 +215,7 @@ class Method:
     step_options: frozenset[str] = frozenset()
     description: str = ""
     resumable: bool = True
+    graph_options: Mapping[str, Any] | None = None
 
     def split_kwargs(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """``defaults`` updated with ``kwargs``, as (optimizer kwargs, step kwargs)."""
@@ -232,6 +239,7 @@ def register_method(
     description: str = "",
     replace: bool = False,
     resumable: bool | None = None,
+    graph_options: Mapping[str, Any] | None = None,
 ) -> Method:
     """Add a method to :data:`METHODS` and return it.
 
@@ -250,6 +258,8 @@ def register_method(
             true when the step function keeps no state between steps beyond the optimizer,
             the model and ``context.generator`` (default: True for :func:`closure_step`,
             else False)
+        graph_options (Mapping, optional): the option values with which the step can be
+            captured in a CUDA graph (see :attr:`Method.graph_options`) (default: None, never)
 
     Raises:
         ValueError: if ``name`` is empty, contains a comma or whitespace, or is taken and
@@ -270,6 +280,7 @@ def register_method(
         step_options=frozenset(step_options),
         description=description,
         resumable=make_step is closure_step if resumable is None else resumable,
+        graph_options=None if graph_options is None else dict(graph_options),
     )
     METHODS[name] = method
     return method
@@ -323,12 +334,13 @@ def _sgd(
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
 
 
-register_method("sgd", _sgd, description="torch.optim.SGD (the baseline)")
+register_method("sgd", _sgd, description="torch.optim.SGD (the baseline)", graph_options={})
 register_method(
     "sam",
     sharpness_aware(SAM),
     defaults={"rho": 0.05},
     description="torchsam.SAM around SGD (Foret et al. 2021)",
+    graph_options={"skip_nonfinite": False},
 )
 
 
@@ -372,6 +384,8 @@ class Result:
             :func:`train`, if any (not compared, not shown in the repr)
         model (nn.Module | None): the trained model, in evaluation mode (not compared, not
             shown in the repr)
+        cuda_graphs (str): ``"captured"`` when the steps ran from a CUDA graph, else
+            ``"eager: <reason>"`` (see :mod:`~torchsam.experiments.graphs`; not compared)
     """
 
     method: str
@@ -386,6 +400,7 @@ class Result:
     history: tuple[EpochStats, ...] = ()
     sharpness: tuple[SharpnessRecord, ...] = field(default=(), compare=False, repr=False)
     model: nn.Module | None = field(default=None, compare=False, repr=False)
+    cuda_graphs: str = field(default="eager: graphs='off'", compare=False)
 
     @property
     def forwards_per_step(self) -> float:
@@ -419,13 +434,14 @@ def _resolve_precision(precision: object, device: torch.device) -> bool:
 class _Autocast(nn.Module):
     """Runs the wrapped module under bf16 autocast and returns float32 logits."""
 
-    def __init__(self, module: nn.Module, device_type: str) -> None:
+    def __init__(self, module: nn.Module, device_type: str, cache: bool = True) -> None:
         super().__init__()
         self.module = module
         self.device_type = device_type
+        self.cache = cache  # off under CUDA-graph capture: a cached cast outlives it
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, cache_enabled=self.cache):
             return self.module(x).float()
 
 
@@ -475,6 +491,7 @@ class _Run:
     source: BatchSource
     generators: dict[str, torch.Generator]
     counter: _ForwardCounter
+    graphs: GraphPlan
     next_epoch: int = 0
     steps: int = 0
     wall_time: float = 0.0
@@ -597,11 +614,12 @@ def _build_run(
     settings: _Settings,
     model_fn: Callable[[Split], nn.Module] | None,
     method_kwargs: Mapping[str, Any],
+    graphs: GraphPlan,
 ) -> _Run:
     """The model and its wrappers, the optimizer, the cosine schedule, the batch source and
-    the step function."""
+    the step function (captured in a CUDA graph when ``graphs`` says so)."""
     target = settings.device
-    model, net, evaluator = _models(split, settings, model_fn)
+    model, net, evaluator = _models(split, settings, model_fn, cache=not graphs.capture)
     opt_kwargs, step_kwargs = spec.split_kwargs(method_kwargs)
     optimizer = spec.make_optimizer(
         model.parameters(),
@@ -609,6 +627,7 @@ def _build_run(
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
         **opt_kwargs,
+        **graphs.optimizer_options,
     )
     if not isinstance(optimizer, Optimizer):
         raise TypeError(
@@ -647,17 +666,33 @@ def _build_run(
     step_fn = spec.make_step(context, **step_kwargs)
     counter = _ForwardCounter()
     net.register_forward_pre_hook(counter)
+    if graphs.capture:
+        step_fn = CapturedStep(step_fn, optimizer, counter, target)
     return _Run(
-        settings, model, net, evaluator, optimizer, scheduler, step_fn, source, generators, counter
+        settings,
+        model,
+        net,
+        evaluator,
+        optimizer,
+        scheduler,
+        step_fn,
+        source,
+        generators,
+        counter,
+        graphs,
     )
 
 
 def _models(
-    split: Split, settings: _Settings, model_fn: Callable[[Split], nn.Module] | None
+    split: Split,
+    settings: _Settings,
+    model_fn: Callable[[Split], nn.Module] | None,
+    cache: bool = True,
 ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """``(model, net, evaluator)``: the model built (from the global generator, seeded by the
     caller) and moved to the device; what the steps call (under DDP and autocast as
-    configured); what evaluations call (under autocast as configured)."""
+    configured, autocast's cast cache off when ``cache`` is False); what evaluations call
+    (under autocast as configured)."""
     target = settings.device
     model = model_fn(split) if model_fn is not None else mlp(split.num_features, split.num_classes)
     model.to(target)
@@ -670,7 +705,7 @@ def _models(
         net = DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None)
     if not settings.bf16:
         return model, net, model
-    return model, _Autocast(net, target.type), _Autocast(model, target.type)
+    return model, _Autocast(net, target.type, cache), _Autocast(model, target.type)
 
 
 def _labels_on(split: Split, device: torch.device) -> Split:
@@ -765,6 +800,7 @@ def train(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     monitor: Callable[[nn.Module], SharpnessMonitor] | None = None,
+    graphs: str = "off",
     **method_kwargs: Any,
 ) -> Result:
     """Train a fresh model on ``split`` with one method and report its accuracy and cost.
@@ -840,6 +876,15 @@ def train(
             the forward count, so that ``wall_time`` and ``forward_passes`` are those of the
             training alone; its records are :attr:`Result.sharpness` (those of this call only:
             a resumed run's earlier measurements are not restored) (default: None)
+        graphs (str, optional): capture each whole step (forward, backward, optimizer step)
+            in a CUDA graph and replay it (:mod:`~torchsam.experiments.graphs`): ``"auto"``
+            captures when the run allows it (CUDA, a method registered as capturable with
+            the options it needs, e.g. SAM with ``skip_nonfinite=False``, one process) and
+            otherwise trains eagerly; ``"on"`` raises a ValueError saying why a run cannot
+            be captured; ``"off"`` never captures. :attr:`Result.cuda_graphs` records
+            ``"captured"`` or ``"eager: <reason>"``. Captured runs build the optimizer with
+            ``fused=True``, so they match eager runs closely, not bit for bit. The capture
+            has not yet been run on a GPU, hence the default (default: ``"off"``)
         **method_kwargs: the method's options (``rho=...``), over its registered defaults
 
     Returns:
@@ -851,7 +896,8 @@ def train(
             ``augment``/``precision``; an augmentation of a split without images; a
             checkpoint of another configuration, or a method that cannot resume;
             with ``distributed=True``, without a process group or for a ``batch_size`` that
-            is not a multiple of the number of processes.
+            is not a multiple of the number of processes; ``graphs="on"`` for a run that
+            cannot be captured, or an unknown ``graphs``.
         FileNotFoundError: with ``resume=True``, if ``checkpoint`` does not exist.
     """
     spec = get_method(method)
@@ -869,11 +915,20 @@ def train(
         precision,
     )
     fingerprint = _fingerprint(spec, settings, split.x_train.shape[0], method_kwargs)
+    plan = plan_graphs(
+        graphs,
+        device=settings.device,
+        method=spec.name,
+        graph_options=spec.graph_options,
+        options={**spec.defaults, **method_kwargs},
+        world=settings.world,
+        total_steps=settings.epochs * (split.x_train.shape[0] // settings.batch_size),
+    )
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        run = _build_run(spec, split, settings, model_fn, method_kwargs)
+        run = _build_run(spec, split, settings, model_fn, method_kwargs, plan)
         if resume and checkpoint is not None:
             _resume(run, spec, checkpoint, fingerprint)
             for stats in run.history:
@@ -955,7 +1010,17 @@ def _result(run: _Run, spec: Method) -> Result:
         train_loss=run.history[-1].train_loss,
         history=tuple(run.history),
         model=run.model,
+        cuda_graphs=_graph_status(run),
     )
+
+
+def _graph_status(run: _Run) -> str:
+    """``"captured"``, or ``"eager: <reason>"`` (also for a run whose planned capture never
+    came: it ended within the warm-up steps, e.g. resumed near its end)."""
+    step = run.step_fn
+    if isinstance(step, CapturedStep) and step.graph is None:
+        return f"eager: the run ended within the {WARMUP_STEPS} eager warm-up steps"
+    return run.graphs.status
 
 
 def _world(distributed: bool, batch_size: int) -> tuple[int, int]:

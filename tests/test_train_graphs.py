@@ -1,0 +1,220 @@
+"""``train(..., graphs=...)``: when a run's steps are captured in a CUDA graph, and why not.
+
+The decision (:func:`~torchsam.experiments.graphs.plan_graphs`) and the learning rate held in
+a device tensor are checked on the CPU; the captured training itself needs CUDA: those tests
+compare a captured run with an eager one and are skipped without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_cifar import write_cifar
+from torchsam.experiments import train
+from torchsam.experiments.cifar import cifar
+from torchsam.experiments.data import Split
+from torchsam.experiments.graphs import WARMUP_STEPS, plan_graphs, tensor_lrs
+from torchsam.experiments.models import resnet_cifar
+from torchsam.experiments.train import get_method
+
+CUDA = torch.device("cuda")  # a device object only: planning never touches the GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_file=12)
+    return cifar("cifar10", root, noise=0.25, seed=0)
+
+
+def _model(split: Split) -> nn.Module:
+    return resnet_cifar(num_classes=split.num_classes, depth=8, width=4)
+
+
+def _plan(method: str, mode: str = "auto", **kwargs: Any) -> Any:
+    spec = get_method(method)
+    options: dict[str, Any] = {
+        "device": CUDA,
+        "method": spec.name,
+        "graph_options": spec.graph_options,
+        "options": dict(spec.defaults),
+        "world": 1,
+        "total_steps": 100,
+    }
+    return plan_graphs(mode, **{**options, **kwargs})
+
+
+# --------------------------------------------------------------------------- the decision
+def test_sgd_and_sam_without_the_guard_are_captured_with_a_fused_optimizer() -> None:
+    for plan in (_plan("sgd"), _plan("sam", options={"rho": 0.05, "skip_nonfinite": False})):
+        assert plan.capture
+        assert plan.status == "captured"
+        assert dict(plan.optimizer_options) == {"fused": True}
+    assert _plan("sgd", "on").capture
+
+
+@pytest.mark.parametrize(
+    ("method", "changes", "reason"),
+    [
+        ("sgd", {"device": torch.device("cpu")}, "the device is cpu; CUDA graphs need a CUDA"),
+        ("sam", {}, "method 'sam' needs skip_nonfinite=False to be captured"),
+        ("looksam", {}, "method 'looksam' is not registered as capturable"),
+        ("sgd", {"options": {"foreach": True}}, "fused=True; foreach= is set here"),
+        ("sgd", {"world": 2}, "distributed training"),
+        ("sgd", {"total_steps": WARMUP_STEPS}, f"{WARMUP_STEPS} steps to run, not more than"),
+    ],
+)
+def test_auto_runs_eagerly_with_the_reason_and_on_raises_it(
+    method: str, changes: dict[str, Any], reason: str
+) -> None:
+    plan = _plan(method, **changes)
+    assert not plan.capture
+    assert plan.status.startswith("eager: ")
+    assert reason in plan.status
+    assert dict(plan.optimizer_options) == {}
+    with pytest.raises(ValueError, match="graphs='on' cannot capture this run in a CUDA graph: "):
+        _plan(method, "on", **changes)
+    assert _plan(method, "off", **changes).status == "eager: graphs='off'"
+
+
+def test_off_never_captures_and_modes_are_checked() -> None:
+    assert not _plan("sgd", "off").capture
+    with pytest.raises(ValueError, match="Invalid graphs value: 'yes'; use one of: auto, on"):
+        _plan("sgd", "yes")
+
+
+def test_train_on_the_cpu_is_eager_and_says_why(split: Split) -> None:
+    options: dict[str, Any] = {"epochs": 1, "batch_size": 16, "model_fn": _model}
+    result = train("sgd", split, graphs="auto", **options)
+    assert result.cuda_graphs == "eager: the device is cpu; CUDA graphs need a CUDA device"
+    off = train("sgd", split, **options)  # the default: off; the same training
+    assert off.cuda_graphs == "eager: graphs='off'"
+    assert (off.train_loss, off.test_accuracy) == (result.train_loss, result.test_accuracy)
+    with pytest.raises(ValueError, match=r"graphs='on' cannot capture .*the device is cpu"):
+        train("sgd", split, graphs="on", **options)
+    with pytest.raises(ValueError, match="Invalid graphs value"):
+        train("sgd", split, graphs=True, **options)  # type: ignore[arg-type]
+
+
+def test_a_fused_sgd_reads_its_learning_rate_from_the_tensor() -> None:
+    """What the capture relies on: the fused kernel takes the tensor in ``lr`` (filled from
+    the group's float by ``tensor_lrs``), and the float is back afterwards. On the CPU."""
+    results = []
+    for as_tensor in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        lr = torch.zeros(())
+        for step in range(3):
+            optimizer.param_groups[0]["lr"] = 0.1 / (step + 1)  # a schedule
+            model(torch.ones(2, 4)).sum().backward()
+            if as_tensor:
+                with tensor_lrs(optimizer, [lr]):
+                    assert optimizer.param_groups[0]["lr"] is lr
+                    optimizer.step()
+                assert lr.item() == pytest.approx(0.1 / (step + 1))
+            else:
+                optimizer.step()
+            optimizer.zero_grad()
+        assert isinstance(optimizer.param_groups[0]["lr"], float)
+        results.append(model.weight.detach().clone())
+    assert torch.equal(results[0], results[1])
+    with (
+        pytest.raises(ValueError, match="2 learning-rate tensors for 1 param groups"),
+        tensor_lrs(optimizer, [lr, lr]),
+    ):
+        pass
+
+
+# --------------------------------------------------------------------------- on a GPU
+@pytest.fixture
+def deterministic_cudnn() -> Iterator[None]:
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+@needs_cuda
+@pytest.mark.usefixtures("deterministic_cudnn")
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("sgd", {}), ("sam", {"rho": 0.05, "skip_nonfinite": False})],
+)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_captured_run_trains_as_the_eager_run(
+    split: Split, method: str, options: dict[str, Any], precision: str
+) -> None:
+    common: dict[str, Any] = {
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 0.01,
+        "model_fn": _model,
+        "device": "cuda",
+        "augment": "cutout",
+        "precision": precision,
+        "curves": True,
+        **options,
+    }
+    eager = train(method, split, graphs="off", **common)
+    captured = train(method, split, graphs="on", **common)
+    assert captured.cuda_graphs == "captured"
+    assert (captured.steps, captured.forward_passes, captured.forward_samples) == (
+        eager.steps,
+        eager.forward_passes,
+        eager.forward_samples,
+    )
+    assert eager.model is not None
+    assert captured.model is not None
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    moved = 0.0
+    start = _model(split).state_dict()
+    for name, value in eager.model.state_dict().items():
+        torch.testing.assert_close(
+            captured.model.state_dict()[name], value, rtol=tolerance, atol=tolerance
+        )
+        if value.is_floating_point() and "running" not in name:
+            moved = max(moved, (value.cpu() - start[name]).abs().max().item())
+    assert moved > 10 * tolerance  # the comparison can fail
+    for a, b in zip(captured.history, eager.history, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=tolerance, abs=tolerance)
+
+
+@needs_cuda
+def test_a_captured_run_follows_the_schedule_and_resumes(split: Split, tmp_path: Any) -> None:
+    """A captured run resumed from its first epoch (warm-up and capture again) ends where the
+    straight captured run ends. (That the cosine schedule reaches the replays is checked by
+    the comparison with the eager run: a rate frozen at the capture would end elsewhere.)"""
+    common: dict[str, Any] = {
+        "epochs": 2,
+        "batch_size": 8,
+        "model_fn": _model,
+        "device": "cuda",
+        "precision": "fp32",
+        "graphs": "on",
+    }
+    straight = train("sgd", split, **common)
+    path = tmp_path / "run.pt"
+
+    class Stop(Exception):
+        pass
+
+    def stop(stats: Any) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        train("sgd", split, checkpoint=path, on_epoch=stop, **common)
+    resumed = train("sgd", split, checkpoint=path, resume=True, **common)
+    assert resumed.cuda_graphs == "captured"
+    assert straight.model is not None
+    assert resumed.model is not None
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-4)
