@@ -80,3 +80,44 @@ def test_sweep_defaults_smoke_run(
         assert len(out_file.read_text().splitlines()) == len(rows)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cifar_gpu_benchmark_cpu_smoke_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--cpu-smoke``: every path of bench_cifar_gpu.py runs on the CPU at toy sizes, and the
+    output says plainly that CUDA is missing and why the graph paths ran eagerly."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_cifar_gpu", ROOT / "benchmarks" / "bench_cifar_gpu.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_cifar_gpu", bench)  # dataclasses look it up
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bench.main(["--cpu-smoke", "--json", str(tmp_path / "out.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.startswith("bench_cifar_gpu --cpu-smoke: CUDA is missing here")
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["cuda"] is False
+    assert list(report["results"]) == [
+        "old",
+        "train fp32",
+        "train bf16",
+        "graphs fp32",
+        "graphs bf16",
+        "SAM eager",
+        "SAM graphs",
+    ]
+    for name, numbers in report["results"].items():
+        assert numbers["epoch_seconds"] > 0
+        if name != "old":
+            assert numbers["cuda_graphs"] == (
+                "eager: the device is cpu; CUDA graphs need a CUDA device"
+            )
+        assert numbers["cuda_graphs"] in out

@@ -150,7 +150,7 @@ def deterministic_cudnn() -> Iterator[None]:
     [("sgd", {}), ("sam", {"rho": 0.05, "skip_nonfinite": False})],
 )
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_captured_run_trains_as_the_eager_run(
+def test_on_cuda_a_captured_run_trains_as_the_eager_run(
     split: Split, method: str, options: dict[str, Any], precision: str
 ) -> None:
     common: dict[str, Any] = {
@@ -189,7 +189,7 @@ def test_a_captured_run_trains_as_the_eager_run(
 
 
 @needs_cuda
-def test_a_captured_run_follows_the_schedule_and_resumes(split: Split, tmp_path: Any) -> None:
+def test_on_cuda_a_captured_run_resumes(split: Split, tmp_path: Any) -> None:
     """A captured run resumed from its first epoch (warm-up and capture again) ends where the
     straight captured run ends. (That the cosine schedule reaches the replays is checked by
     the comparison with the eager run: a rate frozen at the capture would end elsewhere.)"""
