@@ -221,6 +221,11 @@ def test_foret2021_expands_to_the_documented_configuration() -> None:
 def test_label_noise_preset_and_the_papers_numbers() -> None:
     options = expand_preset("foret2021-noise", {"label_noise": 0.6})
     assert (options["model"], options["label_noise"], options["rho"]) == ("resnet32", 0.6, [0.1])
+    # the paper's rho at each level: 0.1, but 0.05 at 80% noise; an explicit --rho wins
+    assert expand_preset("foret2021-noise", {})["rho"] == [0.1]  # the default noise, 0.4
+    assert expand_preset("foret2021-noise", {"label_noise": 0.8})["rho"] == [0.05]
+    assert expand_preset("foret2021-noise", {"label_noise": 0.8, "rho": [0.2]})["rho"] == [0.2]
+    assert expand_preset("foret2021-noise", {"label_noise": 0.3})["rho"] == [0.1]
     assert (options["augment"], options["epochs"], options["batch_size"]) == ("basic", 200, 128)
     references = PRESETS["foret2021-noise"].references
     assert sorted(noise for _, noise in references) == [0.2, 0.4, 0.6, 0.8]
@@ -230,6 +235,8 @@ def test_label_noise_preset_and_the_papers_numbers() -> None:
     ]
     lines = reference_lines("foret2021-noise", "cifar10", 0.6, summary)
     assert lines[0].startswith("The paper (Foret et al. 2021 (SAM), Table 4; ResNet-32")
+    assert "60% label noise, rho 0.1)" in lines[0]
+    assert "80% label noise, rho 0.05)" in reference_lines("foret2021-noise", "cifar10", 0.8, [])[0]
     assert "paper 48.2% (error 51.8%)  here 50.0% (error 50.0%)" in lines[1]
     assert "paper 90.5% (error 9.5%)  here 88.2% (error 11.8%)" in lines[2]
     lines = reference_lines("foret2021", "cifar10", 0.0, summary)
