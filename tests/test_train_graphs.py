@@ -132,6 +132,35 @@ def test_a_fused_sgd_reads_its_learning_rate_from_the_tensor() -> None:
         pass
 
 
+def test_a_resumed_run_keeps_its_own_kernel_choice(split: Split, tmp_path: Any) -> None:
+    """A captured run needs ``fused=True`` in the param groups, an eager one may have written
+    the checkpoint (and the other way round): resuming keeps the new optimizer's ``fused``
+    and ``foreach`` instead of loading the checkpoint's."""
+    built: list[torch.optim.Optimizer] = []
+
+    def sgd(params: Any, lr: float, momentum: float, weight_decay: float) -> Any:
+        built.append(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+        return built[-1]
+
+    path = tmp_path / "run.pt"
+    options: dict[str, Any] = {"epochs": 2, "batch_size": 16, "model_fn": _model}
+
+    class Stop(Exception):
+        pass
+
+    def stop(stats: Any) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(sgd, split, checkpoint=path, on_epoch=stop, **options)
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["param_groups"][0]["fused"] = True  # as a captured run writes it
+    torch.save(state, path)
+    train(sgd, split, checkpoint=path, resume=True, **options)
+    assert built[-1].param_groups[0]["fused"] in (None, False)
+    assert built[-1].param_groups[0]["momentum"] == 0.9  # the rest is the checkpoint's
+
+
 # --------------------------------------------------------------------------- on a GPU
 @pytest.fixture
 def deterministic_cudnn() -> Iterator[None]:
@@ -214,7 +243,14 @@ def test_on_cuda_a_captured_run_resumes(split: Split, tmp_path: Any) -> None:
         train("sgd", split, checkpoint=path, on_epoch=stop, **common)
     resumed = train("sgd", split, checkpoint=path, resume=True, **common)
     assert resumed.cuda_graphs == "captured"
+    # an eager run's checkpoint (foreach SGD) resumed captured (fused SGD)
+    eager_path = tmp_path / "eager.pt"
+    with pytest.raises(Stop):
+        train("sgd", split, checkpoint=eager_path, on_epoch=stop, **{**common, "graphs": "off"})
+    mixed = train("sgd", split, checkpoint=eager_path, resume=True, **common)
+    assert mixed.cuda_graphs == "captured"
     assert straight.model is not None
-    assert resumed.model is not None
-    for name, value in straight.model.state_dict().items():
-        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-4)
+    for result in (resumed, mixed):
+        assert result.model is not None
+        for name, value in straight.model.state_dict().items():
+            torch.testing.assert_close(result.model.state_dict()[name], value, rtol=1e-4, atol=1e-4)

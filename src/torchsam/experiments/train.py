@@ -203,9 +203,10 @@ class Method:
             :func:`register_method` sets only for :func:`closure_step`)
         graph_options (Mapping | None, optional): the option values with which a step can be
             captured whole in a CUDA graph (``train(..., graphs=...)``, see
-            :mod:`~torchsam.experiments.graphs`): the step never synchronises with the host
-            and runs the same kernels every time, and the optimizer takes ``fused=True``;
-            None: never captured (default: None)
+            :mod:`~torchsam.experiments.graphs`): the step never synchronises with the host,
+            runs the same kernels every time, reads only ``batch.x`` and ``batch.y`` (the
+            rest of the batch is frozen at the capture), and the optimizer takes
+            ``fused=True``; None: never captured (default: None)
     """
 
     name: str
@@ -743,6 +744,12 @@ def _checkpoint_state(run: _Run, fingerprint: Mapping[str, Any]) -> dict[str, An
     )
 
 
+_KERNEL_KEYS = ("foreach", "fused")
+"""Param-group keys that choose the optimizer's kernels: a resumed run keeps its own (a run
+captured in a CUDA graph needs ``fused=True``, whatever the run that wrote the checkpoint
+used)."""
+
+
 def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str, Any]) -> None:
     """Continue ``run`` from the checkpoint at ``path``."""
     if not spec.resumable:
@@ -750,6 +757,8 @@ def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str,
             f"method {spec.name!r} keeps per-run state in its step function, which a checkpoint "
             "does not hold: it cannot resume; rerun it from the start"
         )
+    groups = run.optimizer.param_groups
+    kernels = [{key: group[key] for key in _KERNEL_KEYS if key in group} for group in groups]
     progress = restore_state(
         load_checkpoint(path, fingerprint),
         model=run.model,
@@ -757,6 +766,8 @@ def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str,
         scheduler=run.scheduler,
         generators=run.generators,
     )
+    for group, own in zip(run.optimizer.param_groups, kernels, strict=True):
+        group.update(own)
     run.next_epoch, run.steps = int(progress["next_epoch"]), int(progress["steps"])
     run.wall_time = float(progress["wall_time"])
     run.counter.calls = int(progress["forward_calls"])
