@@ -53,6 +53,8 @@ GRAPH_MODES = ("auto", "on", "off")
 WARMUP_STEPS = 3
 """Eager steps on a side stream before the capture (PyTorch's recipe uses 3)."""
 
+_MISSING = object()
+
 
 @dataclass(frozen=True)
 class GraphPlan:
@@ -144,9 +146,6 @@ def _why_eager(
     if total_steps <= WARMUP_STEPS:
         return f"{total_steps} steps to run, not more than the {WARMUP_STEPS} eager warm-up steps"
     return None
-
-
-_MISSING = object()
 
 
 @contextmanager
