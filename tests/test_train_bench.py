@@ -1,10 +1,11 @@
-"""A smoke run of benchmarks/bench_cifar_gpu.py's two paths on the CPU, at a tiny size: the
-profiler and timing code runs, and the new path trains through train() (on CUDA the lead runs
-the full benchmark; here it only says that CUDA is missing)."""
+"""A smoke run of benchmarks/bench_cifar_gpu.py's paths on the CPU, at toy sizes: the profiler
+and timing code runs, the paths train through train() (the graph paths eagerly, saying why),
+and ``--cpu-smoke`` and the answer without CUDA say plainly that CUDA is missing."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,30 +18,63 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_cifar_gpu.py"
 
 
-def _load() -> ModuleType:
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_cifar_gpu", SCRIPT)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_cifar_gpu", module)  # dataclasses look it up
     spec.loader.exec_module(module)
     return module
 
 
-def test_both_paths_run_and_report_on_a_tiny_cpu_problem(monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = _load()
-    for name, value in {"N_TRAIN": 96, "N_TEST": 16, "BATCH": 16, "WIDTH": 2}.items():
-        monkeypatch.setattr(bench, name, value)
-    monkeypatch.setattr(bench, "WINDOW", (1, 4))
-    split = bench.random_cifar()
+def test_every_path_runs_and_reports_on_a_tiny_cpu_problem(bench: ModuleType) -> None:
+    sizes = bench.SMOKE
+    split = bench.random_cifar(sizes)
     assert split.images is not None
-    assert split.images.train.shape == (96, 3, 32, 32)
+    assert split.images.train.shape == (sizes.n_train, 3, 32, 32)
     assert split.images.train.dtype == torch.uint8
-    for path in (bench.old_path, bench.new_path):
-        report = bench.measure(path, split, torch.device("cpu"))
+    for name in ("old", "train bf16", "SAM graphs"):
+        report = bench.measure(bench.PATHS[name], split, torch.device("cpu"), sizes)
         assert report["epoch_seconds"] > 0
         assert report["busy_fraction"] > 0  # CPU ops under the profiler here
         assert report["kernels_in_window"] > 0
-        assert report["window_steps"] == 3
+        assert report["window_steps"] == 2
+        if name != "old":  # on the CPU a graph path runs eagerly, and says why
+            assert report["cuda_graphs"] == (
+                "eager: the device is cpu; CUDA graphs need a CUDA device"
+            )
+
+
+def test_cpu_smoke_says_cuda_is_missing_and_runs_every_path(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--cpu-smoke``: every path runs on the CPU at toy sizes, and the output says plainly
+    that CUDA is missing and why the graph paths ran eagerly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bench.main(["--cpu-smoke", "--json", str(tmp_path / "out.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.startswith("bench_cifar_gpu --cpu-smoke: CUDA is missing here")
+    assert "(no CUDA: 'busy' is the CPU operators' share of the wall time, not a GPU's)" in out
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["cuda"] is False
+    assert list(report["results"]) == [
+        "old",
+        "train fp32",
+        "train bf16",
+        "graphs fp32",
+        "graphs bf16",
+        "SAM eager",
+        "SAM graphs",
+    ]
+    for numbers in report["results"].values():
+        assert numbers["epoch_seconds"] > 0
+        assert numbers["cuda_graphs"] in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
