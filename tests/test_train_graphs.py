@@ -102,26 +102,44 @@ def test_train_on_the_cpu_is_eager_and_says_why(split: Split) -> None:
         train("sgd", split, graphs=True, **options)  # type: ignore[arg-type]
 
 
-def test_a_fused_sgd_reads_its_learning_rate_from_the_tensor() -> None:
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_a_fused_sgd_reads_its_learning_rate_from_the_tensor(method: str) -> None:
     """What the capture relies on: the fused kernel takes the tensor in ``lr`` (filled from
-    the group's float by ``tensor_lrs``), and the float is back afterwards. On the CPU."""
+    the group's float by ``tensor_lrs``), also as SAM's base optimizer (whose param groups
+    are SAM's), and the float is back afterwards. On the CPU, built as ``train`` builds the
+    optimizer of a captured run."""
+    spec = get_method(method)
     results = []
     for as_tensor in (False, True):
         torch.manual_seed(0)
         model = nn.Linear(4, 3)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        optimizer = spec.make_optimizer(
+            model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True,
+            **{**spec.defaults, **(spec.graph_options or {})},
+        )  # fmt: skip
         lr = torch.zeros(())
+
+        def closure(model: nn.Module = model, optimizer: Any = optimizer) -> Any:
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(torch.linspace(-1, 1, 8).reshape(2, 4)).square().sum()
+            loss.backward()
+            return loss
+
         for step in range(3):
-            optimizer.param_groups[0]["lr"] = 0.1 / (step + 1)  # a schedule
-            model(torch.ones(2, 4)).sum().backward()
+            scheduled = 0.1 / (step + 1)  # a schedule
             if as_tensor:
+                # a float no kernel may read: the step must take the tensor's value (a
+                # base optimizer with param groups of its own would take 99)
+                optimizer.param_groups[0]["lr"] = 99.0
                 with tensor_lrs(optimizer, [lr]):
                     assert optimizer.param_groups[0]["lr"] is lr
-                    optimizer.step()
-                assert lr.item() == pytest.approx(0.1 / (step + 1))
+                    assert lr.item() == 99.0  # filled from the float
+                    lr.fill_(scheduled)  # as CapturedStep fills it before a replay
+                    optimizer.step(closure)
+                assert optimizer.param_groups[0]["lr"] == 99.0  # the float is back
             else:
-                optimizer.step()
-            optimizer.zero_grad()
+                optimizer.param_groups[0]["lr"] = scheduled
+                optimizer.step(closure)
         assert isinstance(optimizer.param_groups[0]["lr"], float)
         results.append(model.weight.detach().clone())
     assert torch.equal(results[0], results[1])
