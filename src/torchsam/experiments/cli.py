@@ -137,6 +137,7 @@ def _parser() -> _Parser:
 
 
 def _add_compare(commands: Any) -> None:
+    """``torchsam compare`` and its options."""
     compare = commands.add_parser(
         "compare",
         help="train optimizers side by side and report accuracy, cost and sharpness",
@@ -244,6 +245,7 @@ def _add_output_options(add: Callable[..., Any]) -> None:
 
 
 def _add_landscape(commands: Any) -> None:
+    """``torchsam landscape CKPT [CKPT2]`` and its options."""
     from torchsam.experiments.compare import DATASETS, MODELS
 
     landscape = commands.add_parser(
@@ -273,6 +275,7 @@ def _add_landscape(commands: Any) -> None:
 
 
 def _add_bench(commands: Any) -> None:
+    """``torchsam bench`` and its options."""
     bench = commands.add_parser(
         "bench",
         help="the optimizer step-cost benchmark (torchsam.SAM against a plain implementation)",
