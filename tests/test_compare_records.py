@@ -254,6 +254,8 @@ def test_resume_leaves_no_stale_file_of_the_earlier_run(
         "[1, 2]",
         '{"runs": 3}',
         '{"runs": [5, {"label": "sgd"}, {"label": "sgd", "seed": 0, "sharpness": [{"x": 1}]}]}',
+        '{"runs": [{"label": "sgd", "seed": 0, "sharpness": [{"step": 2}, {"step": 4, '
+        '"top_eigenvalue": "big"}]}]}',
     ],
 )
 def test_resume_ignores_an_earlier_results_json_it_cannot_read(tmp_path: Path, text: str) -> None:

@@ -1001,10 +1001,17 @@ def _earlier_sharpness(
         label, seed, records = run.get("label"), run.get("seed"), run.get("sharpness")
         if not isinstance(label, str) or type(seed) is not int or not isinstance(records, list):
             continue
-        out[(label, seed)] = [
-            r for r in records if isinstance(r, dict) and type(r.get("step")) is int
-        ]
+        out[(label, seed)] = [r for r in records if _monitor_record(r)]
     return out
+
+
+def _monitor_record(record: Any) -> bool:
+    """Whether ``record`` reads as a monitor record: an int ``step`` and a ``top_eigenvalue``
+    that is a number or null."""
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return False
+    top = record.get("top_eigenvalue", "missing")
+    return top is None or (isinstance(top, (int, float)) and not isinstance(top, bool))
 
 
 def _remove_earlier_outputs(out: Path) -> None:
