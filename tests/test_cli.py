@@ -25,6 +25,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 PNG = b"\x89PNG\r\n\x1a\n"
+SRC = str(Path(__file__).resolve().parent.parent / "src")
 INSTRUMENTS = importlib.util.find_spec("torchsam.landscape") is not None
 TINY = [
     "--epochs", "1", "--train-size", "256", "--batch-size", "32", "--instrument-samples", "64",
@@ -32,14 +33,20 @@ TINY = [
 ]  # fmt: skip
 
 
+def environment() -> dict[str, str]:
+    """The tests' environment for a subprocess, with one thread and this checkout's sources
+    first on the path (a relative ``PYTHONPATH=src`` would not hold in another folder)."""
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def torchsam(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torchsam", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=env,
+        env=environment(),
         timeout=timeout,
         check=False,
     )
@@ -160,28 +167,62 @@ def test_landscape_command_draws_one_or_two_checkpoints(
     assert (tmp_path / "one.png").read_bytes()[:8] == PNG
 
 
-def test_ctrl_c_writes_what_was_gathered(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "torchsam", "compare", "--epochs", "12", "--seeds", "3"]
-    args += ["--train-size", "128", "--batch-size", "32", "--optimizers", "sgd,sam"]
-    args += ["--no-instruments", "--quiet", "--out", "run"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "run" / "checkpoints" / "sgd.pt"
+# The second run waits for Ctrl-C at a known epoch: the test does not race the training.
+PAUSING = """
+import sys, time
+from pathlib import Path
+from torchsam.experiments import compare
+from torchsam.experiments.cli import main
+
+real, calls, pause = compare.train, [], int(sys.argv[1])
+
+def train(*args, on_epoch, **kwargs):
+    calls.append(None)
+
+    def hook(stats):
+        on_epoch(stats)
+        if len(calls) == 2 and stats.epoch == pause:
+            Path("paused").write_text("")
+            time.sleep(120)
+
+    return real(*args, on_epoch=hook, **kwargs)
+
+compare.train = train
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("pause", "stage"), [(4, "training"), (11, "final evaluation")])
+def test_ctrl_c_writes_what_was_gathered(tmp_path: Path, pause: int, stage: str) -> None:
+    """Ctrl-C in the second run, after its epoch ``pause`` (from 0) of 12: after the last
+    one, the epochs are all there but the final evaluation is not, and the record says so."""
+    args = ["compare", "--epochs", "12", "--seeds", "3", "--train-size", "128"]
+    args += ["--batch-size", "32", "--optimizers", "sgd,sam", "--no-instruments", "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSING, str(pause), *args, "--out", "run"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=environment(),
+    )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not first.exists():  # the first run has finished
-        assert proc.poll() is None, "the command ended early"
+    while not (tmp_path / "paused").exists():
+        assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.5)  # let the second run begin (the checkpoint is written before it starts)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert "Traceback" not in err
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert report["interrupted"] is True
-    assert 2 <= len(report["runs"]) < 6
-    assert report["runs"][0]["complete"]
-    last = report["runs"][-1]
-    assert last["complete"] or len(last["history"]) < 12  # the interrupted run, with its epochs
+    first, last = report["runs"]
+    assert first["complete"]
+    assert len(first["history"]) == 12
+    assert (last["complete"], last["unfinished"]) == (False, stage)
+    assert len(last["history"]) == pause + 1
+    assert [r["runs"] for r in report["summary"]] == [1, 0]  # the unfinished run counts nowhere
+    out = tmp_path / "run"
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert sorted(report["files"]) == on_disk
+    assert "checkpoints/resume/sam-seed0.pt" in report["files"]  # for --resume
     assert (tmp_path / "run" / "learning_curves.png").read_bytes()[:8] == PNG
 
 
@@ -357,7 +398,7 @@ def test_optimizer_specs_with_options_and_a_rho_sweep() -> None:
 
 def _row(label: str, gain: float | None, se: float | None, ratio: float) -> dict[str, Any]:
     return {"label": label, "baseline": gain is None, "gain": gain, "gain_se": se,
-            "time_ratio": ratio, "seeds": 4, "hessian_top": None}  # fmt: skip
+            "time_ratio": ratio, "seeds": 4, "runs": 3, "hessian_top": None}  # fmt: skip
 
 
 def test_verdict_sentences() -> None:
@@ -371,7 +412,7 @@ def test_verdict_sentences() -> None:
     noisy = [_row("sgd", None, None, 1.0), _row("sam", 1.0, 0.6, 2.0)]
     assert verdict(noisy) == (
         "SAM gains +1.0 ± 0.6 points over SGD at 2.0x time (within twice its standard error "
-        "over 4 seeds: more --seeds would settle it)."
+        "over 3 seeds: more --seeds would settle it)."
     )
     worse = [_row("sgd", None, None, 1.0), _row("sam", -1.0, 0.6, 2.0)]
     assert (
@@ -393,7 +434,7 @@ def test_summary_keeps_incomplete_runs_out() -> None:
         {"label": "sgd", "seed": 1, "complete": False, "history": []},
     ]  # fmt: skip
     rows = {r["label"]: r for r in summarise(runs, entries)}
-    assert rows["sgd"]["seeds"] == 1
+    assert (rows["sgd"]["runs"], rows["sgd"]["seeds"]) == (1, 2)
     assert rows["sam"]["gain"] == pytest.approx(10.0)
     assert rows["sam"]["gain_se"] is None
     assert rows["sam"]["time_ratio"] == pytest.approx(2.0)

@@ -278,7 +278,8 @@ def test_table_and_verdict_mark_diverged_runs() -> None:
     assert table[3].startswith("sam [diverged 1/1]")
     assert "nan" not in table[3]
     assert verdict(summary).endswith(
-        "Diverged runs (loss not finite; null in results.json): SAM (1 of 1)."
+        "Diverged runs (loss not finite; null in results.json; left out of the numbers): "
+        "SAM (1 of 1)."
     )
 
 
@@ -516,7 +517,8 @@ def test_verdict_with_one_optimizer() -> None:
         "--optimizers (e.g. sgd)."
     )
     assert verdict(summarise([], entries)) == (
-        "Nothing to compare: SAM was the only optimizer, and no run completed."
+        "Nothing to compare: SAM was the only optimizer, and no run of it finished (diverged "
+        "runs do not count)."
     )
 
 

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -122,8 +122,7 @@ def _dataset_defaults() -> str:
 
 
 def _parser() -> _Parser:
-    from torchsam.experiments.compare import DATASETS, MODELS
-
+    """The ``torchsam`` parser: ``compare``, ``landscape`` and ``bench``."""
     parser = _Parser(
         prog=_PROG,
         description="Does SAM help here, at what rho, at what cost, and how flat? "
@@ -131,7 +130,14 @@ def _parser() -> _Parser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+    _add_compare(commands)
+    _add_landscape(commands)
+    _add_bench(commands)
+    return parser
 
+
+def _add_compare(commands: Any) -> None:
+    """``torchsam compare`` and its options."""
     compare = commands.add_parser(
         "compare",
         help="train optimizers side by side and report accuracy, cost and sharpness",
@@ -140,11 +146,19 @@ def _parser() -> _Parser:
         "loss, wall time relative to SGD, the top Hessian eigenvalue and the SAM sharpness of "
         "each final model, and a verdict. Writes results.json (every number and the full "
         "configuration), PNG plots and the first seed's checkpoints to --out (a new or empty "
-        "folder). A run that diverges is recorded as diverged and the others go on. Defaults "
-        f"that depend on the dataset: {_dataset_defaults()}.",
+        "folder). A run that diverges is recorded as diverged, counts in no mean (the runs "
+        "column says how many runs each row covers) and the others go on. Defaults that "
+        f"depend on the dataset: {_dataset_defaults()}.",
     )
+    _add_run_options(compare.add_argument)
+    _add_output_options(compare.add_argument)
+
+
+def _add_run_options(add: Callable[..., Any]) -> None:
+    """``compare``'s options of the runs: the task, the optimizers, the training."""
+    from torchsam.experiments.compare import DATASETS, MODELS
+
     S = argparse.SUPPRESS
-    add = compare.add_argument
     add("--dataset", choices=DATASETS, default=S, help="the task (default: digits)")
     add("--data-dir", default=S, help="folder with the CIFAR python files (cifar10/cifar100)")
     add("--train-size", type=_positive_int, default=S, help="keep N training samples (all)")
@@ -172,6 +186,11 @@ def _parser() -> _Parser:
         default=S,
         help="torch CPU threads (1 for digits and toy, else torch's default)",
     )
+
+
+def _add_output_options(add: Callable[..., Any]) -> None:
+    """``compare``'s options of the output, the measurements and the long runs."""
+    S = argparse.SUPPRESS
     add(
         "--out",
         default=None,
@@ -224,6 +243,11 @@ def _parser() -> _Parser:
         help="continue the runs of an interrupted comparison in --out from their checkpoints",
     )
 
+
+def _add_landscape(commands: Any) -> None:
+    """``torchsam landscape CKPT [CKPT2]`` and its options."""
+    from torchsam.experiments.compare import DATASETS, MODELS
+
     landscape = commands.add_parser(
         "landscape",
         help="draw the loss landscape of one checkpoint, or two side by side",
@@ -242,7 +266,16 @@ def _parser() -> _Parser:
     landscape.add_argument("--span", type=_positive_float, default=1.0, help="grid half-width")
     landscape.add_argument("--seed", type=int, default=0, help="seed of the directions")
     landscape.add_argument("--out", default="landscape.png", help="the PNG to write")
+    landscape.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (as compare: 1 for digits and toy, else torch's default)",
+    )
 
+
+def _add_bench(commands: Any) -> None:
+    """``torchsam bench`` and its options."""
     bench = commands.add_parser(
         "bench",
         help="the optimizer step-cost benchmark (torchsam.SAM against a plain implementation)",
@@ -251,7 +284,6 @@ def _parser() -> _Parser:
     )
     bench.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     bench.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
-    return parser
 
 
 # --------------------------------------------------------------------------- compare
@@ -446,8 +478,8 @@ def _mismatch(model: torch.nn.Module, state: dict[str, Any]) -> str | None:
     return "; ".join(parts) or None
 
 
-def _load_checkpoint(path: Path, args: argparse.Namespace) -> tuple[str, Any, list[Any]]:
-    """(label, model, data) of one checkpoint given to ``torchsam landscape``."""
+def _load_checkpoint(path: Path, args: argparse.Namespace) -> tuple[str, Any, list[Any], str]:
+    """(label, model, data, dataset) of one checkpoint given to ``torchsam landscape``."""
     from torchsam.experiments.compare import build_model, finite_loss, load_dataset, probe_data
 
     if not path.is_file():
@@ -495,7 +527,18 @@ def _load_checkpoint(path: Path, args: argparse.Namespace) -> tuple[str, Any, li
             f"{path}: the model's loss on the data is not finite (a diverged run): "
             "there is no landscape to draw"
         )
-    return str(meta.get("label", path.stem)), model, data
+    return str(meta.get("label", path.stem)), model, data, str(dataset)
+
+
+def _landscape_threads(given: int | None, datasets: Sequence[str]) -> int | None:
+    """``--threads``, else compare's default for the checkpoints' data (1 for digits and toy,
+    whose small models gain nothing from more threads; None: torch's default)."""
+    from torchsam.experiments.compare import CompareConfig
+
+    if given is not None:
+        return given
+    defaults = {CompareConfig(dataset=d).resolved().threads for d in datasets}
+    return defaults.pop() if len(defaults) == 1 else None
 
 
 def _run_landscape(args: argparse.Namespace) -> int:
@@ -511,17 +554,24 @@ def _run_landscape(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise _UsageError("--out: the landscape is written as a PNG: give a name ending in .png")
     loaded = [_load_checkpoint(Path(name), args) for name in args.checkpoints]
-    surfaces = [
-        landscape.surface_2d(
-            model,
-            nn.CrossEntropyLoss(),
-            data,
-            steps=args.steps,
-            span=args.span,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-        for _, model, data in loaded
-    ]
+    threads = torch.get_num_threads()
+    try:
+        wanted = _landscape_threads(args.threads, [dataset for *_, dataset in loaded])
+        if wanted is not None:
+            torch.set_num_threads(wanted)
+        surfaces = [
+            landscape.surface_2d(
+                model,
+                nn.CrossEntropyLoss(),
+                data,
+                steps=args.steps,
+                span=args.span,
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+            for _, model, data, _ in loaded
+        ]
+    finally:
+        torch.set_num_threads(threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     from torchsam.experiments import plots
 
@@ -532,7 +582,7 @@ def _run_landscape(args: argparse.Namespace) -> int:
         plots.close(figure)
     else:
         plots.close(landscape.plot_contour(surfaces[0], title=loaded[0][0], path=out))
-    for (label, _, _), surface in zip(loaded, surfaces, strict=True):
+    for (label, *_), surface in zip(loaded, surfaces, strict=True):
         print(
             f"{label}: loss at the centre {surface.center:.4f}, "
             f"max on the grid {float(torch.as_tensor(surface.loss).max()):.4f}"

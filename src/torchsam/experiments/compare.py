@@ -10,15 +10,19 @@ turn the summary into the text the command prints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import importlib
+import importlib.util
 import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,22 +407,7 @@ class CompareConfig:
         It refuses what the command line refuses, so that a configuration file (``--config``)
         is held to the same rules as the options typed by hand.
         """
-
-        def whole(name: str, value: Any, low: int = 1, optional: bool = False) -> None:
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Invalid {name} value: {value!r}; it must be an int >= {low}")
-
-        def number(name: str, value: Any, optional: bool = False) -> float:
-            if optional and value is None:
-                return 0.0
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"Invalid {name} value: {value!r}; it must be a number")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"Invalid {name} value: {value!r}; it must be >= 0")
-            return float(value)
-
+        whole, number = _check_whole, _check_number
         if self.dataset not in DATASETS:
             raise ValueError(f"Unknown dataset {self.dataset!r}; use one of: {', '.join(DATASETS)}")
         if self.model is not None and self.model not in MODELS:
@@ -478,6 +467,23 @@ class CompareConfig:
         if unknown:
             raise ValueError(f"unknown option {unknown[0]!r} in the configuration file")
         return cls(**dict(values))
+
+
+def _check_whole(name: str, value: Any, low: int = 1, optional: bool = False) -> None:
+    """A ValueError unless ``value`` is an int >= ``low`` (or None, when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be an int >= {low}")
+
+
+def _check_number(name: str, value: Any) -> float:
+    """``value`` as a float; a ValueError unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be a number")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name} value: {value!r}; it must be >= 0")
+    return float(value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -708,8 +714,38 @@ def _run_record(contender: Contender, seed: int) -> dict[str, Any]:
         "rho": contender.rho,
         "seed": seed,
         "complete": False,
+        "unfinished": "training",
         "history": [],
     }
+
+
+PICTURES = (
+    "learning_curves.png",
+    "accuracy_vs_time.png",
+    "accuracy_vs_rho.png",
+    "sharpness.png",
+    "landscape.png",
+)
+"""The pictures :func:`run_compare` may draw in its output folder."""
+
+
+@dataclass
+class _Session:
+    """What the runs of one comparison share, and what they gather."""
+
+    config: CompareConfig
+    out: Path
+    device: torch.device
+    split: Split
+    entries: list[Contender]
+    progress: Progress
+    writer: bool  # rank 0: measures the models and writes the files
+    probe: list[tuple[Tensor, Tensor]]  # the instruments' samples
+    resume: bool
+    earlier: dict[tuple[str, int], list[dict[str, Any]]]  # --resume: monitor records
+    report: dict[str, Any]
+    checkpoints: list[Path] = field(default_factory=list)
+    final_models: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def run_compare(
@@ -724,13 +760,18 @@ def run_compare(
     Returns the report written to ``out/results.json``: the configuration, the environment,
     one record per run (with its per-epoch history and instruments), the summary per
     contender, the verdict and the files written. A ``KeyboardInterrupt`` stops the runs; what
-    was gathered is still summarised and written, with ``"interrupted": true``.
+    was gathered is still summarised and written, with ``"interrupted": true``. A run is
+    ``"complete"`` once everything about it is done (training, final evaluation, the first
+    seed's checkpoint, the instruments); until then its ``"unfinished"`` names the stage it
+    had reached (``"training"``, ``"final evaluation"``, ``"checks"``, ``"checkpoint"`` or
+    ``"instruments"``), and the summary leaves it out.
 
     A run that diverges (its final training loss, or its final model's loss on the measured
     samples, is not finite: :func:`finite_loss`) is a result like any other: it is recorded
     with ``"diverged": true``, its instruments are not measured (None), its non-finite numbers
-    are written as ``null``, and the other runs go on. ``out`` must be a new or empty folder
-    (:func:`check_output_folder`), so that the files listed are all this run's.
+    are written as ``null``, the other runs go on, and the summary's means leave it out.
+    ``out`` must be a new or empty folder (:func:`check_output_folder`), so that the files
+    listed are all this run's.
 
     In a process group of several processes (``torchrun``, after :func:`init_distributed`),
     every process calls it: each run trains data-parallel (``train(..., distributed=True)``:
@@ -738,7 +779,13 @@ def run_compare(
     the models and writes the files.
 
     Every run writes a checkpoint after each epoch (``checkpoints/resume/``); with
-    ``resume=True`` a run whose checkpoint is there continues from it, bit for bit.
+    ``resume=True`` a run whose checkpoint is there continues from it, bit for bit, and keeps
+    the monitor's records (``--monitor-every``) of the earlier ``results.json`` up to the step
+    it resumes from; the earlier pictures and final checkpoints are removed first, so that
+    every file left is this run's.
+
+    The global random state (torch's, on the CPU and the device) is left as it was, and so is
+    torch's number of threads.
 
     Raises:
         ValueError: for an invalid configuration or an ``out`` that is not a new or empty
@@ -748,26 +795,60 @@ def run_compare(
     """
     config.validate()
     config = config.resolved()
-    progress = progress or Progress()
     device = resolve_device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    threads = torch.get_num_threads()
+    try:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        with _global_random_state_kept(device):
+            return _compare(config, out, device, progress or Progress(), resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _global_random_state_kept(device: torch.device) -> Iterator[None]:
+    """Restore torch's global generators (the CPU's, and ``device``'s on CUDA), Python's
+    ``random`` and NumPy's, as they were on entry: what the comparison imports on the way
+    (scikit-learn draws from ``random`` when first imported) leaves them alone too."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    python_state = random.getstate()
+    has_numpy = importlib.util.find_spec("numpy") is not None
+    numpy_random = importlib.import_module("numpy.random") if has_numpy else None
+    numpy_state = numpy_random.get_state() if numpy_random is not None else None
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy_random is not None:
+            numpy_random.set_state(numpy_state)
+
+
+def _compare(
+    config: CompareConfig, out: Path, device: torch.device, progress: Progress, resume: bool
+) -> dict[str, Any]:
+    session = _start(config, out, device, progress, resume)
+    try:
+        for seed in config.seeds:
+            for contender in session.entries:
+                _run_one(session, contender, seed)
+    except KeyboardInterrupt:
+        session.report["interrupted"] = True
+        progress.note("interrupted: writing what was gathered")
+    return _finish(session)
+
+
+def _start(
+    config: CompareConfig, out: Path, device: torch.device, progress: Progress, resume: bool
+) -> _Session:
+    """Check everything that can be checked before training, and prepare ``out``."""
     entries = contenders(config.optimizers, config.rho)
     rank, world = _rank_and_world()
     writer = rank == 0
     if writer:
         check_output_folder(out, resume=resume)
-    if world > 1:
-        if int(config.batch_size or 1) % world:
-            raise ValueError(
-                f"--batch-size {config.batch_size} is the global batch, shared among the "
-                f"{world} processes: use a multiple of {world}"
-            )
-        if any(c.method == "saf" for c in entries):
-            raise ValueError(
-                "saf cannot run under torchrun: its per-sample memory stays in the process "
-                "that saw the sample; run it in one process"
-            )
+    _check_world(entries, config, world)
     split = load_dataset(
         config.dataset,
         noise=config.label_noise,
@@ -775,75 +856,113 @@ def run_compare(
         data_dir=config.data_dir,
         train_size=config.train_size,
     )
-    model_name = str(config.model)
-    build_model(model_name, config.dataset, split, config.width)  # fail early on a bad pair
-    _check_options(entries, split, model_name, config)
-
+    build_model(str(config.model), config.dataset, split, config.width)  # a bad pair fails here
+    _check_options(entries, config)
+    earlier: dict[tuple[str, int], list[dict[str, Any]]] = {}
     if writer:
+        if resume:
+            earlier = _earlier_sharpness(out / "results.json", progress)
+            _remove_earlier_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoints").mkdir(exist_ok=resume)
-    checkpoints: list[Path] = []
     report: dict[str, Any] = {
         "config": config.to_dict(),
         "environment": {**_environment(device), "processes": world},
         "runs": [],
         "interrupted": False,
     }
-    n_train = split.x_train.shape[0]
-    steps_per_run = int(config.epochs or 1) * (n_train // int(config.batch_size or 1))
     probe = probe_data(split, config.instrument_samples, device)
-    final_models: dict[str, nn.Module] = {}
-    try:
-        for seed in config.seeds:
-            for contender in entries:
-                record = _run_record(contender, seed)
-                report["runs"].append(record)
-                progress.start_run(contender.label, seed, steps_per_run)
-                try:
-                    resume_from = run_checkpoint(out, contender.label, seed)
-                    runs_left = len(entries) * len(config.seeds) - len(report["runs"])
-                    result = _train_one(
-                        contender, seed, split, config, device, record, progress,
-                        (resume_from, resume, runs_left),
-                    )  # fmt: skip
-                finally:
-                    progress.end_run()
-                if writer and resume_from.is_file():  # the run's per-epoch checkpoint
-                    checkpoints.append(resume_from)
-                record.update(_result_fields(result))
-                if result.model is not None and writer:
-                    if record["diverged"] or not finite_loss(result.model, probe):
-                        record["diverged"] = True
-                        progress.note(f"{contender.label} (seed {seed}) diverged")
-                    if seed == config.seeds[0]:
-                        if not record["diverged"]:
-                            final_models[contender.label] = result.model
-                        checkpoints.append(_save_checkpoint(out, contender, config, result.model))
-                    if config.instruments and record["diverged"]:
-                        record["instruments"] = {"hessian_top": None, "sam_sharpness": None}
-                    elif config.instruments:
-                        progress.note(f"measuring {contender.label} (seed {seed})")
-                        record["instruments"] = measure(
-                            result.model,
-                            probe,
-                            rho=config.sharpness_rho,
-                            iters=config.hessian_iters,
-                            seed=seed,
-                        )
-    except KeyboardInterrupt:
-        report["interrupted"] = True
-        progress.note("interrupted: writing what was gathered")
+    return _Session(
+        config, out, device, split, entries, progress, writer, probe, resume, earlier, report
+    )
 
-    report["summary"] = summarise(report["runs"], entries)
+
+def _check_world(entries: Sequence[Contender], config: CompareConfig, world: int) -> None:
+    """What a process group of ``world`` processes cannot run."""
+    if world <= 1:
+        return
+    if int(config.batch_size or 1) % world:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is the global batch, shared among the "
+            f"{world} processes: use a multiple of {world}"
+        )
+    if any(c.method == "saf" for c in entries):
+        raise ValueError(
+            "saf cannot run under torchrun: its per-sample memory stays in the process "
+            "that saw the sample; run it in one process"
+        )
+
+
+def _run_one(session: _Session, contender: Contender, seed: int) -> None:
+    """Train, check, save and measure one run; its record says how far it got."""
+    config, progress = session.config, session.progress
+    record = _run_record(contender, seed)
+    session.report["runs"].append(record)
+    progress.start_run(contender.label, seed, int(config.epochs or 1) * _steps_per_epoch(session))
+    resume_from = run_checkpoint(session.out, contender.label, seed)
+    try:
+        result = _train_one(session, contender, seed, record, resume_from)
+    finally:
+        progress.end_run()
+        if session.writer:  # an interrupted write of the per-epoch checkpoint leaves nothing
+            resume_from.with_name(resume_from.name + ".partial").unlink(missing_ok=True)
+        if session.writer and resume_from.is_file():  # the run's per-epoch checkpoint
+            session.checkpoints.append(resume_from)
+    record["unfinished"] = "checks"
+    record.update(_result_fields(result))
+    if result.model is not None and session.writer:
+        _check_save_measure(session, contender, seed, record, result.model)
+    record["complete"] = True
+    record["unfinished"] = None
+
+
+def _check_save_measure(
+    session: _Session, contender: Contender, seed: int, record: dict[str, Any], model: nn.Module
+) -> None:
+    """The divergence check, the first seed's checkpoint and the instruments of one run."""
+    config, progress = session.config, session.progress
+    if record["diverged"] or not finite_loss(model, session.probe):
+        record["diverged"] = True
+        progress.note(f"{contender.label} (seed {seed}) diverged")
+    if seed == config.seeds[0]:
+        record["unfinished"] = "checkpoint"
+        session.checkpoints.append(
+            _save_checkpoint(session.out, contender, config, model, taken=session.checkpoints)
+        )
+        if not record["diverged"]:
+            session.final_models[contender.label] = model
+    if config.instruments and record["diverged"]:
+        record["instruments"] = {"hessian_top": None, "sam_sharpness": None}
+    elif config.instruments:
+        record["unfinished"] = "instruments"
+        progress.note(f"measuring {contender.label} (seed {seed})")
+        record["instruments"] = measure(
+            model, session.probe, rho=config.sharpness_rho, iters=config.hessian_iters, seed=seed
+        )
+
+
+def _finish(session: _Session) -> dict[str, Any]:
+    """Summarise, write ``results.json``, draw, and write it again with the pictures."""
+    report, out = session.report, session.out
+    report["summary"] = summarise(report["runs"], session.entries, seeds=len(session.config.seeds))
     report["verdict"] = verdict(report["summary"])
-    report["files"] = ["results.json", *sorted(str(p.relative_to(out)) for p in checkpoints)]
-    if not writer:
+    resumable = [  # also those of runs not reached, which a later --resume continues
+        run_checkpoint(out, contender.label, seed)
+        for seed in session.config.seeds
+        for contender in session.entries
+    ]
+    saved = {*session.checkpoints, *(p for p in resumable if p.is_file())}
+    report["files"] = ["results.json", *sorted(str(p.relative_to(out)) for p in saved)]
+    if not session.writer:
         return report
     _write_report(out, report)  # the runs are on disk before anything is drawn
     try:
-        report["files"][1:1] = _plots(report, out, final_models, probe, config, progress)
-    except KeyboardInterrupt:
+        report["files"][1:1] = _plots(
+            report, out, session.final_models, session.probe, session.config, session.progress
+        )
+    except KeyboardInterrupt:  # the pictures drawn until then are listed
         report["interrupted"] = True
+        report["files"][1:1] = [name for name in PICTURES if (out / name).is_file()]
     _write_report(out, report)
     return report
 
@@ -854,9 +973,60 @@ def _write_report(out: Path, report: Mapping[str, Any]) -> None:
     (out / "results.json").write_text(text + "\n")
 
 
-def _check_options(
-    entries: Sequence[Contender], split: Split, model_name: str, config: CompareConfig
-) -> None:
+def _earlier_sharpness(
+    path: Path, progress: Progress
+) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The monitor's records of each run (label, seed) in an earlier ``results.json``.
+
+    A file that is missing, is not JSON or does not hold runs gives nothing (with a note);
+    a run or a record without the expected keys and types is skipped.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        progress.note(
+            f"--resume: {path} is not readable JSON ({exc}); earlier monitor records lost"
+        )
+        return {}
+    runs = loaded.get("runs") if isinstance(loaded, dict) else None
+    if not isinstance(runs, list):
+        progress.note(f"--resume: {path} holds no runs; earlier monitor records lost")
+        return {}
+    out: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        if not isinstance(run, dict):
+            continue
+        label, seed, records = run.get("label"), run.get("seed"), run.get("sharpness")
+        if not isinstance(label, str) or type(seed) is not int or not isinstance(records, list):
+            continue
+        out[(label, seed)] = [r for r in records if _monitor_record(r)]
+    return out
+
+
+def _monitor_record(record: Any) -> bool:
+    """Whether ``record`` reads as a monitor record: an int ``step`` and a ``top_eigenvalue``
+    that is a number or null."""
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+        return False
+    top = record.get("top_eigenvalue", "missing")
+    return top is None or (isinstance(top, (int, float)) and not isinstance(top, bool))
+
+
+def _remove_earlier_outputs(out: Path) -> None:
+    """Delete what an earlier comparison drew and saved in ``out`` (its pictures and final
+    checkpoints; ``results.json`` and the per-epoch checkpoints stay): what this one leaves
+    there is then its own."""
+    stale = [out / name for name in PICTURES]
+    if (out / "checkpoints").is_dir():
+        stale += [p for p in (out / "checkpoints").iterdir() if p.suffix in (".pt", ".partial")]
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+
+
+def _check_options(entries: Sequence[Contender], config: CompareConfig) -> None:
     """Build every contender's optimizer once on a tiny model, so a bad option fails first."""
     probe = nn.Linear(2, 2)
     for contender in entries:
@@ -875,66 +1045,107 @@ def _check_options(
 
 
 def _train_one(
-    contender: Contender,
-    seed: int,
-    split: Split,
-    config: CompareConfig,
-    device: torch.device,
-    record: dict[str, Any],
-    progress: Progress,
-    long_run: tuple[Path, bool, int],
+    session: _Session, contender: Contender, seed: int, record: dict[str, Any], checkpoint: Path
 ) -> Result:
-    checkpoint, resume, runs_left = long_run
-    resume = resume and checkpoint.is_file()
+    """Train one run, its epochs recorded in ``record`` as they end, and its monitor's records
+    (with the earlier ones of a resumed run) kept in ``record`` even on Ctrl-C."""
+    config, progress = session.config, session.progress
+    resume = session.resume and checkpoint.is_file()
+    epochs = int(config.epochs or 1)
+    runs_left = len(session.entries) * len(config.seeds) - len(session.report["runs"])
+    watchers: list[SharpnessMonitor] = []
+    restored: list[int] = []  # the epochs restored from the checkpoint, once known
 
     def on_epoch(stats: EpochStats) -> None:
         record["history"].append(dataclasses.asdict(stats))
+        if stats.epoch + 1 == epochs:
+            record["unfinished"] = "final evaluation"
         if stats.epoch == 0 and not resume:
             progress.note(f"{contender.label} seed {seed}: " + epoch_estimate(
-                stats, int(config.epochs or 1), runs_left))  # fmt: skip
+                stats, epochs, runs_left))  # fmt: skip
 
+    probe = probe_data(session.split, MONITOR_SAMPLES, session.device)
+
+    def monitor(model: nn.Module) -> SharpnessMonitor:
+        restored.append(len(record["history"]))  # train replays the restored epochs first
+        watchers.append(SharpnessMonitor(
+            model, nn.CrossEntropyLoss(), probe, every=config.monitor_every,
+            generator=torch.Generator().manual_seed(seed),
+        ))  # fmt: skip
+        return watchers[0]
+
+    def keep(records: Sequence[Any]) -> None:
+        earlier = session.earlier.get((contender.label, seed), []) if resume else []
+        up_to = (restored[0] if restored else 0) * _steps_per_epoch(session)
+        _keep_sharpness(record, [r for r in earlier if r["step"] <= up_to], records)
+
+    try:
+        result = _train(session, contender, seed, on_epoch, checkpoint, resume,
+                        monitor if config.monitor_every > 0 else None)  # fmt: skip
+    except KeyboardInterrupt:
+        keep(watchers[0].records if watchers else [])
+        raise
+    keep(result.sharpness)
+    return result
+
+
+def _steps_per_epoch(session: _Session) -> int:
+    return session.split.x_train.shape[0] // int(session.config.batch_size or 1)
+
+
+def _keep_sharpness(
+    record: dict[str, Any], earlier: Sequence[dict[str, Any]], records: Sequence[Any]
+) -> None:
+    """``record["sharpness"]``: the earlier monitor records, then those of this call (NaN as
+    None), and ``monitor_seconds``, their total time; nothing when there are none."""
+    merged = list(earlier) + [
+        {k: None if v != v else v for k, v in dataclasses.asdict(r).items()} for r in records
+    ]
+    if merged:
+        record["sharpness"] = merged
+        record["monitor_seconds"] = sum(float(r.get("seconds") or 0.0) for r in merged)
+
+
+def _train(
+    session: _Session,
+    contender: Contender,
+    seed: int,
+    on_epoch: Callable[[EpochStats], None],
+    checkpoint: Path,
+    resume: bool,
+    monitor: Callable[[nn.Module], SharpnessMonitor] | None,
+) -> Result:
+    config = session.config
     kwargs: dict[str, Any] = {
         "lr": config.lr,
         "momentum": config.momentum,
         "weight_decay": config.weight_decay,
         **contender.train_options,
     }
-    probe = probe_data(split, MONITOR_SAMPLES, device) if config.monitor_every > 0 else []
-
-    def monitor(model: nn.Module) -> SharpnessMonitor:
-        return SharpnessMonitor(
-            model,
-            nn.CrossEntropyLoss(),
-            probe,
-            every=config.monitor_every,
-            generator=torch.Generator().manual_seed(seed),
-        )
-
     return train(
         contender.method,
-        split,
+        session.split,
         epochs=int(config.epochs or 1),
         batch_size=int(config.batch_size or 1),
         seed=seed,
         model_fn=lambda s: build_model(str(config.model), config.dataset, s, config.width),
-        device=device,
+        device=session.device,
         curves=True,
-        on_step=progress.step,
+        on_step=session.progress.step,
         on_epoch=on_epoch,
         distributed=_rank_and_world()[1] > 1,
         augment=str(config.augment),
         precision=config.precision,
         checkpoint=checkpoint,
         resume=resume,
-        monitor=monitor if probe else None,
+        monitor=monitor,
         **kwargs,
         **contender.options,
     )
 
 
 def _result_fields(result: Result) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "complete": True,
+    return {
         "diverged": not math.isfinite(result.train_loss),
         "test_accuracy": result.test_accuracy,
         "train_accuracy_clean": result.train_accuracy,
@@ -945,40 +1156,44 @@ def _result_fields(result: Result) -> dict[str, Any]:
         "forward_samples": result.forward_samples,
         "forwards_per_step": result.forwards_per_step,
     }
-    if result.sharpness:  # --monitor-every: the top eigenvalue during training
-        fields["sharpness"] = [
-            {k: None if v != v else v for k, v in dataclasses.asdict(r).items()}  # NaN: null
-            for r in result.sharpness
-        ]
-        fields["monitor_seconds"] = sum(r.seconds for r in result.sharpness)
-    return fields
 
 
 def _save_checkpoint(
-    out: Path, contender: Contender, config: CompareConfig, model: nn.Module
+    out: Path,
+    contender: Contender,
+    config: CompareConfig,
+    model: nn.Module,
+    *,
+    taken: Sequence[Path] = (),
 ) -> Path:
-    """``checkpoints/<label>.pt``: the state dict with what ``torchsam landscape`` needs."""
+    """``checkpoints/<label>.pt``: the state dict with what ``torchsam landscape`` needs,
+    written through a temporary file (an interrupted write leaves nothing behind)."""
     name = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in contender.label)
     path = out / "checkpoints" / f"{name}.pt"
     n = 1
-    while path.exists():  # two labels that differ only in characters a file name cannot hold
+    while path in taken:  # two labels that differ only in characters a file name cannot hold
         n += 1
         path = out / "checkpoints" / f"{name}-{n}.pt"
-    torch.save(
-        {
-            "format": "torchsam-checkpoint-1",
-            "label": contender.label,
-            "model": config.model,
-            "width": config.width,
-            "dataset": config.dataset,
-            "data_dir": config.data_dir,
-            "label_noise": config.label_noise,
-            "data_seed": config.data_seed,
-            "train_size": config.train_size,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        },
-        path,
-    )
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.save(
+            {
+                "format": "torchsam-checkpoint-1",
+                "label": contender.label,
+                "model": config.model,
+                "width": config.width,
+                "dataset": config.dataset,
+                "data_dir": config.data_dir,
+                "label_noise": config.label_noise,
+                "data_seed": config.data_seed,
+                "train_size": config.train_size,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            },
+            partial,
+        )
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -1022,67 +1237,89 @@ def _baseline(entries: Sequence[Contender]) -> Contender:
     return entries[0]
 
 
-def summarise(runs: Sequence[Mapping[str, Any]], entries: Sequence[Contender]) -> list[dict]:
-    """One row per contender over its complete runs, against the baseline (SGD if present).
+def summarise(
+    runs: Sequence[Mapping[str, Any]], entries: Sequence[Contender], *, seeds: int | None = None
+) -> list[dict]:
+    """One row per contender over its finished runs, against the baseline (SGD if present).
 
-    Each row holds: ``accuracy`` mean and sample std (in points), ``gain`` over the baseline
-    (mean of the per-seed differences, in points) with ``gain_se`` (its standard error: the
-    std of the differences over the square root of their number), ``final_train_loss`` (mean),
-    ``time_ratio`` (median wall time over the baseline's), ``hessian_top`` and
-    ``sam_sharpness`` (means over the runs where they were measured), ``seeds`` (number of
-    complete runs), ``diverged`` (how many of them diverged), ``baseline`` (bool).
+    A run counts in a row's numbers when it is complete and did not diverge; a diverged run
+    is counted in ``diverged`` only, and an unfinished one (interrupted) nowhere. Each row
+    holds: ``accuracy`` mean and sample std (in points), ``gain`` over the baseline (mean of
+    the per-seed differences where both runs count, in points) with ``gain_se`` (its standard
+    error: the std of the differences over the square root of their number),
+    ``final_train_loss`` (mean), ``time_ratio`` (median wall time over the baseline's),
+    ``hessian_top`` and ``sam_sharpness`` (means over the runs where they were measured),
+    ``runs`` (the number of runs the numbers cover), ``seeds`` (the comparison's number of
+    seeds: ``seeds``, by default the number of seeds in ``runs``), ``diverged`` (complete
+    runs that diverged), ``baseline`` (bool).
     """
     if not entries:
         return []
+    if seeds is None:
+        seeds = len({r["seed"] for r in runs})
     base = _baseline(entries)
-    done = [r for r in runs if r.get("complete")]
+    done = [r for r in runs if r.get("complete") and not r.get("diverged")]
     base_acc = {r["seed"]: r["test_accuracy"] for r in done if r["label"] == base.label}
     base_times = [r["wall_time"] for r in done if r["label"] == base.label]
     base_time = statistics.median(base_times) if base_times else None
     rows = []
     for contender in entries:
         mine = [r for r in done if r["label"] == contender.label]
-        acc, acc_std = _mean_std([100 * r["test_accuracy"] for r in mine])
-        diffs = [
-            100 * (r["test_accuracy"] - base_acc[r["seed"]]) for r in mine if r["seed"] in base_acc
-        ]
-        gain, diff_std = _mean_std(diffs)
-        gain_se = diff_std / math.sqrt(len(diffs)) if diff_std is not None else None
-        times = [r["wall_time"] for r in mine]
-        ratio = statistics.median(times) / base_time if times and base_time else None
-
-        def mean_of(key: str, runs: list[Mapping[str, Any]] = mine) -> float | None:
-            values = [
-                r["instruments"][key]
-                for r in runs
-                if r.get("instruments") and r["instruments"].get(key) is not None
-            ]
-            return statistics.fmean(values) if values else None
-
-        losses = [r["final_train_loss"] for r in mine]
-        rows.append(
-            {
-                "label": contender.label,
-                "method": contender.method,
-                "rho": contender.rho,
-                "baseline": contender.label == base.label,
-                "seeds": len(mine),
-                "diverged": sum(1 for r in mine if r.get("diverged")),
-                "accuracy": acc,
-                "accuracy_std": acc_std,
-                "gain": None if contender.label == base.label else gain,
-                "gain_se": None if contender.label == base.label else gain_se,
-                "final_train_loss": statistics.fmean(losses) if losses else None,
-                "wall_time": statistics.median(times) if times else None,
-                "time_ratio": ratio,
-                "forwards_per_step": statistics.fmean(r["forwards_per_step"] for r in mine)
-                if mine
-                else None,
-                "hessian_top": mean_of("hessian_top"),
-                "sam_sharpness": mean_of("sam_sharpness"),
-            }
+        row = _row(contender, mine, base_acc, base_time)
+        row["baseline"] = contender.label == base.label
+        if row["baseline"]:
+            row["gain"] = row["gain_se"] = None
+        row["seeds"] = seeds
+        row["diverged"] = sum(
+            1
+            for r in runs
+            if r["label"] == contender.label and r.get("complete") and r.get("diverged")
         )
+        rows.append(row)
     return rows
+
+
+def _row(
+    contender: Contender,
+    mine: Sequence[Mapping[str, Any]],
+    base_acc: Mapping[int, float],
+    base_time: float | None,
+) -> dict[str, Any]:
+    """A summary row's numbers over the runs ``mine`` (finished, not diverged)."""
+    acc, acc_std = _mean_std([100 * r["test_accuracy"] for r in mine])
+    diffs = [
+        100 * (r["test_accuracy"] - base_acc[r["seed"]]) for r in mine if r["seed"] in base_acc
+    ]
+    gain, diff_std = _mean_std(diffs)
+    times = [r["wall_time"] for r in mine]
+    losses = [r["final_train_loss"] for r in mine]
+
+    def mean_of(key: str) -> float | None:
+        values = [
+            r["instruments"][key]
+            for r in mine
+            if r.get("instruments") and r["instruments"].get(key) is not None
+        ]
+        return statistics.fmean(values) if values else None
+
+    return {
+        "label": contender.label,
+        "method": contender.method,
+        "rho": contender.rho,
+        "runs": len(mine),
+        "accuracy": acc,
+        "accuracy_std": acc_std,
+        "gain": gain,
+        "gain_se": diff_std / math.sqrt(len(diffs)) if diff_std is not None else None,
+        "final_train_loss": statistics.fmean(losses) if losses else None,
+        "wall_time": statistics.median(times) if times else None,
+        "time_ratio": statistics.median(times) / base_time if times and base_time else None,
+        "forwards_per_step": statistics.fmean(r["forwards_per_step"] for r in mine)
+        if mine
+        else None,
+        "hessian_top": mean_of("hessian_top"),
+        "sam_sharpness": mean_of("sam_sharpness"),
+    }
 
 
 def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
@@ -1092,11 +1329,14 @@ def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
 def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
     """The summary as an aligned text table (what ``torchsam compare`` prints).
 
-    A contender with diverged runs is marked ``[diverged k/n]``; a number that is missing or
-    not finite shows as ``—``.
+    ``runs`` is ``k/n``: the numbers of the row cover k finished runs of the n seeds (diverged
+    and unfinished runs are left out). A contender with diverged runs is marked
+    ``[diverged k/n]`` (k of its n seeds); a number that is missing or not finite shows as
+    ``—``.
     """
     header = (
         "optimizer",
+        "runs",
         "test acc %",
         "gain vs " + next((r["label"] for r in summary if r["baseline"]), "baseline") + " (pp)",
         "train loss",
@@ -1120,6 +1360,7 @@ def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             (
                 str(r["label"]) + (f" [diverged {diverged}/{r['seeds']}]" if diverged else ""),
+                f"{r['runs']}/{r['seeds']}",
                 acc,
                 gain,
                 _fmt(r["final_train_loss"], ".3f"),
@@ -1153,7 +1394,7 @@ def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
     A gain is called settled when it exceeds twice its standard error; a smaller positive gain
     is reported with that caveat (with one seed there is no error estimate, and the sentence
     says so). With a single contender there is nothing to compare, and the sentence says that.
-    Contenders with diverged runs are named after it.
+    Diverged runs count in no number; the contenders that had some are named after it.
     """
     sentence = _gain_sentence(summary)
     diverged = [
@@ -1163,7 +1404,9 @@ def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
     ]
     if diverged:
         sentence += (
-            " Diverged runs (loss not finite; null in results.json): " + ", ".join(diverged) + "."
+            " Diverged runs (loss not finite; null in results.json; left out of the numbers): "
+            + ", ".join(diverged)
+            + "."
         )
     return sentence
 
@@ -1173,7 +1416,10 @@ def _gain_sentence(summary: Sequence[Mapping[str, Any]]) -> str:
         only = summary[0]
         name = _pretty(only["label"])
         if only.get("accuracy") is None:
-            return f"Nothing to compare: {name} was the only optimizer, and no run completed."
+            return (
+                f"Nothing to compare: {name} was the only optimizer, and no run of it finished "
+                "(diverged runs do not count)."
+            )
         return (
             f"Only {name} ran ({only['accuracy']:.2f}% test accuracy): nothing to compare it "
             "with; add a baseline to --optimizers (e.g. sgd)."
@@ -1182,7 +1428,8 @@ def _gain_sentence(summary: Sequence[Mapping[str, Any]]) -> str:
     others = [r for r in summary if not r["baseline"] and r["gain"] is not None]
     if base is None or not others:
         return (
-            "Nothing to compare: the runs did not complete for the baseline and another optimizer."
+            "Nothing to compare: no run finished without diverging for the baseline and "
+            "another optimizer."
         )
     base_name = _pretty(base["label"])
     best = max(others, key=lambda r: r["gain"])
@@ -1204,7 +1451,7 @@ def _gain_sentence(summary: Sequence[Mapping[str, Any]]) -> str:
         sentence += " (one seed: no error estimate; use more seeds)"
     elif best["gain"] <= 2 * best["gain_se"]:
         sentence += (
-            f" (within twice its standard error over {best['seeds']} seeds: "
+            f" (within twice its standard error over {best['runs']} seeds: "
             "more --seeds would settle it)"
         )
     flat_base, flat_best = base.get("hessian_top"), best.get("hessian_top")
@@ -1237,16 +1484,15 @@ def _plots(
 ) -> list[str]:
     from torchsam.experiments import plots
 
+    curves, cost, rho, sharp, _ = (out / name for name in PICTURES)
     written = [
-        plots.learning_curves(report["runs"], out / "learning_curves.png"),
-        plots.accuracy_vs_time(report["summary"], out / "accuracy_vs_time.png"),
+        plots.learning_curves(report["runs"], curves),
+        plots.accuracy_vs_time(report["summary"], cost),
     ]
     if len(config.rho) > 1:
-        written.append(plots.accuracy_vs_rho(report["summary"], out / "accuracy_vs_rho.png"))
+        written.append(plots.accuracy_vs_rho(report["summary"], rho))
     if any(run.get("sharpness") for run in report["runs"]):
-        written.append(
-            plots.sharpness_over_training(report["runs"], out / "sharpness.png", lr=config.lr)
-        )
+        written.append(plots.sharpness_over_training(report["runs"], sharp, lr=config.lr))
     pair = _landscape_pair(report["summary"], models)
     modules = _instrument_modules()
     if config.instruments and pair is not None and modules is not None:

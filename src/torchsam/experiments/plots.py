@@ -6,8 +6,9 @@ run_compare` builds, writes one PNG and returns its path.
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,12 @@ def close(figure: Any) -> None:
     _pyplot().close(figure)
 
 
+def _legend(ax: Any) -> None:
+    """The legend of ``ax``, when something on it has a label."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
 def _save(figure: Any, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -45,30 +52,52 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
+def _mean_by(
+    series: Sequence[Sequence[Mapping[str, Any]]], key: str, value: Callable[[Mapping], Any]
+) -> list[tuple[Any, float]]:
+    """``(position, mean)`` for every ``key`` value (epoch, step) that a series holds, in
+    order: each run counts where it has that position and a finite value, so that runs of
+    different lengths (an interrupted one) are aligned on the position, not the list index."""
+    values: dict[Any, list[float]] = {}
+    for records in series:
+        for record in records:
+            v = value(record)
+            if v is not None and math.isfinite(v):
+                values.setdefault(record[key], []).append(v)
+    return [(at, statistics.fmean(vs)) for at, vs in sorted(values.items())]
+
+
+def _finished(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The runs a mean covers: those that did not diverge (as in the summary)."""
+    return [r for r in runs if not r.get("diverged")]
+
+
 def learning_curves(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Training loss and test accuracy against the epoch, mean over seeds per contender."""
+    """Training loss and test accuracy against the epoch, mean over seeds per contender.
+
+    Diverged runs are left out (as in the table); at each epoch the mean is over the runs that
+    reached it (an interrupted run stops early).
+    """
     plt = _pyplot()
     figure, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = list(dict.fromkeys(r["label"] for r in runs))
-    for label in labels:
-        histories = [r["history"] for r in runs if r["label"] == label and r["history"]]
-        if not histories:
-            continue
-        length = min(len(h) for h in histories)
-        epochs = [e + 1 for e in range(length)]
-        loss = [statistics.fmean(h[e]["train_loss"] for h in histories) for e in range(length)]
-        ax_loss.plot(epochs, loss, label=label)
-        accs = [
-            [100 * h[e]["test_accuracy"] for h in histories if h[e]["test_accuracy"] is not None]
-            for e in range(length)
-        ]
-        if all(accs):
-            ax_acc.plot(epochs, [statistics.fmean(a) for a in accs], label=label)
+    kept = _finished(runs)
+    for label in dict.fromkeys(r["label"] for r in runs):
+        histories = [r["history"] for r in kept if r["label"] == label and r["history"]]
+        loss = _mean_by(histories, "epoch", lambda h: h["train_loss"])
+        if loss:
+            ax_loss.plot([e + 1 for e, _ in loss], [v for _, v in loss], label=label)
+        acc = _mean_by(
+            histories,
+            "epoch",
+            lambda h: None if h["test_accuracy"] is None else 100 * h["test_accuracy"],
+        )
+        if acc:
+            ax_acc.plot([e + 1 for e, _ in acc], [v for _, v in acc], label=label)
     ax_loss.set(xlabel="epoch", ylabel="training loss (noisy labels)", title="Training loss")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _legend(ax)
     return _save(figure, path)
 
 
@@ -93,7 +122,7 @@ def accuracy_vs_time(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
         title="Accuracy against cost",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(figure, path)
 
 
@@ -128,7 +157,7 @@ def accuracy_vs_rho(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set(xlabel="rho", ylabel="test accuracy (%)", title="Accuracy against rho")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(figure, path)
 
 
@@ -136,31 +165,33 @@ def sharpness_over_training(
     runs: Sequence[Mapping[str, Any]], path: Path, *, lr: float | None
 ) -> Path:
     """The top Hessian eigenvalue on the probe against the step, mean over seeds per contender
-    (``--monitor-every``), with the line ``2 / lr``: gradient descent's stability limit at the
-    peak learning rate (a quadratic of curvature above it diverges under plain gradient
-    descent)."""
+    (``--monitor-every``; diverged runs left out, runs aligned on the step), with the line
+    ``2 / lr``: gradient descent's stability limit at the peak learning rate (a quadratic of
+    curvature above it diverges under plain gradient descent). ``lr`` is the comparison's;
+    a run whose ``train_options`` set its own ``lr`` gets its own line, labelled with its
+    contenders."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6, 4.5))
-    labels = list(dict.fromkeys(r["label"] for r in runs))
-    for label in labels:
-        series = [r["sharpness"] for r in runs if r["label"] == label and r.get("sharpness")]
-        if not series:
+    kept = _finished(runs)
+    rates: dict[float, list[str]] = {}
+    for label in dict.fromkeys(r["label"] for r in runs):
+        mine = [r for r in kept if r["label"] == label and r.get("sharpness")]
+        points = _mean_by([r["sharpness"] for r in mine], "step", lambda s: s["top_eigenvalue"])
+        if not points:
             continue
-        length = min(len(s) for s in series)
-        points = []
-        for i in range(length):
-            values = [s[i]["top_eigenvalue"] for s in series if s[i]["top_eigenvalue"] is not None]
-            if values:
-                points.append((series[0][i]["step"], statistics.fmean(values)))
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    if lr:
-        ax.axhline(2 / lr, color="black", linestyle="--", label=f"2/lr = {2 / lr:g}")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        own = (mine[0].get("train_options") or {}).get("lr", lr)
+        if own:
+            rates.setdefault(float(own), []).append(str(label))
+    for i, (rate, labels) in enumerate(sorted(rates.items())):
+        who = "" if len(rates) == 1 else f" ({', '.join(labels)})"
+        ax.axhline(2 / rate, color="black", linestyle=("--", ":", "-.")[i % 3],
+                   label=f"2/lr = {2 / rate:g}{who}")  # fmt: skip
     ax.set(
         xlabel="step",
         ylabel="top Hessian eigenvalue (training probe)",
         title="Sharpness during training",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(figure, path)
