@@ -232,6 +232,13 @@ def _add_output_options(add: Callable[..., Any]) -> None:
         help="bf16: autocast and channels_last; auto: bf16 on CUDA, fp32 on the CPU (auto)",
     )
     add(
+        "--graphs",
+        choices=("auto", "on", "off"),
+        default=S,
+        help="capture each training step in a CUDA graph: SGD, and SAM with "
+        "sam:skip_nonfinite=False; auto: where the run allows; not yet run on a GPU (off)",
+    )
+    add(
         "--preset",
         default=S,
         help="a paper's protocol, e.g. foret2021 (WRN-28-10, CIFAR, SGD vs SAM, 200 epochs) "
@@ -345,11 +352,15 @@ def _progress(quiet: bool) -> Any:
 
     def start_run(label: str, seed: int, total: int) -> None:
         state["bar"] = tqdm(total=total, desc=f"{label} seed {seed}", unit="step", leave=True)
+        state["epoch"] = None
 
     def step(epoch: int, steps: int, loss: torch.Tensor) -> None:
+        # The loss is read (a host synchronisation) once per epoch and at the last step, not
+        # every few steps: on a GPU each read drains the device's queue.
         bar = state["bar"]
         bar.update(1)
-        if steps % 10 == 0 or steps == bar.total:
+        if epoch != state.get("epoch") or steps == bar.total:
+            state["epoch"] = epoch
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
 
     def end_run() -> None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 import torchsam
 from torchsam.experiments.data import Split, noisy_digits, noisy_signals
+from torchsam.experiments.graphs import GRAPH_MODES
 from torchsam.experiments.long_runs import (
     check_options,
     default_augment,
@@ -384,6 +385,7 @@ class CompareConfig:
     monitor_every: int = 150
     augment: str | None = None
     precision: str = "auto"
+    graphs: str = "off"
     preset: str | None = None
 
     def resolved(self) -> CompareConfig:
@@ -440,6 +442,10 @@ class CompareConfig:
         if number("landscape_span", self.landscape_span) == 0.0:
             raise ValueError("Invalid landscape_span value: 0; it must be > 0")
         check_options(self.dataset, self.augment, self.precision, self.preset)
+        if self.graphs not in GRAPH_MODES:
+            raise ValueError(
+                f"Invalid graphs value: {self.graphs!r}; use one of: {', '.join(GRAPH_MODES)}"
+            )
         for name in ("optimizers", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"Invalid {name} value: {getattr(self, name)!r}; give a string")
@@ -1136,6 +1142,7 @@ def _train(
         distributed=_rank_and_world()[1] > 1,
         augment=str(config.augment),
         precision=config.precision,
+        graphs=config.graphs,
         checkpoint=checkpoint,
         resume=resume,
         monitor=monitor,
@@ -1155,6 +1162,7 @@ def _result_fields(result: Result) -> dict[str, Any]:
         "forward_passes": result.forward_passes,
         "forward_samples": result.forward_samples,
         "forwards_per_step": result.forwards_per_step,
+        "cuda_graphs": result.cuda_graphs,
     }
 
 
