@@ -207,6 +207,81 @@ def test_closure_without_backward_warns() -> None:
         opt.step(lambda: F.cross_entropy(model(x), y))
 
 
+@pytest.mark.parametrize("clearing", ["optimizer", "model"])
+def test_closure_that_zeroes_in_place_is_accepted(clearing: str) -> None:
+    model, data = setup()
+    opt = build("sam", model)
+    x, y = data[0]
+    twin = copy.deepcopy(model)
+    twin_opt = build("sam", twin)
+    F.cross_entropy(model(x), y).backward()  # gradients left over from elsewhere
+    F.cross_entropy(twin(x), y).backward()
+
+    def closure() -> torch.Tensor:
+        (opt if clearing == "optimizer" else model).zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def twin_closure() -> torch.Tensor:
+        twin_opt.zero_grad()
+        loss = F.cross_entropy(twin(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    twin_opt.step(twin_closure)
+    _assert_same(weights(model), weights(twin))
+
+
+def test_closure_that_accumulates_and_clips_is_refused() -> None:
+    """A reference port that also clips inside its closure: the gradients are added to the
+    stale ones and then changed in place (a version-counter check saw 2 changes and let it
+    through)."""
+    model, data = setup()
+    opt = build("sam", model)
+    x, y = data[0]
+
+    def closure() -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        return loss
+
+    F.cross_entropy(model(x), y).backward()
+    start = weights(model)
+    with pytest.raises(RuntimeError, match="reference implementation's loop"):
+        opt.step(closure)
+    _assert_same(weights(model), start)
+
+
+def test_the_closure_hooks_are_removed() -> None:
+    model, data = setup()
+    opt = build("sam", model)
+    x, y = data[0]
+    params = list(model.parameters())
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def failing() -> torch.Tensor:
+        raise ValueError("boom")
+
+    F.cross_entropy(model(x), y).backward()
+    opt.step(closure)
+    with pytest.raises(ValueError, match="boom"):
+        opt.step(failing)
+    assert all(not p._backward_hooks for p in params)
+    copy.deepcopy(opt)
+    opt.step(closure)  # still checked: no stale state from the failed call
+    assert all(not p._backward_hooks for p in params)
+
+
 def test_messages_name_what_to_change() -> None:
     model, _ = setup()
     with pytest.raises(TypeError, match=r"'kk'.*neither an argument of LookSAM.*nor of .*SGD"):

@@ -19,7 +19,7 @@ from torchsam._engine._construct import BaseOptimizerArg
 from torchsam._engine._contract import StepContext, VariantContract
 from torchsam._engine._guard import NonFiniteGuard, Status
 from torchsam._engine._layout import GroupView
-from torchsam._engine._protocol import BackwardWatch
+from torchsam._engine._protocol import BackwardWatch, ClosureWatch
 from torchsam._engine._state import WIDE_PREFIX, OwnState, WholeState, WideState
 from torchsam._engine._workspace import Workspace
 
@@ -28,7 +28,8 @@ __all__ = ["SharpnessAwareOptimizer"]
 #: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks (as
 #: for torch.optim) and a scheduler's wrapper of ``step`` (bound to the original)
 _NOT_COPIED = frozenset(
-    {"step", "_opt_called", "_phase", "_ctx", "_kept_grads", "_backward", "_workspace", "_guard"}
+    {"step", "_opt_called", "_phase", "_ctx", "_kept_grads", "_backward", "_closure"}
+    | {"_workspace", "_guard"}
     | {f"_optimizer_{kind}_hooks" for kind in _checkpoint.HOOK_KINDS}
 )
 
@@ -105,6 +106,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         self._ctx: StepContext | None = None
         self._kept_grads: list[Tensor] = []
         self._backward = BackwardWatch()
+        self._closure = ClosureWatch()
         self._workspace = Workspace()
         self._guard = NonFiniteGuard()
 
@@ -147,6 +149,11 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         """Raise for what only the groups together can get wrong; nothing by default."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter, as ``torch.optim.Optimizer.zero_grad``."""
+        super().zero_grad(set_to_none)
+        self._closure.note_cleared()  # inside step(closure): the closure cleared them
 
     # ------------------------------------------------------------------ phase and progress
     @property
@@ -219,11 +226,14 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
                 "first_step() after the first backward pass and second_step() after the second."
             )
         self.require_idle("step()")
-        probe = _protocol.first_grad(self.param_groups)
-        with torch.enable_grad():
-            loss = closure()
-        if probe is not None and probe[0] is probe[1].grad:
-            _protocol.check_closure_backward(type(self).__name__, probe[0]._version - probe[2])
+        self._closure.start(self.param_groups)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self._closure.stop()
+            raise
+        self._closure.finish(type(self).__name__)
         if self.begin_step(zero_grad=True, user_backward=True):
             self.at_perturbed_point(closure)
         self.finish_step(own_closure=True)
