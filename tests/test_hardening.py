@@ -413,14 +413,19 @@ def test_copies_step_like_the_original(name: str) -> None:
 # --------------------------------------------------------------------------- 15. hooks
 @pytest.mark.parametrize("style", ["closure", "two_call"])
 @pytest.mark.parametrize("name", ["sam", "looksam"])
-def test_global_hooks_and_profiler_see_one_step(name: str, style: str) -> None:
+def test_global_hooks_and_profiler_see_the_base_step_nested(name: str, style: str) -> None:
+    """The base step is a plain ``base_optimizer.step()``: global hooks and the profiler see it
+    inside the sharpness-aware step; hooks on either optimizer run once per step."""
     model, data = setup()
     opt = build(name, model)
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
     handles = [
-        register_optimizer_step_pre_hook(lambda *_: calls.append("pre")),
-        register_optimizer_step_post_hook(lambda *_: calls.append("post")),
+        register_optimizer_step_pre_hook(lambda o, *_: calls.append(("pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, *_: calls.append(("post", type(o).__name__))),
     ]
+    own_calls: list[str] = []
+    opt.register_step_pre_hook(lambda *_: own_calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: own_calls.append("post"))
     base_calls: list[str] = []
     opt.base_optimizer.register_step_post_hook(lambda *_: base_calls.append("base"))
     try:
@@ -433,10 +438,14 @@ def test_global_hooks_and_profiler_see_one_step(name: str, style: str) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    assert calls == ["pre", "post"] * 3
-    assert base_calls == ["base"] * 3  # hooks on the base optimizer itself still run
+    sam = type(opt).__name__
+    nested = [("pre", sam), ("pre", "SGD"), ("post", "SGD"), ("post", sam)]
+    assert calls == nested * 3
+    assert own_calls == ["pre", "post"] * 3
+    assert base_calls == ["base"] * 3
     events = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
-    assert len(events) == 3
+    assert sorted(set(events)) == sorted({f"Optimizer.step#{sam}.step", "Optimizer.step#SGD.step"})
+    assert len(events) == 6
 
 
 # --------------------------------------------------------------------------- 10. exceptions

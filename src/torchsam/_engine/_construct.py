@@ -129,37 +129,20 @@ def check_base_optimizer(name: str, base: Optimizer) -> None:
 
 
 def step_with(base: Optimizer, views: list[GroupView]) -> None:
-    """Run ``base``'s step with each view's ``base_grads`` in place of ``p.grad``.
+    """Run ``base.step()`` with each view's ``base_grads`` in place of ``p.grad``.
 
-    ``p.grad`` points at the scratch buffers only for the duration of the base step and is
-    put back to the user's gradient tensors afterwards, also when the step raises.
+    A plain call: the hooks registered on the base optimizer, the global step hooks and the
+    profiler see the base step as the step of an optimizer nested in the sharpness-aware one.
+    ``p.grad`` points at the scratch buffers only for the duration of the base step and is put
+    back to the user's gradient tensors afterwards, also when the step raises.
     """
     swapped = [v for v in views if v.base_grads is not None]
     try:
         for v in swapped:
             for p, g in zip(v.params, cast(list[Tensor], v.base_grads), strict=True):
                 p.grad = g
-        _step(base)
+        base.step()
     finally:
         for v in swapped:
             for p, g in zip(v.params, v.grads, strict=True):
                 p.grad = g
-
-
-def _step(base: Optimizer) -> None:
-    """The base optimizer's step, as part of the sharpness-aware optimizer's step.
-
-    It runs the hooks registered on the base optimizer itself, but not the global step hooks
-    nor a second profiler ``Optimizer.step#`` event: those belong to the sharpness-aware
-    step, which wraps it (one step, one pair of hook calls, one event).
-    """
-    hooked = type(base).step
-    inner = getattr(hooked, "__wrapped__", None)
-    if inner is None or not getattr(hooked, "hooked", False) or "step" in base.__dict__:
-        base.step()  # not the wrapper torch.optim installs (or patched on the instance)
-        return
-    for pre_hook in base._optimizer_step_pre_hooks.values():
-        pre_hook(base, (), {})
-    inner(base)
-    for post_hook in base._optimizer_step_post_hooks.values():
-        post_hook(base, (), {})
