@@ -49,9 +49,7 @@ def two_call_step(
         (loss if scaler is None else scaler.scale(loss)).backward()
 
     backward()
-    if scaler is not None:
-        scaler.unscale_(opt)
-    if opt.first_step(zero_grad=True):
+    if opt.first_step(zero_grad=True, grad_scaler=scaler):
         backward()
     if max_norm is not None:
         if scaler is not None:
@@ -68,28 +66,68 @@ def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- 1. AMP
+TWO_PASS_ONLY = [n for n in TWO_CALL if n not in ONE_PASS]
+
+
 @pytest.mark.parametrize(
-    ("name", "explicit_unscale"),
-    [(n, True) for n in TWO_CALL] + [(n, False) for n in ONE_PASS],
+    ("name", "recipe"),
+    [(n, "argument") for n in TWO_CALL] + [(n, "unscale_ first") for n in TWO_PASS_ONLY],
 )
-def test_grad_scaler_recipe_matches_unscaled_training(name: str, explicit_unscale: bool) -> None:
+def test_grad_scaler_recipe_matches_unscaled_training(name: str, recipe: str) -> None:
     model, data = setup()
     plain = copy.deepcopy(model)
     opt, ref = build(name, model), build(name, plain)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
     for x, y in data[:5]:
-        if explicit_unscale:
+        if recipe == "argument":
             two_call_step(opt, model, x, y, scaler)
-        else:  # without the unscale_: second_step unscales a one-pass step's gradients itself
+        else:  # the older recipe: unscale_ before a first_step() without scaler
             scaler.scale(F.cross_entropy(model(x), y)).backward()
-            if opt.first_step(zero_grad=True):
-                scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(opt)
+            opt.first_step(zero_grad=True)
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
             opt.second_step(zero_grad=True, grad_scaler=scaler)
             scaler.update()
         two_call_step(ref, plain, x, y)
     for a, b in zip(weights(model), weights(plain), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert scaler.get_scale() == 2.0**12  # no overflow was seen
+
+
+@pytest.mark.parametrize("name", ONE_PASS)
+def test_a_one_pass_step_needs_the_scaler_in_first_step(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model, **({"k": 2} if name == "looksam" else {"seed": 0}))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for x, y in data:
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        start = weights(model)
+        if not opt.first_step(zero_grad=True):
+            with pytest.raises(ValueError, match=r"no second pass.*first_step\(grad_scaler="):
+                opt.second_step(zero_grad=True, grad_scaler=scaler)
+            _assert_same(weights(model), start)
+            assert not opt.perturbed
+            return
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.second_step(zero_grad=True, grad_scaler=scaler)
+        scaler.update()
+    pytest.fail("no step without a second pass")
+
+
+def test_second_step_needs_the_scaler_first_step_got() -> None:
+    model, data = setup()
+    opt = build("sam", model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = data[0]
+    start = weights(model)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    assert opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(ValueError, match=r"different grad_scaler.*weights are back at w"):
+        opt.second_step(zero_grad=True)
+    _assert_same(weights(model), start)
+    assert not opt.perturbed
 
 
 # --------------------------------------------------------------------------- 2. clipping

@@ -43,6 +43,7 @@ class StepContext:
             at ``w`` in :meth:`VariantContract.perturb`, at ``w + e`` (after the restore) in
             :meth:`VariantContract.base_gradient` on a step with a second pass
         two_pass (bool): whether this step took the second pass
+        grad_scaler (torch.amp.GradScaler | None): the scaler given to ``first_step``
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class StepContext:
         self.optimizer = optimizer
         self._views = views
         self.two_pass = True
+        self.grad_scaler: Any = None
         #: values a variant computes in one part of the step for a later one (MSAM's number
         #: of micro-batches): the step's own, never attributes of the optimizer
         self.variables: dict[str, Any] = {}

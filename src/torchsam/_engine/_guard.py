@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.amp.grad_scaler import OptState
-from torch.optim import Optimizer
 
 from torchsam._engine._layout import GroupView
 
@@ -25,7 +22,7 @@ __all__ = [
     "flag_nonfinite",
     "flag_nonfinite_values",
     "grad_scaler_step_message",
-    "unscale",
+    "scaler_mismatch_message",
 ]
 
 
@@ -162,30 +159,21 @@ def flag_nonfinite_values(tensors: list[Tensor], found: Tensor, one: Tensor) -> 
 
 
 # --------------------------------------------------------------------- GradScaler
-def unscale(grad_scaler: Any, optimizer: Any, two_pass: bool) -> None:
-    """Unscale the gradients of ``second_step(grad_scaler=...)`` for the base optimizer: true
-    gradients for the variant, and the scaler records any inf/NaN it finds for its update().
-
-    After a second pass: ``grad_scaler.unscale_(optimizer.base_optimizer)``. On a step without
-    one the gradients are the first pass's, which the recipe unscales with
-    ``grad_scaler.unscale_(optimizer)`` before ``first_step()``: unscaled here only if that
-    has not happened (the scaler refuses a second call).
-    """
-    if two_pass:
-        grad_scaler.unscale_(optimizer.base_optimizer)
+def scaler_mismatch_message(name: str, two_pass: bool) -> str:
+    """The error for a ``second_step(grad_scaler=...)`` that does not match ``first_step``'s."""
+    if not two_pass:
+        why = (
+            "this step takes no second pass (first_step() returned False), so the gradients "
+            "second_step() steps with are the first pass's, which only first_step() unscales"
+        )
     else:
-        _unscale_once(grad_scaler, optimizer)
-
-
-def _unscale_once(grad_scaler: Any, optimizer: Optimizer) -> None:
-    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration,
-    as the scaler records it: the stage it keeps per optimizer (what ``GradScaler.step`` reads
-    to decide the same question)."""
-    stages = getattr(grad_scaler, "_per_optimizer_states", None)
-    stage = None if stages is None else stages[id(optimizer)].get("stage")
-    if stage is OptState.UNSCALED and grad_scaler.is_enabled():
-        return
-    grad_scaler.unscale_(optimizer)
+        why = "first_step() unscaled the first gradients with its scaler"
+    return (
+        f"{name}: second_step() got a different grad_scaler than first_step(): {why}. Pass "
+        "the same scaler to both: first_step(grad_scaler=scaler) and "
+        "second_step(grad_scaler=scaler), then scaler.update(). The weights are back at w "
+        "and no step was taken."
+    )
 
 
 def grad_scaler_step_message(name: str) -> str:
@@ -193,7 +181,7 @@ def grad_scaler_step_message(name: str) -> str:
     return (
         f"GradScaler.step() cannot drive {name}: it would step with the "
         "second gradients still scaled and without the sharpness-aware update. Call "
-        "scaler.unscale_(optimizer) before first_step() and "
+        "optimizer.first_step(grad_scaler=scaler) and "
         "optimizer.second_step(grad_scaler=scaler) instead of scaler.step(optimizer), "
         "then scaler.update()."
     )

@@ -262,7 +262,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     # ------------------------------------------------------------------ first_step
     @torch._disable_dynamo
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> bool:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> bool:
         """Move the weights to the (approximate) worst point ``w + e(w)`` of the neighbourhood.
 
         Call it after the first backward pass. Returns True when the weights were perturbed and
@@ -282,18 +282,30 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         Args:
             zero_grad (bool, optional): clear the gradients afterwards when a second pass
                 follows (default: False)
+            grad_scaler (torch.amp.GradScaler, optional): for float16 mixed precision: the
+                first gradients are unscaled with ``grad_scaler.unscale_(self)`` first (do not
+                call it yourself as well); pass the same scaler to :meth:`second_step`
+                (default: None)
         """
         self._require_two_call_style()
-        return self.begin_step(zero_grad, two_call=True)
+        return self.begin_step(zero_grad, two_call=True, grad_scaler=grad_scaler)
 
     def begin_step(
-        self, zero_grad: bool = False, *, two_call: bool = False, user_backward: bool = False
+        self,
+        zero_grad: bool = False,
+        *,
+        two_call: bool = False,
+        user_backward: bool = False,
+        grad_scaler: Any = None,
     ) -> bool:
         """The first half of a step, for variants that run their own passes in ``step``
         (``first_step`` without the two-call check): perturb, or keep the gradients on a step
         without second pass. ``two_call``: called by :meth:`first_step`; ``user_backward``: the
-        user's code ran the backward (so no gradient at all is worth a warning)."""
+        user's code ran the backward (so no gradient at all is worth a warning);
+        ``grad_scaler``: unscale the gradients with it first."""
         self.require_idle("first_step()")
+        if grad_scaler is not None:
+            grad_scaler.unscale_(self)
         views = self._views()
         if not views and (two_call or user_backward):
             warnings.warn(
@@ -304,6 +316,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
                 stacklevel=3,
             )
         ctx = self._ctx = StepContext(self, views, self._workspace, self._guard)
+        ctx.grad_scaler = grad_scaler
         if not self.second_pass_due():
             self._phase = _Phase.ONE_PASS
             ctx.two_pass = False
@@ -367,11 +380,15 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
 
         Args:
             zero_grad (bool, optional): clear the gradients afterwards (default: False)
-            grad_scaler (torch.amp.GradScaler, optional): for mixed precision: the gradients
-                are unscaled with ``grad_scaler.unscale_(self.base_optimizer)`` first (on a
-                step without second pass, ``grad_scaler.unscale_(self)`` unless that was
-                already called), and an overflow skips the base step silently, as
-                ``grad_scaler.step`` would; call ``grad_scaler.update()`` afterwards
+            grad_scaler (torch.amp.GradScaler, optional): for float16 mixed precision: the
+                scaler given to :meth:`first_step` (required when it got one; a
+                ``ValueError`` otherwise, with the weights back at ``w``). After a second
+                pass the gradients are unscaled with
+                ``grad_scaler.unscale_(self.base_optimizer)``; on a step without one
+                ``first_step`` unscaled them already. An overflow skips the base step
+                silently, as ``grad_scaler.step`` would; call ``grad_scaler.update()``
+                afterwards. (Calling ``grad_scaler.unscale_(optimizer)`` before a
+                ``first_step()`` without scaler still works on steps with a second pass.)
                 (default: None)
         """
         self._require_two_call_style()
@@ -390,6 +407,9 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
                 "second_step() was called without a preceding first_step(): call first_step() "
                 "after the first backward pass, then second_step() after the second one"
             )
+        if grad_scaler is not ctx.grad_scaler and (ctx.grad_scaler is not None or not ctx.two_pass):
+            self.abort()
+            raise ValueError(_guard.scaler_mismatch_message(type(self).__name__, ctx.two_pass))
         self._workspace.restore()
         self._phase = _Phase.IDLE
         self._ctx = None
@@ -417,8 +437,8 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
 
     def _finish(self, ctx: StepContext, grad_scaler: Any) -> None:
         """Check the gradients of the step, let the variant shape them, take the base step."""
-        if grad_scaler is not None:
-            _guard.unscale(grad_scaler, self, ctx.two_pass)
+        if grad_scaler is not None and ctx.two_pass:
+            grad_scaler.unscale_(self.base_optimizer)  # true gradients; overflow recorded
         # the check runs with a GradScaler even when skip_nonfinite is False: skipping an
         # overflowing step is what the scaler relies on
         checking = grad_scaler is not None or self.skip_nonfinite
