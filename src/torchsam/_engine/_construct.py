@@ -10,9 +10,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from torchsam._engine._checkpoint import STEP
 from torchsam._engine._layout import GroupView
+from torchsam._engine._state import WIDE_PREFIX
 
-__all__ = ["BaseOptimizerArg", "adopt", "build", "check_base_argument", "step_with"]
+__all__ = ["BaseOptimizerArg", "adopt", "build", "check_base_argument", "fill_group", "step_with"]
 
 BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
 
@@ -23,10 +25,19 @@ _NOT_AN_OPTIMIZER = (
 
 
 def check_base_argument(
-    name: str, base_optimizer: Any, own: Iterable[str], base_kwargs: dict[str, Any]
+    name: str,
+    base_optimizer: Any,
+    own: Iterable[str],
+    base_kwargs: dict[str, Any],
+    params: Any = None,
 ) -> None:
     """Refuse a ``base_optimizer`` argument (with ``base_kwargs``) that cannot give a base
-    optimizer, before any param group is built."""
+    optimizer, and a module passed as ``params``, before any param group is built."""
+    if isinstance(params, torch.nn.Module):
+        raise TypeError(
+            f"{name} got the module {type(params).__name__} as params; pass "
+            "its parameters instead: model.parameters() (or a list of param group dicts)"
+        )
     if isinstance(base_optimizer, Optimizer):
         if base_kwargs:
             raise TypeError(
@@ -108,6 +119,20 @@ def adopt(base: Optimizer, groups: list[dict[str, Any]], keys: Iterable[str]) ->
         for key in keys:
             base_group[key] = own_group[key]
     return base
+
+
+def fill_group(
+    group: dict[str, Any], own_defaults: dict[str, Any], groups: list[dict[str, Any]]
+) -> None:
+    """Give a new param ``group`` the variant's defaults, the optimizer-wide state as the
+    other ``groups`` hold it, and the step counter."""
+    for key, default in own_defaults.items():
+        group.setdefault(key, default)
+    if groups:
+        for key, value in groups[0].items():
+            if key.startswith(WIDE_PREFIX):
+                group.setdefault(key, value)
+    group.setdefault(STEP, 0)
 
 
 def check_base_optimizer(name: str, base: Optimizer) -> None:

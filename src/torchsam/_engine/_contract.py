@@ -26,7 +26,7 @@ from torch import Tensor
 
 from torchsam._engine import _functional as F
 from torchsam._engine._guard import NonFiniteGuard
-from torchsam._engine._layout import GroupView, Layout
+from torchsam._engine._layout import GroupView
 from torchsam._engine._workspace import Workspace
 
 if TYPE_CHECKING:
@@ -64,8 +64,6 @@ class StepContext:
         self._guard = guard
         self._grad_norm: Tensor | None = None
         self._pending: list[Callable[[], None]] = []
-        #: the layouts of the first pass (to check that the second pass has the same set)
-        self.first_layouts: list[Layout] = []
 
     @property
     def views(self) -> list[GroupView]:

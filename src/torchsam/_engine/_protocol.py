@@ -9,13 +9,29 @@ raises (or warns) with what to change.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from torchsam._engine._layout import GroupView, Layout, same_objects
 
-__all__ = ["BackwardWatch", "ClosureWatch", "check_kept_grads", "check_second_pass"]
+__all__ = [
+    "NO_FIRST_STEP",
+    "BackwardWatch",
+    "ClosureWatch",
+    "PassChecks",
+    "check_kept_grads",
+    "check_second_pass",
+    "not_idle_message",
+    "warn_no_gradient",
+]
+
+NO_FIRST_STEP = (
+    "second_step() was called without a preceding first_step(): call first_step() after the "
+    "first backward pass, then second_step() after the second one"
+)
 
 
 class BackwardWatch:
@@ -98,6 +114,18 @@ class ClosureWatch:
         self._param = self._stale = self._onto_stale = None
         self._ran = self._cleared = False
 
+    def evaluate(self, closure: Callable[[], Any], groups: list[dict[str, Any]], name: str) -> Any:
+        """``closure()`` with gradients enabled, watched (see :meth:`finish`); its result."""
+        self.start(groups)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.stop()
+            raise
+        self.finish(name)
+        return loss
+
     def finish(self, name: str) -> None:
         """Remove the hook; warn if no backward reached the watched gradient and it is still
         there, raise if the closure's backward added to a gradient it had not cleared."""
@@ -110,7 +138,7 @@ class ClosureWatch:
                 f"{name}.step(closure): the closure did not change the gradients "
                 "(did it call loss.backward()?); the step uses the gradients that were there.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         elif onto is not None and bool(onto):
             raise RuntimeError(
@@ -155,3 +183,58 @@ def check_kept_grads(
             "second forward/backward pass only when first_step() returns True, or use "
             "step(closure). (Changing the gradients in place, e.g. clipping, is fine.)"
         )
+
+
+def not_idle_message(call: str) -> str:
+    """The error for ``call`` made while a step is in progress."""
+    return (
+        f"{call} was called after first_step() and before second_step(): the step is not "
+        "finished (the weights may be perturbed); call second_step() first"
+    )
+
+
+def warn_no_gradient(name: str) -> None:
+    """The warning for a first half of a step that finds no gradient at all."""
+    warnings.warn(
+        f"{name}: no parameter has a gradient at w, so this step does nothing. Call "
+        "loss.backward() before first_step(); with step(closure), the closure must call "
+        "loss.backward().",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+class PassChecks:
+    """The checks of one step between its two halves: what the first half saw (the kept
+    gradients of a step without second pass, or the first pass's layouts) and, at the second
+    half, whether the user's code in between kept the protocol."""
+
+    def __init__(self) -> None:
+        self._watch = BackwardWatch()
+        self._kept: list[Tensor] = []
+        self._first_layouts: list[Layout] = []
+
+    def after_first_half(self, views: list[GroupView], *, one_pass: bool, watch: bool) -> None:
+        """Record the first half: on a step without second pass keep the gradient objects
+        (and, ``watch``, notice any backward until the second half); else the layouts."""
+        if one_pass:
+            self._kept = [g for v in views for g in v.grads]
+            if watch and views:
+                self._watch.watch(views[0].params[0])
+        else:
+            self._first_layouts = [v.layout for v in views]
+
+    def stop(self) -> None:
+        """Stop watching and forget the kept gradients (the step ended or was aborted)."""
+        self._watch.stop()
+        self._kept = []
+
+    def check(self, name: str, views: list[GroupView], *, one_pass: bool, same_set: bool) -> None:
+        """Raise if the gradients of the second half break the protocol (see
+        :func:`check_kept_grads` and :func:`check_second_pass`)."""
+        kept, backward_seen = self._kept, self._watch.stop()
+        self._kept = []
+        if one_pass:
+            check_kept_grads(name, views, kept, backward_seen)
+        else:
+            check_second_pass(name, views, self._first_layouts, same_set)
