@@ -14,7 +14,15 @@ from torchsam._engine._checkpoint import STEP
 from torchsam._engine._layout import GroupView
 from torchsam._engine._state import WIDE_PREFIX
 
-__all__ = ["BaseOptimizerArg", "adopt", "build", "check_base_argument", "fill_group", "step_with"]
+__all__ = [
+    "BaseOptimizerArg",
+    "adopt",
+    "build",
+    "check_base_argument",
+    "fill_group",
+    "step_with",
+    "takes_found_inf",
+]
 
 BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
 
@@ -153,21 +161,34 @@ def check_base_optimizer(name: str, base: Optimizer) -> None:
         )
 
 
-def step_with(base: Optimizer, views: list[GroupView]) -> None:
+def step_with(base: Optimizer, views: list[GroupView], found_inf: Tensor | None = None) -> None:
     """Run ``base.step()`` with each view's ``base_grads`` in place of ``p.grad``.
 
     A plain call: the hooks registered on the base optimizer, the global step hooks and the
     profiler see the base step as the step of an optimizer nested in the sharpness-aware one.
     ``p.grad`` points at the scratch buffers only for the duration of the base step and is put
-    back to the user's gradient tensors afterwards, also when the step raises.
+    back to the user's gradient tensors afterwards, also when the step raises. ``found_inf``
+    (for a base that declares ``_step_supports_amp_scaling``, torch's fused optimizers): the
+    device-side flag that skips the step, handed over as ``GradScaler.step`` hands its own.
     """
     swapped = [v for v in views if v.base_grads is not None]
     try:
         for v in swapped:
             for p, g in zip(v.params, cast(list[Tensor], v.base_grads), strict=True):
                 p.grad = g
+        if found_inf is not None:
+            base.found_inf = found_inf  # type: ignore[attr-defined]
+            base.grad_scale = None  # type: ignore[attr-defined]
         base.step()
     finally:
+        base.__dict__.pop("found_inf", None)
+        base.__dict__.pop("grad_scale", None)
         for v in swapped:
             for p, g in zip(v.params, v.grads, strict=True):
                 p.grad = g
+
+
+def takes_found_inf(base: Optimizer) -> bool:
+    """Whether ``base.step()`` takes a device-side ``found_inf`` flag (torch's fused
+    optimizers declare it for ``GradScaler`` with ``_step_supports_amp_scaling``)."""
+    return bool(getattr(base, "_step_supports_amp_scaling", False))

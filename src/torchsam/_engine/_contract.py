@@ -160,9 +160,14 @@ class VariantContract:
       (:meth:`StepContext.first_grads`); a per-rank first pass under DDP would then differ.
     * ``no_two_call_style``: why ``first_step()``/``second_step()`` are unavailable (the
       variant runs its own passes in ``step``), or None.
+    * ``device_skip``: the step changes nothing but what the base optimizer's step changes,
+      so with a fused base optimizer (one that takes ``found_inf``) and no ``GradScaler`` the
+      skip of a non-finite step stays on the device: no host synchronisation, and the
+      warning comes at a later step. Declared by each class itself, never inherited.
     """
 
     needs_first_grads: ClassVar[bool] = False
+    device_skip: ClassVar[bool] = False
     no_two_call_style: ClassVar[str | None] = None
 
     def second_pass_due(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +57,9 @@ class NonFiniteGuard:
     def __init__(self) -> None:
         self._flags: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._found_used = self._first_used = False
+        #: a step decided on the device: its flags copied to the host (and, on an
+        #: accelerator, the event after which the copy is complete), read by a later step
+        self._late: tuple[Tensor, Any] | None = None
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._flags.get(device)
@@ -104,6 +108,48 @@ class NonFiniteGuard:
             for flag in flags:
                 flag.zero_()
         self._found_used = self._first_used = False
+        if value == 0.0:
+            return Status.FINITE
+        return Status.FIRST_NORM if value != value else Status.LATER
+
+    @property
+    def on_one_device(self) -> bool:
+        """Whether the flags live on one device (a device-side decision needs that)."""
+        return len(self._flags) == 1
+
+    def decide_on_device(self) -> Tensor:
+        """The step's decision without reading it: a float32 1 where a check of this step
+        found a non-finite value, else 0 (what a fused ``torch.optim`` step takes as
+        ``found_inf``). The flags are cleared; their sum is copied to the host without waiting
+        and :meth:`late_status` reads it at a later step."""
+        flags = self._used()
+        total = flags[0].clone()
+        for other in flags[1:]:
+            total.add_(other)  # NaN (first_step's norm) wins over 1
+        skip = total.ne(0).to(total.dtype)
+        event = None
+        if total.device.type not in ("cpu", "meta"):
+            host = torch.empty((), dtype=total.dtype, pin_memory=True)
+            host.copy_(total, non_blocking=True)
+            event = torch.Event(total.device.type)
+            event.record()
+            total = host
+        self._late = (total, event)
+        for flag in flags:
+            flag.zero_()
+        self._found_used = self._first_used = False
+        return skip
+
+    def late_status(self) -> Status | None:
+        """What an earlier step decided on the device found, once its copy has arrived on the
+        host (None before that, or when no such step is pending); no synchronisation."""
+        if self._late is None:
+            return None
+        host, event = self._late
+        if event is not None and not event.query():
+            return None
+        self._late = None
+        value = host.tolist()  # a host tensor: no dispatch, no wait
         if value == 0.0:
             return Status.FINITE
         return Status.FIRST_NORM if value != value else Status.LATER

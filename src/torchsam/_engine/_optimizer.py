@@ -92,6 +92,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _checkpoint.register(cls)
+        cls.device_skip = bool(cls.__dict__.get("device_skip", False))  # not inherited
 
     def _reset_workspace(self) -> None:
         """Forget everything that is not state: phase, step context, caches, scratch buffers."""
