@@ -25,6 +25,18 @@ class HostSAM(torchsam.SAM):
     """SAM without declaring ``device_skip`` (it is not inherited): the host decides."""
 
 
+class HostIntermittentSAM(torchsam.IntermittentSAM):
+    """The same for IntermittentSAM."""
+
+
+#: the variants that declare ``device_skip``, their twin that does not, and their options
+DECLARED = {
+    "SAM": (torchsam.SAM, HostSAM, {}),
+    "ASAM": (torchsam.SAM, HostSAM, {"adaptive": True}),
+    "IntermittentSAM": (torchsam.IntermittentSAM, HostIntermittentSAM, {"every": 2}),
+}
+
+
 def make(
     cls: type[torchsam.SAM], base: str, device: str = "cpu", **options: Any
 ) -> tuple[nn.Module, torchsam.SAM, torch.Tensor, torch.Tensor]:
@@ -40,8 +52,8 @@ def two_call(
     model: nn.Module, opt: torchsam.SAM, x: torch.Tensor, y: torch.Tensor, nan: bool = False
 ) -> None:
     nn.functional.mse_loss(model(x), y).backward()
-    opt.first_step(zero_grad=True)
-    nn.functional.mse_loss(model(x), y).backward()
+    if opt.first_step(zero_grad=True):
+        nn.functional.mse_loss(model(x), y).backward()
     if nan:
         model[0].weight.grad[0, 0] = math.nan
     opt.second_step(zero_grad=True)
@@ -56,44 +68,52 @@ def snapshot(model: nn.Module, opt: torchsam.SAM) -> list[torch.Tensor]:
 
 def test_the_capability_is_declared_per_class() -> None:
     assert torchsam.SAM.device_skip
+    assert torchsam.IntermittentSAM.device_skip
     assert not HostSAM.device_skip  # a subclass must declare it itself
+    assert not HostIntermittentSAM.device_skip
     for cls in (torchsam.GSAM, torchsam.LookSAM, torchsam.FriendlySAM, torchsam.WSAM):
         assert not cls.device_skip
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["SAM", "ASAM"])
+@pytest.mark.parametrize("variant", list(DECLARED))
 @pytest.mark.parametrize("base", list(BASES))
-def test_no_host_synchronisation_after_the_first_step(base: str, adaptive: bool) -> None:
-    model, opt, x, y = make(torchsam.SAM, base, adaptive=adaptive)
+def test_no_host_synchronisation_after_the_first_step(base: str, variant: str) -> None:
+    cls, host_cls, options = DECLARED[variant]
+    model, opt, x, y = make(cls, base, **options)
     syncs = []
-    for _ in range(3):
+    for _ in range(4):
         counter = DispatchCounter()
         nn.functional.mse_loss(model(x), y).backward()
         with counter:
-            opt.first_step(zero_grad=True)
-        nn.functional.mse_loss(model(x), y).backward()
+            second = opt.first_step(zero_grad=True)
+        if second:
+            nn.functional.mse_loss(model(x), y).backward()
         with counter:
             opt.second_step(zero_grad=True)
         syncs.append(counter.syncs)
     # the first step is decided on the host: no base-optimizer state exists yet
-    assert syncs == [1, 0, 0]
-    host_model, host_opt, _, _ = make(HostSAM, base, adaptive=adaptive)
+    assert syncs == [1, 0, 0, 0]
+    host_model, host_opt, _, _ = make(host_cls, base, **options)
     counter = DispatchCounter()
     for _ in range(2):
         nn.functional.mse_loss(host_model(x), y).backward()
-        host_opt.first_step(zero_grad=True)
-        nn.functional.mse_loss(host_model(x), y).backward()
+        if host_opt.first_step(zero_grad=True):
+            nn.functional.mse_loss(host_model(x), y).backward()
         with counter:
             host_opt.second_step(zero_grad=True)
     assert counter.syncs == 2
 
 
+@pytest.mark.parametrize("variant", list(DECLARED))
 @pytest.mark.parametrize("base", list(BASES))
-def test_a_non_finite_step_is_skipped_on_the_device_and_reported_later(base: str) -> None:
-    model, opt, x, y = make(torchsam.SAM, base)
-    host_model, host_opt, _, _ = make(HostSAM, base)
-    for step in range(5):
-        nan = step == 2
+def test_a_non_finite_step_is_skipped_on_the_device_and_reported_later(
+    base: str, variant: str
+) -> None:
+    cls, host_cls, options = DECLARED[variant]
+    model, opt, x, y = make(cls, base, **options)
+    host_model, host_opt, _, _ = make(host_cls, base, **options)
+    for step in range(6):
+        nan = step in (2, 3)  # a step with and (IntermittentSAM) one without second pass
         before = snapshot(model, opt)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -102,15 +122,13 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_later(base: str
             warnings.simplefilter("ignore")
             two_call(host_model, host_opt, x, y, nan=nan)
         messages = [str(w.message) for w in caught]
-        if nan:  # skipped: weights and base state exactly as before; no warning yet
+        if nan:  # skipped: weights and base state exactly as before
             assert all(torch.equal(a, b) for a, b in zip(before, snapshot(model, opt), strict=True))
-            assert messages == []
-        elif step == 3:
-            assert len(messages) == 1
-            assert "not finite" in messages[0]
-            assert "previous step" in messages[0]
-        else:
-            assert messages == []
+        # no warning at the skipped step itself: each skip is reported at the next step
+        assert len(messages) == (1 if step in (3, 4) else 0)
+        for message in messages:
+            assert "not finite" in message
+            assert "previous step" in message
         # the same steps as with the host's decision, bit for bit
         for a, b in zip(snapshot(model, opt), snapshot(host_model, host_opt), strict=True):
             assert torch.equal(a, b)
