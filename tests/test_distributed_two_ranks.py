@@ -106,9 +106,7 @@ def amp_train(
                         loss = loss * 1e38
                     scaler.scale(loss).backward()
             if which == "first":
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                opt.first_step(zero_grad=True)
+                opt.first_step(zero_grad=True, grad_scaler=scaler)
         opt.second_step(zero_grad=True, grad_scaler=scaler)
         if scaler is not None:
             scaler.update()

@@ -49,9 +49,7 @@ def two_call_step(
         (loss if scaler is None else scaler.scale(loss)).backward()
 
     backward()
-    if scaler is not None:
-        scaler.unscale_(opt)
-    if opt.first_step(zero_grad=True):
+    if opt.first_step(zero_grad=True, grad_scaler=scaler):
         backward()
     if max_norm is not None:
         if scaler is not None:
@@ -68,28 +66,68 @@ def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- 1. AMP
+TWO_PASS_ONLY = [n for n in TWO_CALL if n not in ONE_PASS]
+
+
 @pytest.mark.parametrize(
-    ("name", "explicit_unscale"),
-    [(n, True) for n in TWO_CALL] + [(n, False) for n in ONE_PASS],
+    ("name", "recipe"),
+    [(n, "argument") for n in TWO_CALL] + [(n, "unscale_ first") for n in TWO_PASS_ONLY],
 )
-def test_grad_scaler_recipe_matches_unscaled_training(name: str, explicit_unscale: bool) -> None:
+def test_grad_scaler_recipe_matches_unscaled_training(name: str, recipe: str) -> None:
     model, data = setup()
     plain = copy.deepcopy(model)
     opt, ref = build(name, model), build(name, plain)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
     for x, y in data[:5]:
-        if explicit_unscale:
+        if recipe == "argument":
             two_call_step(opt, model, x, y, scaler)
-        else:  # without the unscale_: second_step unscales a one-pass step's gradients itself
+        else:  # the older recipe: unscale_ before a first_step() without scaler
             scaler.scale(F.cross_entropy(model(x), y)).backward()
-            if opt.first_step(zero_grad=True):
-                scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(opt)
+            opt.first_step(zero_grad=True)
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
             opt.second_step(zero_grad=True, grad_scaler=scaler)
             scaler.update()
         two_call_step(ref, plain, x, y)
     for a, b in zip(weights(model), weights(plain), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert scaler.get_scale() == 2.0**12  # no overflow was seen
+
+
+@pytest.mark.parametrize("name", ONE_PASS)
+def test_a_one_pass_step_needs_the_scaler_in_first_step(name: str) -> None:
+    model, data = setup()
+    opt = build(name, model, **({"k": 2} if name == "looksam" else {"seed": 0}))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for x, y in data:
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        start = weights(model)
+        if not opt.first_step(zero_grad=True):
+            with pytest.raises(ValueError, match=r"no second pass.*first_step\(grad_scaler="):
+                opt.second_step(zero_grad=True, grad_scaler=scaler)
+            _assert_same(weights(model), start)
+            assert not opt.perturbed
+            return
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.second_step(zero_grad=True, grad_scaler=scaler)
+        scaler.update()
+    pytest.fail("no step without a second pass")
+
+
+def test_second_step_needs_the_scaler_first_step_got() -> None:
+    model, data = setup()
+    opt = build("sam", model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = data[0]
+    start = weights(model)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    assert opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(ValueError, match=r"different grad_scaler.*weights are back at w"):
+        opt.second_step(zero_grad=True)
+    _assert_same(weights(model), start)
+    assert not opt.perturbed
 
 
 # --------------------------------------------------------------------------- 2. clipping
@@ -205,6 +243,81 @@ def test_closure_without_backward_warns() -> None:
         pytest.raises(RuntimeError, match="second forward/backward"),
     ):
         opt.step(lambda: F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("clearing", ["optimizer", "model"])
+def test_closure_that_zeroes_in_place_is_accepted(clearing: str) -> None:
+    model, data = setup()
+    opt = build("sam", model)
+    x, y = data[0]
+    twin = copy.deepcopy(model)
+    twin_opt = build("sam", twin)
+    F.cross_entropy(model(x), y).backward()  # gradients left over from elsewhere
+    F.cross_entropy(twin(x), y).backward()
+
+    def closure() -> torch.Tensor:
+        (opt if clearing == "optimizer" else model).zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def twin_closure() -> torch.Tensor:
+        twin_opt.zero_grad()
+        loss = F.cross_entropy(twin(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    twin_opt.step(twin_closure)
+    _assert_same(weights(model), weights(twin))
+
+
+def test_closure_that_accumulates_and_clips_is_refused() -> None:
+    """A reference port that also clips inside its closure: the gradients are added to the
+    stale ones and then changed in place (a version-counter check saw 2 changes and let it
+    through)."""
+    model, data = setup()
+    opt = build("sam", model)
+    x, y = data[0]
+
+    def closure() -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        return loss
+
+    F.cross_entropy(model(x), y).backward()
+    start = weights(model)
+    with pytest.raises(RuntimeError, match="reference implementation's loop"):
+        opt.step(closure)
+    _assert_same(weights(model), start)
+
+
+def test_the_closure_hooks_are_removed() -> None:
+    model, data = setup()
+    opt = build("sam", model)
+    x, y = data[0]
+    params = list(model.parameters())
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def failing() -> torch.Tensor:
+        raise ValueError("boom")
+
+    F.cross_entropy(model(x), y).backward()
+    opt.step(closure)
+    with pytest.raises(ValueError, match="boom"):
+        opt.step(failing)
+    assert all(not p._backward_hooks for p in params)
+    copy.deepcopy(opt)
+    opt.step(closure)  # still checked: no stale state from the failed call
+    assert all(not p._backward_hooks for p in params)
 
 
 def test_messages_name_what_to_change() -> None:
@@ -338,14 +451,19 @@ def test_copies_step_like_the_original(name: str) -> None:
 # --------------------------------------------------------------------------- 15. hooks
 @pytest.mark.parametrize("style", ["closure", "two_call"])
 @pytest.mark.parametrize("name", ["sam", "looksam"])
-def test_global_hooks_and_profiler_see_one_step(name: str, style: str) -> None:
+def test_global_hooks_and_profiler_see_the_base_step_nested(name: str, style: str) -> None:
+    """The base step is a plain ``base_optimizer.step()``: global hooks and the profiler see it
+    inside the sharpness-aware step; hooks on either optimizer run once per step."""
     model, data = setup()
     opt = build(name, model)
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
     handles = [
-        register_optimizer_step_pre_hook(lambda *_: calls.append("pre")),
-        register_optimizer_step_post_hook(lambda *_: calls.append("post")),
+        register_optimizer_step_pre_hook(lambda o, *_: calls.append(("pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, *_: calls.append(("post", type(o).__name__))),
     ]
+    own_calls: list[str] = []
+    opt.register_step_pre_hook(lambda *_: own_calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: own_calls.append("post"))
     base_calls: list[str] = []
     opt.base_optimizer.register_step_post_hook(lambda *_: base_calls.append("base"))
     try:
@@ -358,10 +476,14 @@ def test_global_hooks_and_profiler_see_one_step(name: str, style: str) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    assert calls == ["pre", "post"] * 3
-    assert base_calls == ["base"] * 3  # hooks on the base optimizer itself still run
+    sam = type(opt).__name__
+    nested = [("pre", sam), ("pre", "SGD"), ("post", "SGD"), ("post", sam)]
+    assert calls == nested * 3
+    assert own_calls == ["pre", "post"] * 3
+    assert base_calls == ["base"] * 3
     events = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
-    assert len(events) == 3
+    assert sorted(set(events)) == sorted({f"Optimizer.step#{sam}.step", "Optimizer.step#SGD.step"})
+    assert len(events) == 6
 
 
 # --------------------------------------------------------------------------- 10. exceptions

@@ -42,6 +42,9 @@ class IntermittentSAM(SAM):
         >>> loss = optimizer.step(closure)
     """
 
+    #: its plain steps are base steps and its SAM steps SAM's: the skip of a non-finite step
+    #: can stay on the device with a fused base optimizer
+    device_skip: ClassVar[bool] = True
     options: ClassVar[dict[str, Any]] = {
         "every": None,
         "offset": 0,

@@ -120,6 +120,9 @@ class SAM(SharpnessAwareOptimizer):
         * ``state_dict()`` holds the base optimizer's state (momentum, Adam moments) too.
     """
 
+    #: SAM's and ASAM's step changes only what the base step changes: with a fused base
+    #: optimizer the skip of a non-finite step stays on the device (not inherited)
+    device_skip: ClassVar[bool] = True
     #: A variant's own per-group hyper-parameters (saved in the param groups, may differ per
     #: group and be scheduled), with their defaults; keyword-only arguments of its constructor.
     hyperparameters: ClassVar[dict[str, Any]] = {}

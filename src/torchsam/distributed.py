@@ -70,11 +70,11 @@ def sam_pass(
     With gradient accumulation, wrap all but the last micro-batch of each pass in
     ``model.no_sync()`` and the last one in this context.
 
-    Mixed precision (``torch.amp.GradScaler``, two-call style): call ``scaler.unscale_`` and
-    :meth:`~torchsam.SAM.first_step` after leaving the context. A synchronised pass spreads an
-    overflow (inf or NaN) to every rank through its all-reduce; after a local first pass this
-    context does it, with one all-reduce of a flag: when any rank's gradients are not finite,
-    every rank's become NaN, so every rank skips the step and the scalers back off together.
+    Mixed precision (``torch.amp.GradScaler``, two-call style): call ``first_step(...,
+    grad_scaler=scaler)`` after leaving the context. A synchronised pass spreads an overflow
+    (inf or NaN) to every rank through its all-reduce; after a local first pass this context
+    does it, with one all-reduce of a flag: when any rank's gradients are not finite, every
+    rank's become NaN, so every rank skips the step and the scalers back off together.
 
     Under DDP, FriendlySAM and VaSSO keep the moving averages of the gradient at ``w`` that
     they perturb with: in local mode each rank keeps its own (from its own gradients), so their

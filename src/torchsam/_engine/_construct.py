@@ -10,9 +10,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from torchsam._engine._checkpoint import STEP
 from torchsam._engine._layout import GroupView
+from torchsam._engine._state import WIDE_PREFIX
 
-__all__ = ["BaseOptimizerArg", "adopt", "build", "check_base_argument", "step_with"]
+__all__ = [
+    "BaseOptimizerArg",
+    "adopt",
+    "build",
+    "check_base_argument",
+    "fill_group",
+    "step_with",
+    "takes_found_inf",
+]
 
 BaseOptimizerArg = type[Optimizer] | Callable[..., Optimizer] | Optimizer
 
@@ -23,10 +33,19 @@ _NOT_AN_OPTIMIZER = (
 
 
 def check_base_argument(
-    name: str, base_optimizer: Any, own: Iterable[str], base_kwargs: dict[str, Any]
+    name: str,
+    base_optimizer: Any,
+    own: Iterable[str],
+    base_kwargs: dict[str, Any],
+    params: Any = None,
 ) -> None:
     """Refuse a ``base_optimizer`` argument (with ``base_kwargs``) that cannot give a base
-    optimizer, before any param group is built."""
+    optimizer, and a module passed as ``params``, before any param group is built."""
+    if isinstance(params, torch.nn.Module):
+        raise TypeError(
+            f"{name} got the module {type(params).__name__} as params; pass "
+            "its parameters instead: model.parameters() (or a list of param group dicts)"
+        )
     if isinstance(base_optimizer, Optimizer):
         if base_kwargs:
             raise TypeError(
@@ -110,6 +129,20 @@ def adopt(base: Optimizer, groups: list[dict[str, Any]], keys: Iterable[str]) ->
     return base
 
 
+def fill_group(
+    group: dict[str, Any], own_defaults: dict[str, Any], groups: list[dict[str, Any]]
+) -> None:
+    """Give a new param ``group`` the variant's defaults, the optimizer-wide state as the
+    other ``groups`` hold it, and the step counter."""
+    for key, default in own_defaults.items():
+        group.setdefault(key, default)
+    if groups:
+        for key, value in groups[0].items():
+            if key.startswith(WIDE_PREFIX):
+                group.setdefault(key, value)
+    group.setdefault(STEP, 0)
+
+
 def check_base_optimizer(name: str, base: Optimizer) -> None:
     """Refuse base optimizers that cannot take a sharpness-aware step."""
     if isinstance(base, torch.optim.LBFGS):
@@ -128,38 +161,34 @@ def check_base_optimizer(name: str, base: Optimizer) -> None:
         )
 
 
-def step_with(base: Optimizer, views: list[GroupView]) -> None:
-    """Run ``base``'s step with each view's ``base_grads`` in place of ``p.grad``.
+def step_with(base: Optimizer, views: list[GroupView], found_inf: Tensor | None = None) -> None:
+    """Run ``base.step()`` with each view's ``base_grads`` in place of ``p.grad``.
 
-    ``p.grad`` points at the scratch buffers only for the duration of the base step and is
-    put back to the user's gradient tensors afterwards, also when the step raises.
+    A plain call: the hooks registered on the base optimizer, the global step hooks and the
+    profiler see the base step as the step of an optimizer nested in the sharpness-aware one.
+    ``p.grad`` points at the scratch buffers only for the duration of the base step and is put
+    back to the user's gradient tensors afterwards, also when the step raises. ``found_inf``
+    (for a base that declares ``_step_supports_amp_scaling``, torch's fused optimizers): the
+    device-side flag that skips the step, handed over as ``GradScaler.step`` hands its own.
     """
     swapped = [v for v in views if v.base_grads is not None]
     try:
         for v in swapped:
             for p, g in zip(v.params, cast(list[Tensor], v.base_grads), strict=True):
                 p.grad = g
-        _step(base)
+        if found_inf is not None:
+            base.found_inf = found_inf  # type: ignore[attr-defined]
+            base.grad_scale = None  # type: ignore[attr-defined]
+        base.step()
     finally:
+        base.__dict__.pop("found_inf", None)
+        base.__dict__.pop("grad_scale", None)
         for v in swapped:
             for p, g in zip(v.params, v.grads, strict=True):
                 p.grad = g
 
 
-def _step(base: Optimizer) -> None:
-    """The base optimizer's step, as part of the sharpness-aware optimizer's step.
-
-    It runs the hooks registered on the base optimizer itself, but not the global step hooks
-    nor a second profiler ``Optimizer.step#`` event: those belong to the sharpness-aware
-    step, which wraps it (one step, one pair of hook calls, one event).
-    """
-    hooked = type(base).step
-    inner = getattr(hooked, "__wrapped__", None)
-    if inner is None or not getattr(hooked, "hooked", False) or "step" in base.__dict__:
-        base.step()  # not the wrapper torch.optim installs (or patched on the instance)
-        return
-    for pre_hook in base._optimizer_step_pre_hooks.values():
-        pre_hook(base, (), {})
-    inner(base)
-    for post_hook in base._optimizer_step_post_hooks.values():
-        post_hook(base, (), {})
+def takes_found_inf(base: Optimizer) -> bool:
+    """Whether ``base.step()`` takes a device-side ``found_inf`` flag (torch's fused
+    optimizers declare it for ``GradScaler`` with ``_step_supports_amp_scaling``)."""
+    return bool(getattr(base, "_step_supports_amp_scaling", False))

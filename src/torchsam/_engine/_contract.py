@@ -26,7 +26,7 @@ from torch import Tensor
 
 from torchsam._engine import _functional as F
 from torchsam._engine._guard import NonFiniteGuard
-from torchsam._engine._layout import GroupView, Layout
+from torchsam._engine._layout import GroupView
 from torchsam._engine._workspace import Workspace
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class StepContext:
             at ``w`` in :meth:`VariantContract.perturb`, at ``w + e`` (after the restore) in
             :meth:`VariantContract.base_gradient` on a step with a second pass
         two_pass (bool): whether this step took the second pass
+        grad_scaler (torch.amp.GradScaler | None): the scaler given to ``first_step``
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class StepContext:
         self.optimizer = optimizer
         self._views = views
         self.two_pass = True
+        self.grad_scaler: Any = None
         #: values a variant computes in one part of the step for a later one (MSAM's number
         #: of micro-batches): the step's own, never attributes of the optimizer
         self.variables: dict[str, Any] = {}
@@ -62,8 +64,6 @@ class StepContext:
         self._guard = guard
         self._grad_norm: Tensor | None = None
         self._pending: list[Callable[[], None]] = []
-        #: the layouts of the first pass (to check that the second pass has the same set)
-        self.first_layouts: list[Layout] = []
 
     @property
     def views(self) -> list[GroupView]:
@@ -160,9 +160,14 @@ class VariantContract:
       (:meth:`StepContext.first_grads`); a per-rank first pass under DDP would then differ.
     * ``no_two_call_style``: why ``first_step()``/``second_step()`` are unavailable (the
       variant runs its own passes in ``step``), or None.
+    * ``device_skip``: the step changes nothing but what the base optimizer's step changes,
+      so with a fused base optimizer (one that takes ``found_inf``) and no ``GradScaler`` the
+      skip of a non-finite step stays on the device: no host synchronisation, and the
+      warning comes at a later step. Declared by each class itself, never inherited.
     """
 
     needs_first_grads: ClassVar[bool] = False
+    device_skip: ClassVar[bool] = False
     no_two_call_style: ClassVar[str | None] = None
 
     def second_pass_due(self) -> bool:

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.amp.grad_scaler import OptState
-from torch.optim import Optimizer
 
 from torchsam._engine._layout import GroupView
 
@@ -25,7 +23,7 @@ __all__ = [
     "flag_nonfinite",
     "flag_nonfinite_values",
     "grad_scaler_step_message",
-    "unscale",
+    "scaler_mismatch_message",
 ]
 
 
@@ -59,6 +57,9 @@ class NonFiniteGuard:
     def __init__(self) -> None:
         self._flags: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._found_used = self._first_used = False
+        #: a step decided on the device: its flags copied to the host (and, on an
+        #: accelerator, the event after which the copy is complete), read by a later step
+        self._late: tuple[Tensor, Any] | None = None
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._flags.get(device)
@@ -107,6 +108,48 @@ class NonFiniteGuard:
             for flag in flags:
                 flag.zero_()
         self._found_used = self._first_used = False
+        if value == 0.0:
+            return Status.FINITE
+        return Status.FIRST_NORM if value != value else Status.LATER
+
+    @property
+    def on_one_device(self) -> bool:
+        """Whether the flags live on one device (a device-side decision needs that)."""
+        return len(self._flags) == 1
+
+    def decide_on_device(self) -> Tensor:
+        """The step's decision without reading it: a float32 1 where a check of this step
+        found a non-finite value, else 0 (what a fused ``torch.optim`` step takes as
+        ``found_inf``). The flags are cleared; their sum is copied to the host without waiting
+        and :meth:`late_status` reads it at a later step."""
+        flags = self._used()
+        total = flags[0].clone()
+        for other in flags[1:]:
+            total.add_(other)  # NaN (first_step's norm) wins over 1
+        skip = total.ne(0).to(total.dtype)
+        event = None
+        if total.device.type not in ("cpu", "meta"):
+            host = torch.empty((), dtype=total.dtype, pin_memory=True)
+            host.copy_(total, non_blocking=True)
+            event = torch.Event(total.device.type)
+            event.record()
+            total = host
+        self._late = (total, event)
+        for flag in flags:
+            flag.zero_()
+        self._found_used = self._first_used = False
+        return skip
+
+    def late_status(self) -> Status | None:
+        """What an earlier step decided on the device found, once its copy has arrived on the
+        host (None before that, or when no such step is pending); no synchronisation."""
+        if self._late is None:
+            return None
+        host, event = self._late
+        if event is not None and not event.query():
+            return None
+        self._late = None
+        value = host.tolist()  # a host tensor: no dispatch, no wait
         if value == 0.0:
             return Status.FINITE
         return Status.FIRST_NORM if value != value else Status.LATER
@@ -162,30 +205,21 @@ def flag_nonfinite_values(tensors: list[Tensor], found: Tensor, one: Tensor) -> 
 
 
 # --------------------------------------------------------------------- GradScaler
-def unscale(grad_scaler: Any, optimizer: Any, two_pass: bool) -> None:
-    """Unscale the gradients of ``second_step(grad_scaler=...)`` for the base optimizer: true
-    gradients for the variant, and the scaler records any inf/NaN it finds for its update().
-
-    After a second pass: ``grad_scaler.unscale_(optimizer.base_optimizer)``. On a step without
-    one the gradients are the first pass's, which the recipe unscales with
-    ``grad_scaler.unscale_(optimizer)`` before ``first_step()``: unscaled here only if that
-    has not happened (the scaler refuses a second call).
-    """
-    if two_pass:
-        grad_scaler.unscale_(optimizer.base_optimizer)
+def scaler_mismatch_message(name: str, two_pass: bool) -> str:
+    """The error for a ``second_step(grad_scaler=...)`` that does not match ``first_step``'s."""
+    if not two_pass:
+        why = (
+            "this step takes no second pass (first_step() returned False), so the gradients "
+            "second_step() steps with are the first pass's, which only first_step() unscales"
+        )
     else:
-        _unscale_once(grad_scaler, optimizer)
-
-
-def _unscale_once(grad_scaler: Any, optimizer: Optimizer) -> None:
-    """``grad_scaler.unscale_(optimizer)`` unless it was already called in this iteration,
-    as the scaler records it: the stage it keeps per optimizer (what ``GradScaler.step`` reads
-    to decide the same question)."""
-    stages = getattr(grad_scaler, "_per_optimizer_states", None)
-    stage = None if stages is None else stages[id(optimizer)].get("stage")
-    if stage is OptState.UNSCALED and grad_scaler.is_enabled():
-        return
-    grad_scaler.unscale_(optimizer)
+        why = "first_step() unscaled the first gradients with its scaler"
+    return (
+        f"{name}: second_step() got a different grad_scaler than first_step(): {why}. Pass "
+        "the same scaler to both: first_step(grad_scaler=scaler) and "
+        "second_step(grad_scaler=scaler), then scaler.update(). The weights are back at w "
+        "and no step was taken."
+    )
 
 
 def grad_scaler_step_message(name: str) -> str:
@@ -193,7 +227,7 @@ def grad_scaler_step_message(name: str) -> str:
     return (
         f"GradScaler.step() cannot drive {name}: it would step with the "
         "second gradients still scaled and without the sharpness-aware update. Call "
-        "scaler.unscale_(optimizer) before first_step() and "
+        "optimizer.first_step(grad_scaler=scaler) and "
         "optimizer.second_step(grad_scaler=scaler) instead of scaler.step(optimizer), "
         "then scaler.update()."
     )

@@ -4,23 +4,22 @@ they run. No tensor math here (see :mod:`torchsam._engine._functional`)."""
 from __future__ import annotations
 
 import enum
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsam._engine import _checkpoint, _construct, _guard, _protocol
+from torchsam._engine import _checkpoint, _construct, _finish, _guard, _protocol
 from torchsam._engine import _functional as F
 from torchsam._engine._checkpoint import STEP
 from torchsam._engine._construct import BaseOptimizerArg
 from torchsam._engine._contract import StepContext, VariantContract
-from torchsam._engine._guard import NonFiniteGuard, Status
+from torchsam._engine._guard import NonFiniteGuard
 from torchsam._engine._layout import GroupView
-from torchsam._engine._protocol import BackwardWatch
-from torchsam._engine._state import WIDE_PREFIX, OwnState, WholeState, WideState
+from torchsam._engine._protocol import ClosureWatch, PassChecks
+from torchsam._engine._state import OwnState, WholeState, WideState
 from torchsam._engine._workspace import Workspace
 
 __all__ = ["SharpnessAwareOptimizer"]
@@ -28,7 +27,7 @@ __all__ = ["SharpnessAwareOptimizer"]
 #: attributes a copy does not take: the workspace (rebuilt on the first step), the hooks (as
 #: for torch.optim) and a scheduler's wrapper of ``step`` (bound to the original)
 _NOT_COPIED = frozenset(
-    {"step", "_opt_called", "_phase", "_ctx", "_kept_grads", "_backward", "_workspace", "_guard"}
+    {"step", "_opt_called", "_phase", "_ctx", "_passes", "_closure", "_workspace", "_guard"}
     | {f"_optimizer_{kind}_hooks" for kind in _checkpoint.HOOK_KINDS}
 )
 
@@ -66,14 +65,9 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         base_kwargs: dict[str, Any],
     ) -> None:
         name = type(self).__name__
-        if isinstance(params, nn.Module):
-            raise TypeError(
-                f"{name} got the module {type(params).__name__} as params; pass "
-                "its parameters instead: model.parameters() (or a list of param group dicts)"
-            )
+        _construct.check_base_argument(name, base_optimizer, own_defaults, base_kwargs, params)
         self._own_defaults = dict(own_defaults)
         self._reset_workspace()
-        _construct.check_base_argument(name, base_optimizer, own_defaults, base_kwargs)
         if isinstance(base_optimizer, Optimizer):
             super().__init__(params, self._own_defaults)
             keys = (*self._own_defaults, STEP)
@@ -98,13 +92,14 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _checkpoint.register(cls)
+        cls.device_skip = bool(cls.__dict__.get("device_skip", False))  # not inherited
 
     def _reset_workspace(self) -> None:
         """Forget everything that is not state: phase, step context, caches, scratch buffers."""
         self._phase = _Phase.IDLE
         self._ctx: StepContext | None = None
-        self._kept_grads: list[Tensor] = []
-        self._backward = BackwardWatch()
+        self._passes = PassChecks()
+        self._closure = ClosureWatch()
         self._workspace = Workspace()
         self._guard = NonFiniteGuard()
 
@@ -128,14 +123,8 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to this optimizer and to its base optimizer (they share groups)."""
-        for key, default in self._own_defaults.items():
-            param_group.setdefault(key, default)
         groups = self.__dict__.get("param_groups") or []
-        if groups:  # the optimizer-wide state, as the other groups hold it
-            for key, value in groups[0].items():
-                if key.startswith(WIDE_PREFIX):
-                    param_group.setdefault(key, value)
-        param_group.setdefault(STEP, 0)
+        _construct.fill_group(param_group, self._own_defaults, groups)
         self.check_group(param_group)
         base = getattr(self, "base_optimizer", None)
         if base is None:  # still inside __init__: build our own list first
@@ -147,6 +136,11 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
 
     def _check_groups(self, groups: list[dict[str, Any]]) -> None:
         """Raise for what only the groups together can get wrong; nothing by default."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter, as ``torch.optim.Optimizer.zero_grad``."""
+        super().zero_grad(set_to_none)
+        self._closure.note_cleared()  # inside step(closure): the closure cleared them
 
     # ------------------------------------------------------------------ phase and progress
     @property
@@ -179,10 +173,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     def require_idle(self, call: str) -> None:
         """Raise ``RuntimeError`` naming ``call`` if a step is in progress."""
         if self._phase is not _Phase.IDLE:
-            raise RuntimeError(
-                f"{call} was called after first_step() and before second_step(): the step is "
-                "not finished (the weights may be perturbed); call second_step() first"
-            )
+            raise RuntimeError(_protocol.not_idle_message(call))
 
     def _require_two_call_style(self) -> None:
         if self.no_two_call_style is not None:
@@ -219,11 +210,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
                 "first_step() after the first backward pass and second_step() after the second."
             )
         self.require_idle("step()")
-        probe = _protocol.first_grad(self.param_groups)
-        with torch.enable_grad():
-            loss = closure()
-        if probe is not None and probe[0] is probe[1].grad:
-            _protocol.check_closure_backward(type(self).__name__, probe[0]._version - probe[2])
+        loss = self._closure.evaluate(closure, self.param_groups, type(self).__name__)
         if self.begin_step(zero_grad=True, user_backward=True):
             self.at_perturbed_point(closure)
         self.finish_step(own_closure=True)
@@ -252,7 +239,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
     # ------------------------------------------------------------------ first_step
     @torch._disable_dynamo
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> bool:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler: Any = None) -> bool:
         """Move the weights to the (approximate) worst point ``w + e(w)`` of the neighbourhood.
 
         Call it after the first backward pass. Returns True when the weights were perturbed and
@@ -272,34 +259,39 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         Args:
             zero_grad (bool, optional): clear the gradients afterwards when a second pass
                 follows (default: False)
+            grad_scaler (torch.amp.GradScaler, optional): for float16 mixed precision: the
+                first gradients are unscaled with ``grad_scaler.unscale_(self)`` first (do not
+                call it yourself as well); pass the same scaler to :meth:`second_step`
+                (default: None)
         """
         self._require_two_call_style()
-        return self.begin_step(zero_grad, two_call=True)
+        return self.begin_step(zero_grad, two_call=True, grad_scaler=grad_scaler)
 
     def begin_step(
-        self, zero_grad: bool = False, *, two_call: bool = False, user_backward: bool = False
+        self,
+        zero_grad: bool = False,
+        *,
+        two_call: bool = False,
+        user_backward: bool = False,
+        grad_scaler: Any = None,
     ) -> bool:
         """The first half of a step, for variants that run their own passes in ``step``
         (``first_step`` without the two-call check): perturb, or keep the gradients on a step
         without second pass. ``two_call``: called by :meth:`first_step`; ``user_backward``: the
-        user's code ran the backward (so no gradient at all is worth a warning)."""
+        user's code ran the backward (so no gradient at all is worth a warning);
+        ``grad_scaler``: unscale the gradients with it first."""
         self.require_idle("first_step()")
+        if grad_scaler is not None:
+            grad_scaler.unscale_(self)
         views = self._views()
         if not views and (two_call or user_backward):
-            warnings.warn(
-                f"{type(self).__name__}: no parameter has a gradient at w, so this step does "
-                "nothing. Call loss.backward() before first_step(); with step(closure), the "
-                "closure must call loss.backward().",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _protocol.warn_no_gradient(type(self).__name__)
         ctx = self._ctx = StepContext(self, views, self._workspace, self._guard)
+        ctx.grad_scaler = grad_scaler
         if not self.second_pass_due():
             self._phase = _Phase.ONE_PASS
             ctx.two_pass = False
-            self._kept_grads = [g for v in views for g in v.grads]
-            if two_call and views:
-                self._backward.watch(views[0].params[0])
+            self._passes.after_first_half(views, one_pass=True, watch=two_call)
             return False
         try:
             if views:
@@ -312,7 +304,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
             self.abort()
             raise
         self._phase = _Phase.PERTURBED
-        ctx.first_layouts = [v.layout for v in views]
+        self._passes.after_first_half(views, one_pass=False, watch=False)
         if zero_grad:
             self.zero_grad()
         return True
@@ -339,7 +331,7 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         """Put the weights back at ``w`` and end the phase; what the step recorded on the
         device (its finiteness flags) is kept (MSAM, between micro-batches)."""
         self._workspace.restore()
-        self._backward.stop()
+        self._passes.stop()
         self._phase = _Phase.IDLE
 
     # ------------------------------------------------------------------ second_step
@@ -357,11 +349,15 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
 
         Args:
             zero_grad (bool, optional): clear the gradients afterwards (default: False)
-            grad_scaler (torch.amp.GradScaler, optional): for mixed precision: the gradients
-                are unscaled with ``grad_scaler.unscale_(self.base_optimizer)`` first (on a
-                step without second pass, ``grad_scaler.unscale_(self)`` unless that was
-                already called), and an overflow skips the base step silently, as
-                ``grad_scaler.step`` would; call ``grad_scaler.update()`` afterwards
+            grad_scaler (torch.amp.GradScaler, optional): for float16 mixed precision: the
+                scaler given to :meth:`first_step` (required when it got one; a
+                ``ValueError`` otherwise, with the weights back at ``w``). After a second
+                pass the gradients are unscaled with
+                ``grad_scaler.unscale_(self.base_optimizer)``; on a step without one
+                ``first_step`` unscaled them already. An overflow skips the base step
+                silently, as ``grad_scaler.step`` would; call ``grad_scaler.update()``
+                afterwards. (Calling ``grad_scaler.unscale_(optimizer)`` before a
+                ``first_step()`` without scaler still works on steps with a second pass.)
                 (default: None)
         """
         self._require_two_call_style()
@@ -376,27 +372,26 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         gradients kept on a step without second pass."""
         phase, ctx = self._phase, self._ctx
         if phase is _Phase.IDLE or ctx is None:
-            raise RuntimeError(
-                "second_step() was called without a preceding first_step(): call first_step() "
-                "after the first backward pass, then second_step() after the second one"
-            )
+            raise RuntimeError(_protocol.NO_FIRST_STEP)
+        try:
+            _finish.check_scaler(type(self).__name__, ctx, grad_scaler)
+        except ValueError:
+            self.abort()
+            raise
         self._workspace.restore()
         self._phase = _Phase.IDLE
         self._ctx = None
-        backward_seen = self._backward.stop()
         try:
-            if phase is _Phase.ONE_PASS and own_closure:
-                self._kept_grads = []
+            one_pass = phase is _Phase.ONE_PASS
+            if one_pass and own_closure:
+                self._passes.stop()
             else:
                 ctx.views = self._views()
-                name = type(self).__name__
-                if phase is _Phase.ONE_PASS:
-                    kept, self._kept_grads = self._kept_grads, []
-                    _protocol.check_kept_grads(name, ctx.views, kept, backward_seen)
-                else:
-                    same_set = self.needs_first_grads
-                    _protocol.check_second_pass(name, ctx.views, ctx.first_layouts, same_set)
-            self._finish(ctx, grad_scaler)
+                same_set = self.needs_first_grads
+                self._passes.check(
+                    type(self).__name__, ctx.views, one_pass=one_pass, same_set=same_set
+                )
+            _finish.finish(self, ctx, self._guard, grad_scaler)
         finally:
             self._guard.clear()
         for group in self.param_groups:
@@ -404,31 +399,6 @@ class SharpnessAwareOptimizer(VariantContract, Optimizer):
         # Tell LR schedulers built on this optimizer that it has stepped (what their own
         # wrapper of ``step`` records), so two-call users get no ordering warning.
         self._opt_called = True
-
-    def _finish(self, ctx: StepContext, grad_scaler: Any) -> None:
-        """Check the gradients of the step, let the variant shape them, take the base step."""
-        if grad_scaler is not None:
-            _guard.unscale(grad_scaler, self, ctx.two_pass)
-        # the check runs with a GradScaler even when skip_nonfinite is False: skipping an
-        # overflowing step is what the scaler relies on
-        checking = grad_scaler is not None or self.skip_nonfinite
-        if self.uses_grad_norm(ctx.two_pass):
-            if checking:  # a finite norm means finite gradients: one pass gives both
-                self._guard.flag_norm(ctx.grad_norm())
-            else:
-                ctx.grad_norm()
-        elif checking:
-            self._guard.flag_grads(ctx.views)
-        if self._guard.armed:
-            status = self._guard.read()  # the step's one host synchronisation
-            if status is not Status.FINITE:
-                if grad_scaler is None:  # with a scaler, skipping on overflow is routine
-                    warnings.warn(status.message(type(self).__name__), RuntimeWarning, stacklevel=4)
-                return
-        ctx.commit()
-        self.base_gradient(ctx)
-        _construct.step_with(self.base_optimizer, ctx.views)
-        self.after_base_step(ctx)
 
     # ------------------------------------------------------------------ views
     def _views(self) -> list[GroupView]:
