@@ -609,6 +609,30 @@ def _measure(run: _Run, monitor: SharpnessMonitor) -> float:
     return time.perf_counter() - began
 
 
+def _data(
+    split: Split, settings: _Settings
+) -> tuple[Split, dict[str, torch.Generator], BatchSource]:
+    """The split with its labels on the device, the run's generators (seeded from
+    ``settings.seed``) and the source of its batches."""
+    target = settings.device
+    generators = {
+        "batches": torch.Generator().manual_seed(settings.seed),
+        # a stream of its own, so a method's draws never shift the batches
+        "method": torch.Generator().manual_seed(settings.seed + 1),
+    }
+    if settings.augment != "none":
+        generators["augment"] = torch.Generator(target).manual_seed(settings.seed + 2)
+    split = _labels_on(split, target)
+    source = batch_source(
+        split,
+        target,
+        augment=settings.augment,
+        generator=generators.get("augment"),
+        channels_last=settings.bf16,
+    )
+    return split, generators, source
+
+
 def _build_run(
     spec: Method,
     split: Split,
@@ -634,21 +658,7 @@ def _build_run(
         raise TypeError(
             f"method {spec.name!r} built {type(optimizer)!r}, not a torch.optim.Optimizer"
         )
-    generators = {
-        "batches": torch.Generator().manual_seed(settings.seed),
-        # a stream of its own, so a method's draws never shift the batches
-        "method": torch.Generator().manual_seed(settings.seed + 1),
-    }
-    if settings.augment != "none":
-        generators["augment"] = torch.Generator(target).manual_seed(settings.seed + 2)
-    split = _labels_on(split, target)
-    source = batch_source(
-        split,
-        target,
-        augment=settings.augment,
-        generator=generators.get("augment"),
-        channels_last=settings.bf16,
-    )
+    split, generators, source = _data(split, settings)
     steps_per_epoch = source.n_train // settings.batch_size
     context = TrainContext(
         model=net,
@@ -946,21 +956,36 @@ def train(
                 if on_epoch is not None:
                     on_epoch(stats)
         watcher = monitor(run.model) if monitor is not None else None
-        run.model.train()
-        for epoch in range(run.next_epoch, settings.epochs):
-            stats = _run_epoch(run, epoch, on_step, watcher)
-            if curves:
-                stats = replace(stats, test_accuracy=_evaluate(run, "test", run.source.y_test))
-            run.history.append(stats)
-            run.next_epoch = epoch + 1
-            if checkpoint is not None and settings.rank == 0:
-                save_checkpoint(checkpoint, _checkpoint_state(run, fingerprint))
-            if on_epoch is not None:
-                on_epoch(stats)
-        if checkpoint is not None and settings.rank == 0:  # finished: keep the model only
-            save_checkpoint(checkpoint, finished_state(_checkpoint_state(run, fingerprint)))
+        _train_epochs(run, watcher, curves, on_step, on_epoch, checkpoint, fingerprint)
         result = _result(run, spec)
         return result if watcher is None else replace(result, sharpness=tuple(watcher.records))
+
+
+def _train_epochs(
+    run: _Run,
+    watcher: SharpnessMonitor | None,
+    curves: bool,
+    on_step: Callable[[int, int, Tensor], None] | None,
+    on_epoch: Callable[[EpochStats], None] | None,
+    checkpoint: str | Path | None,
+    fingerprint: Mapping[str, Any],
+) -> None:
+    """The epochs left to train, each recorded in ``run.history``, checkpointed (by rank 0)
+    and reported; a finished run's checkpoint then keeps the model only."""
+    settings = run.settings
+    run.model.train()
+    for epoch in range(run.next_epoch, settings.epochs):
+        stats = _run_epoch(run, epoch, on_step, watcher)
+        if curves:
+            stats = replace(stats, test_accuracy=_evaluate(run, "test", run.source.y_test))
+        run.history.append(stats)
+        run.next_epoch = epoch + 1
+        if checkpoint is not None and settings.rank == 0:
+            save_checkpoint(checkpoint, _checkpoint_state(run, fingerprint))
+        if on_epoch is not None:
+            on_epoch(stats)
+    if checkpoint is not None and settings.rank == 0:  # finished: keep the model only
+        save_checkpoint(checkpoint, finished_state(_checkpoint_state(run, fingerprint)))
 
 
 def _check_settings(
