@@ -254,3 +254,18 @@ def test_the_finite_perturbation_makes_no_cleaning_pass(channels_last: bool) -> 
     assert counter.syncs == 0
     assert ops["aten._fused_sgd_.tensor_lr"] == 1
     assert not any("nan_to_num_" in op or "addcmul" in op for op in ops), ops
+
+
+def test_intermittent_plain_steps_add_nothing_to_the_base_step() -> None:
+    """Without the guard a plain step of IntermittentSAM dispatches exactly the base SGD
+    step's operators; with it, only the guard's check is added, whatever the number of
+    tensors (one multi-tensor pass)."""
+    plain = CONTENDERS["IntermittentSAM every=5, other step"]
+    counter, base = count_step(plain, layers=30, skip_nonfinite=False)
+    assert counter.by_op == base.by_op
+    assert counter.syncs == 0
+    added = []
+    for layers in (3, 30):
+        guarded, base = count_step(plain, layers=layers)
+        added.append(guarded.ops - base.ops)
+    assert added[0] == added[1]
