@@ -34,7 +34,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -89,7 +89,7 @@ def op_targets(layers: int) -> list[Row]:
 
 
 # --------------------------------------------------------------------------- timed targets
-def _ratio_rows(
+def _ratio_row(
     label: str,
     problem: bench.Problem,
     limit: float,
@@ -115,7 +115,8 @@ def _ratio_rows(
     )
 
 
-def timed_targets(threads: Sequence[int], tiny: bool, quick: bool) -> list[Row]:
+def timed_targets(threads: Sequence[int], tiny: bool, quick: bool) -> Iterator[Row]:
+    """The timed rows, each thread count in turn, yielded as they are measured."""
     if tiny:
         small = bench.Problem.random([(100,)] * 20, seed=1)
         big = bench.Problem.random([(32, 16, 3, 3)] * 10 + [(32,)] * 10, seed=2)
@@ -128,32 +129,16 @@ def timed_targets(threads: Sequence[int], tiny: bool, quick: bool) -> list[Row]:
     else:
         small_timing = dict(warmup=50, reps=200, trials=9)
         big_timing = dict(warmup=3, reps=10, trials=9)
-    rows: list[Row] = []
     before = torch.get_num_threads()
     try:
         for n in threads:
             torch.set_num_threads(n)
-            rows.append(
-                _ratio_rows(
-                    f"memory-bound step ({len(big.weights)} tensors, {big.numel:,} params)",
-                    big,
-                    1.05,
-                    own=False,
-                    timing=big_timing,
-                )
-            )
-            rows.append(
-                _ratio_rows(
-                    f"SAM's own cost ({len(small.weights)} small tensors)",
-                    small,
-                    0.35,
-                    own=True,
-                    timing=small_timing,
-                )
-            )
+            label = f"memory-bound step ({len(big.weights)} tensors, {big.numel:,} params)"
+            yield _ratio_row(label, big, 1.05, own=False, timing=big_timing)
+            label = f"SAM's own cost ({len(small.weights)} small tensors)"
+            yield _ratio_row(label, small, 0.35, own=True, timing=small_timing)
     finally:
         torch.set_num_threads(before)
-    return rows
 
 
 # --------------------------------------------------------------------------- compiled kernels
@@ -239,16 +224,22 @@ def targets(argv: Sequence[str]) -> int:
     layers = 3 if args.tiny else 100
     print("issue 20's CPU targets (torchsam vs the reference PyTorch SAM)")
     print(f"torch {torch.__version__}, threads {threads}, {'tiny' if args.tiny else 'full'} sizes")
-    rows = op_targets(layers)
-    rows += timed_targets(threads, args.tiny, args.quick)
-    compiled, notes = compile_targets(args.tiny, args.quick, args.inductor)
-    rows += compiled
+    widths = (78, 44, 20)
     header: Row = ("target", "measured", "limit", "result")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+
+    def show(row: Row) -> None:  # each row as soon as it is measured
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[3]]).rstrip(), flush=True)
+
+    show(header)
+    show(("-" * 78, "-" * 44, "-" * 20, "-" * 6))
+    for row in op_targets(layers):
+        show(row)
+    for row in timed_targets(threads, args.tiny, args.quick):
+        show(row)
+    compiled, notes = compile_targets(args.tiny, args.quick, args.inductor)
+    for row in compiled:
+        show(row)
     for note in notes:
         print(note)
     return 0
