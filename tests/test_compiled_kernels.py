@@ -10,6 +10,7 @@ cached buffers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,6 +20,16 @@ from torchsam._engine import _functional as F
 from torchsam._engine._layout import GroupView, Layout
 
 pytest.importorskip("torch._dynamo")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    """Leave dynamo as found: its caches and its counters (other tests count graphs)."""
+    import torch._dynamo
+
+    yield
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
 
 
 def make_view() -> tuple[GroupView, list[Tensor], list[Tensor], list[Tensor]]:
