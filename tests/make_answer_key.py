@@ -8,12 +8,15 @@ requires the same numbers bit for bit (``torch.equal``), so a refactor of the en
 change a single rounding.
 
 Run ``python tests/make_answer_key.py`` only to record a deliberate change of the numbers, and
-say why in the commit.
+say why in the commit. ``--only NAME [NAME ...]`` re-records only the runs of those variants (the
+keys of :data:`VARIANTS`) and keeps every other entry of the key as it was, bit for bit; it
+prints the largest relative change of a weight or state tensor in the runs it re-records.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +175,49 @@ def record(make: Callable[[str, str, str], list[dict[str, Any]]] = run) -> dict[
     return {"/".join(case): make(*case) for case in cases()}
 
 
-if __name__ == "__main__":
+def max_relative_change(old: Any, new: Any) -> float:
+    """The largest ``|new - old| / |old|`` over the floating-point tensors of two records of
+    the same structure (``|new - old|`` where ``old`` is 0)."""
+    if isinstance(old, Tensor):
+        if not old.is_floating_point() or old.numel() == 0:
+            return 0.0
+        diff = (new.double() - old.double()).abs()
+        scale = old.double().abs()
+        return float(torch.where(scale > 0, diff / scale, diff).max())
+    if isinstance(old, dict):
+        return max((max_relative_change(old[k], new[k]) for k in old), default=0.0)
+    if isinstance(old, (list, tuple)):
+        pairs = zip(old, new, strict=True)
+        return max((max_relative_change(a, b) for a, b in pairs), default=0.0)
+    return 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Record the engine's answer key.")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        metavar="VARIANT",
+        help="re-record only these variants' runs; every other entry is kept bit for bit",
+    )
+    args = parser.parse_args(argv)
     KEY.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(record(), KEY)
-    print(f"wrote {KEY} ({KEY.stat().st_size} bytes, {len(cases())} runs of {STEPS} steps)")
+    if args.only is None:
+        torch.save(record(), KEY)
+        print(f"wrote {KEY} ({KEY.stat().st_size} bytes, {len(cases())} runs of {STEPS} steps)")
+        return
+    key = torch.load(KEY, weights_only=True)
+    for case in cases():
+        if case[0] not in args.only:
+            continue
+        name = "/".join(case)
+        new = run(*case)
+        print(f"{name}: max relative change {max_relative_change(key[name], new):.3g}")
+        key[name] = new
+    torch.save(key, KEY)
+    print(f"rewrote the runs of {', '.join(args.only)} in {KEY}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,42 @@ def test_overhead_benchmark_smoke_run() -> None:
     assert "scenario 1 components, torchsam, minimum over 40 single calls: first_step() " in out
 
 
+def test_overhead_benchmark_prints_issue_20_targets() -> None:
+    """``--targets-only`` prints every CPU target with its measurement and a verdict; on tiny
+    sizes the timed verdicts are noise, the operator counts and graph breaks are not."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_overhead.py"),
+            "--targets-only",
+            "--tiny",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    rows = {
+        line.split("  ")[0]: line for line in out.splitlines() if line.endswith(("PASS", "FAIL"))
+    }
+    expected = {
+        "own ops of GSAM (6 / 12 tensors)": "PASS",
+        "own ops of LookSAM k=5, sharpness step (6 / 12 tensors)": "PASS",
+        "own ops of IntermittentSAM's plain step": "PASS",
+        "memory-bound step (20 tensors, 46,400 params), 1 thread(s)": None,
+        "SAM's own cost (20 small tensors), 1 thread(s)": None,
+        "graph breaks of the step's kernels under torch.compile (20 tensors)": "PASS",
+    }
+    assert set(rows) == set(expected), out
+    for label, verdict in expected.items():
+        if verdict is not None:
+            assert rows[label].endswith(verdict), rows[label]
+    assert "eager vs compiled" in out
+    assert "aot_eager: compiled in" in out
+
+
 def test_variants_benchmark_runs_the_cnn_with_batchnorm() -> None:
     pytest.importorskip("sklearn")
     script = ROOT / "benchmarks" / "bench_variants.py"

@@ -48,7 +48,7 @@ def test_norm_of_float64_tensors_is_exact_to_rounding(foreach: bool) -> None:
 def test_dot_is_the_inner_product_over_all_tensors() -> None:
     view = make_view(True)
     other = make_view(True, seed=1)
-    got = F.dot([view.grads], [other.grads])
+    got = F.dot([view], [view.grads], [other.grads])
     pairs = zip(view.grads, other.grads, strict=True)
     want = sum(float((a.double() * b.double()).sum()) for a, b in pairs)
     assert got.dtype == torch.float64
@@ -91,3 +91,91 @@ def test_all_zero() -> None:
     assert not F.all_zero([view])
     zeros = [torch.zeros_like(g) for g in view.grads]
     assert F.all_zero([GroupView(view.group, view.params, zeros, view.layout)])
+
+
+def test_dot_of_float64_tensors_is_exact_to_rounding_and_foreach_free() -> None:
+    """The products (in each tensor's dtype, at least float32) are summed in one float64
+    reduction: the per-tensor loop gives the same bits, both equal that sum to float64
+    rounding, and a second call (the cached buffer) gives the same value again."""
+    values = []
+    for foreach in (True, False):
+        view = make_view(foreach)
+        other = make_view(foreach, seed=1)
+        values += [F.dot([view], [view.grads], [other.grads]) for _ in range(2)]
+    assert all(torch.equal(v, values[0]) for v in values)
+    view, other = make_view(True), make_view(True, seed=1)
+    pairs = zip(view.grads, other.grads, strict=True)
+    want = torch.cat([(a * b).reshape(-1).double() for a, b in pairs])
+    want = want.sort().values.sum()  # another order of summation
+    assert math.isclose(float(values[0]), float(want), rel_tol=1e-14)
+
+
+def test_dot_of_complex_tensors_is_the_real_inner_product() -> None:
+    torch.manual_seed(0)
+    xs = [torch.randn(4, dtype=torch.complex128), torch.randn(3, 2, dtype=torch.complex128)]
+    ys = [torch.randn_like(x) for x in xs]
+    view = GroupView({}, xs, xs, Layout.of(xs))
+    want = sum(float((x * y.conj()).real.sum()) for x, y in zip(xs, ys, strict=True))
+    assert math.isclose(float(F.dot([view], [xs], [ys])), want, rel_tol=1e-14)
+
+
+def perturb_case(dtype: torch.dtype, transposed: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Weights and directions: small and large, 1-D, 2-D, channels-last 4-D, and (where
+    ``transposed``) a direction whose strides are not its weight's."""
+    torch.manual_seed(0)
+    shapes = [(3,), (70, 70), (4, 5), (6,), (5000,), (8, 3, 20, 20)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    params[5] = params[5].to(memory_format=torch.channels_last)
+    dirs = [torch.randn_like(p) for p in params]  # channels-last like its weight
+    if transposed:
+        dirs[1] = dirs[1].t().contiguous().t()  # the same values, column-major
+        dirs[2] = dirs[2].t().contiguous().t()
+        dirs[5] = dirs[5].contiguous()
+    return params, dirs
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_perturb_is_addcmul_when_the_norm_is_finite(
+    foreach: bool, dtype: torch.dtype, transposed: bool
+) -> None:
+    """The fused kernel gives the bits of addcmul_, whatever the directions' strides."""
+    params, dirs = perturb_case(dtype, transposed)
+    view = GroupView({"foreach": foreach}, params, dirs, Layout.of(params))
+    scale = torch.tensor(0.0123)
+    want = [p.clone() for p in params]
+    F.addcmul_(want, dirs, scale, foreach)
+    for normed in (False, True):  # a first call fills the flat buffer, a second reuses it
+        got = [p.clone() for p in params]
+        view = GroupView({"foreach": foreach}, got, dirs, view.layout)
+        F.norm([view], [dirs])
+        F.perturb_(view, 0, got, dirs, scale, F.nonfinite_flag(torch.tensor(1.0)), normed=normed)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("where", [0, 1, 4, 5])  # small, large 2-D, large 1-D, channels-last
+@pytest.mark.parametrize("transposed", [False, True])
+def test_perturb_leaves_the_weights_alone_when_the_norm_is_not_finite(
+    bad: float, where: int, transposed: bool
+) -> None:
+    params, dirs = perturb_case(torch.float32, transposed)
+    dirs[where][(0,) * dirs[where].dim()] = bad
+    view = GroupView({"foreach": True}, params, dirs, Layout.of(params))
+    norm = F.norm([view], [dirs])
+    assert not torch.isfinite(norm)
+    start = [p.clone() for p in params]
+    scale = 0.05 / torch.nan_to_num(norm + 1e-12, nan=math.inf, posinf=math.inf)
+    F.perturb_(view, 0, params, dirs, scale, F.nonfinite_flag(norm), normed=True)
+    for p, p0 in zip(params, start, strict=True):
+        assert torch.equal(p, p0)
+
+
+def test_nonfinite_flag() -> None:
+    for value, flag in ((0.0, 0.0), (3.5, 0.0), (math.inf, 1.0), (math.nan, 1.0)):
+        for dtype in (torch.float32, torch.float64):
+            got = F.nonfinite_flag(torch.tensor(value, dtype=dtype))
+            assert got.dtype == torch.float32
+            assert float(got) == flag

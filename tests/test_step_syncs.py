@@ -215,3 +215,57 @@ def test_weights_saved_through_the_flat_buffer_come_back_bit_exactly() -> None:
         opt.second_step()
         for p, p0 in zip(params, start, strict=True):
             assert torch.equal(p, p0)
+
+
+@pytest.mark.parametrize("name", ["GSAM", "LookSAM k=5, sharpness step", "LookSAM k=5, other step"])
+def test_inner_products_are_multi_tensor(name: str) -> None:
+    """GSAM's and LookSAM's inner product is a fixed number of operators per step (not one
+    per tensor): their own operators do not grow with the number of tensors and stay within
+    three times SAM's (issue 20's target)."""
+    counts = {}
+    for layers in (3, 30):
+        counter, base = count_step(CONTENDERS[name], layers=layers)
+        sam, sam_base = count_step(CONTENDERS["SAM"], layers=layers)
+        counts[layers] = counter.ops - base.ops
+        assert counter.ops - base.ops <= 3 * (sam.ops - sam_base.ops)
+    assert counts[3] == counts[30]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_finite_perturbation_makes_no_cleaning_pass(channels_last: bool) -> None:
+    """The guard's perturbation is one fused kernel for small and large tensors alike
+    (channels-last ones too): no ``nan_to_num_`` over the direction, no per-tensor operator,
+    and no synchronisation in ``first_step()``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.Flatten(), nn.Linear(64 * 4, 100)
+    )
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 4, 4)
+    opt = torchsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        with DispatchCounter() as counter:
+            opt.first_step(zero_grad=True)
+        model(x).square().mean().backward()
+        opt.second_step(zero_grad=True)
+    ops = counter.by_op
+    assert counter.syncs == 0
+    assert ops["aten._fused_sgd_.tensor_lr"] == 1
+    assert not any("nan_to_num_" in op or "addcmul" in op for op in ops), ops
+
+
+def test_intermittent_plain_steps_add_nothing_to_the_base_step() -> None:
+    """Without the guard a plain step of IntermittentSAM dispatches exactly the base SGD
+    step's operators; with it, only the guard's check is added, whatever the number of
+    tensors (one multi-tensor pass)."""
+    plain = CONTENDERS["IntermittentSAM every=5, other step"]
+    counter, base = count_step(plain, layers=30, skip_nonfinite=False)
+    assert counter.by_op == base.by_op
+    assert counter.syncs == 0
+    added = []
+    for layers in (3, 30):
+        guarded, base = count_step(plain, layers=layers)
+        added.append(guarded.ops - base.ops)
+    assert added[0] == added[1]

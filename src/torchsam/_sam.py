@@ -226,11 +226,13 @@ class SAM(SharpnessAwareOptimizer):
         norm = ctx.norm([d for d, _ in directions])
         ctx.flag_first_norm(norm)
         # The scale stays on the device, as the seed's (rho / (norm + eps)). A non-finite norm
-        # (the step will be skipped) gives a zero scale, and the direction's non-finite entries
-        # are taken as 0, so that the second pass runs at w exactly.
+        # (the step will be skipped) leaves the weights as they are, decided on the device, so
+        # that the second pass runs at w exactly (see F.perturb_).
         denominator = norm + _NORM_EPS
+        nonfinite = None
         if ctx.skip_nonfinite:
             denominator = torch.nan_to_num(denominator, nan=math.inf, posinf=math.inf)
+            nonfinite = F.nonfinite_flag(norm)
         for v, (d, t) in zip(ctx.views, directions, strict=True):
             ctx.save_weights(v)
             radius = self.radius(v.group)
@@ -240,9 +242,12 @@ class SAM(SharpnessAwareOptimizer):
             if t is not None:  # ASAM: d = T g becomes T^2 g (d is a temporary)
                 _mul_(d, t, v.foreach)
             for i, (params, part) in enumerate(zip(v.split(v.params), v.split(d), strict=True)):
-                if ctx.skip_nonfinite:  # 0 * inf would put NaN into the second pass
-                    part = F.finite_direction_(v, i, part, normed=t is None)
-                F.addcmul_(params, part, scale.to(params[0].device), v.foreach)
+                device = params[0].device
+                if nonfinite is None:
+                    F.addcmul_(params, part, scale.to(device), v.foreach)
+                else:
+                    on_device = (scale.to(device), nonfinite.to(device))
+                    F.perturb_(v, i, params, part, *on_device, normed=t is None)
 
     # Shared by the variants that perturb along a moving average of the gradient.
     def gradient_ema(self, view: GroupView, key: str) -> list[Tensor | None]:

@@ -95,7 +95,7 @@ class StepContext:
     def dot(self, xs: list[list[Tensor]], ys: list[list[Tensor]]) -> Tensor:
         """The inner product of ``xs`` and ``ys`` (one list per view), a 0-dim float64 tensor
         on the device."""
-        return F.dot(xs, ys)
+        return F.dot(self.views, xs, ys)
 
     # ------------------------------------------------------------------ buffers
     def scratch(self, view: GroupView, name: str) -> list[Tensor]:

@@ -9,10 +9,13 @@ operations in the same order, so they give the same numbers.
   both left on the device (no synchronisation);
 * the perturbation ``w += d * scale`` (:func:`addcmul_`), the restore ``w = saved``
   (:func:`copy_`) and the other elementwise combinations the variants need;
-* a direction with its non-finite entries zeroed (:func:`finite_direction_`).
+* the perturbation of a step that may have to be skipped (:func:`perturb_`): nothing at all
+  when the norm is not finite, decided on the device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -29,7 +32,9 @@ __all__ = [
     "dot",
     "finite_direction_",
     "lerp_",
+    "nonfinite_flag",
     "norm",
+    "perturb_",
 ]
 
 Coefficient = float | Tensor
@@ -155,28 +160,60 @@ def _multi_tensor_norms(view: GroupView, index: int, part: list[Tensor]) -> list
     return stacks
 
 
-def dot(xs: list[list[Tensor]], ys: list[list[Tensor]]) -> Tensor:
-    """The inner product of all tensors in ``xs`` with those in ``ys`` (aligned lists).
+def dot(views: list[GroupView], xs: list[list[Tensor]], ys: list[list[Tensor]]) -> Tensor:
+    """The inner product of all tensors in ``xs`` with those in ``ys`` (one list per view,
+    aligned with its parameters).
 
-    One ``torch.dot`` per tensor whatever ``foreach`` says (there is no multi-tensor inner
-    product), accumulated in at least float32 (float64 across tensors). A complex tensor
-    counts as its real view (``torch.view_as_real``): the real inner product
-    ``Re <x, conj(y)>``. The result stays on the device (a 0-dim float64 tensor); under FSDP2
-    the shards' partial sums are added across the mesh.
+    A fixed number of operators per split of a view, whatever its number of tensors: the
+    elementwise products are written into a flat buffer of the layout (one
+    ``torch._foreach_copy_`` and one ``torch._foreach_mul_``, or their per-tensor loop as
+    ``foreach`` says: the same numbers) and summed in float64 in one reduction. Products are
+    taken in at least float32. A complex tensor counts as its real view
+    (``torch.view_as_real``): the real inner product ``Re <x, conj(y)>``. The result stays on
+    the device (a 0-dim float64 tensor). Under FSDP2 each shard takes one ``torch.dot`` per
+    tensor and the partial sums are added across the mesh.
     """
     parts: list[Tensor] = []
-    for x_list, y_list in zip(xs, ys, strict=True):
-        for x, y in zip(x_list, y_list, strict=True):
-            x, y = real_view(x), real_view(y)
-            acc = torch.promote_types(x.dtype, torch.float32)
-            if _dtensor.is_dtensor(x):  # FSDP2: a partial sum on each rank
-                d = _dtensor.dot(x, y, acc)
-            else:
-                d = torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
-            parts.append(d.to(parts[0].device) if parts else d)
+    for view, x_list, y_list in zip(views, xs, ys, strict=True):
+        if not x_list:
+            continue
+        if _dtensor.is_dtensor(x_list[0]):
+            parts.extend(_dtensor_dots(x_list, y_list))
+            continue
+        splits = zip(view.split(x_list), view.split(y_list), strict=True)
+        for i, (x_part, y_part) in enumerate(splits):
+            parts.append(_flat_dot(view, i, x_part, y_part))
     if not parts:  # no parameter has a gradient on this step
         return torch.zeros((), dtype=torch.float64)
-    return _dtensor.full(torch.stack(parts).to(torch.float64).sum())
+    if len(parts) == 1:
+        return _dtensor.full(parts[0])
+    device = parts[0].device
+    return _dtensor.full(torch.stack([d.to(device) for d in parts]).sum())
+
+
+def _flat_dot(view: GroupView, index: int, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """``sum(x * y)`` over split ``index`` of ``view`` (one device and dtype), in float64."""
+    xs = [real_view(x) for x in xs]
+    ys = [real_view(y) for y in ys]
+    acc = torch.promote_types(xs[0].dtype, torch.float32)
+    flat, pieces = view.layout.product_buffer(index, xs, acc)
+    if view.foreach:
+        torch._foreach_copy_(pieces, xs)
+        torch._foreach_mul_(pieces, ys)
+    else:
+        for piece, x, y in zip(pieces, xs, ys, strict=True):
+            piece.copy_(x).mul_(y)
+    return flat.sum(dtype=torch.float64)
+
+
+def _dtensor_dots(xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
+    """FSDP2 shards: one partial ``torch.dot`` per tensor, in float64."""
+    out = []
+    for x, y in zip(xs, ys, strict=True):
+        x, y = real_view(x), real_view(y)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out.append(_dtensor.dot(x, y, acc).to(torch.float64))
+    return out
 
 
 def all_zero(views: list[GroupView]) -> bool:
@@ -215,3 +252,97 @@ def finite_direction_(
     for t in large:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
     return plan.with_pieces(part)
+
+
+# --------------------------------------------------------------------- the guarded perturbation
+#: the dtypes for which torch's fused SGD kernel gives the bits of ``torch._foreach_addcmul_``
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def nonfinite_flag(norm: Tensor) -> Tensor:
+    """1.0 where ``norm`` is not finite, else 0.0: a 0-dim float32 tensor on its device (the
+    ``found_inf`` of torch's fused optimizer kernels). No synchronisation; two operators
+    for a float32 norm (``torch.isfinite`` alone takes four)."""
+    # a norm is >= 0 or NaN: 0 * norm is 0, or NaN where norm is inf or NaN
+    return torch.nan_to_num(norm * 0.0, nan=1.0).to(torch.float32)
+
+
+def perturb_(
+    view: GroupView,
+    index: int,
+    params: list[Tensor],
+    direction: list[Tensor],
+    scale: Tensor,
+    nonfinite: Tensor,
+    *,
+    normed: bool,
+) -> None:
+    """``params += direction * scale`` (split ``index`` of ``view``) when the norm that
+    ``scale`` divides by is finite; when it is not, the weights stay as they are, so that the
+    second pass runs at ``w`` (the step is then skipped). No synchronisation.
+
+    ``nonfinite`` is :func:`nonfinite_flag` of that norm, on the lists' device, and ``scale``
+    is then 0. A finite norm means a finite direction, so the finite path makes no pass to
+    clean the direction: the update is torch's fused SGD kernel (``torch._fused_sgd_``,
+    learning rate ``scale``, ``maximize=True``, no momentum or weight decay), which reads
+    ``nonfinite`` as its ``found_inf`` and leaves the weights alone when it is 1. In float32
+    and float64 it gives the bits of :func:`addcmul_`. The kernel walks memory in order, so a
+    tensor takes it only where its weight is dense (contiguous or channels-last) and the
+    direction has the weight's strides; the small CPU tensors of a split take it through their
+    pieces of the norm's flat buffer, laid out like the weights (``normed`` says that the
+    buffer still holds ``direction``). The other tensors, other dtypes, the per-tensor path
+    and DTensors have their non-finite entries zeroed first (:func:`finite_direction_`, in
+    place) and take :func:`addcmul_` (0 times a non-finite entry would be NaN).
+    """
+    first = params[0]
+    plan = view.layout.flat_buffer(index, direction) if view.foreach else None
+    fused = (
+        view.layout.fused_plan(index, params, plan)
+        if view.foreach
+        and first.dtype in _FUSED_DTYPES
+        and not _dtensor.is_dtensor(first)
+        and not torch.compiler.is_compiling()  # the fused kernel has no fake tensor rule
+        else None
+    )
+    if fused is None or not fused.small_aligned:
+        part = finite_direction_(view, index, direction, normed=normed)
+        addcmul_(params, part, scale, view.foreach)
+        return
+    fused_params: list[Tensor] = []
+    fused_dirs: list[Tensor] = []
+    candidates: Iterable[tuple[int, Tensor]]
+    if plan is None:
+        candidates = enumerate(direction)
+    else:
+        large = [direction[j] for j in plan.large] if normed else plan.fill(direction)
+        fused_params += plan.small_of(params)
+        fused_dirs += plan.pieces
+        candidates = zip(plan.large, large, strict=True)
+    other_params: list[Tensor] = []
+    other_dirs: list[Tensor] = []
+    for j, d in candidates:
+        if fused.strides[j] is not None and d.stride() == fused.strides[j]:
+            fused_params.append(params[j])
+            fused_dirs.append(d)
+        else:
+            other_params.append(params[j])
+            other_dirs.append(d)
+    if fused_params:
+        torch._fused_sgd_(
+            fused_params,
+            fused_dirs,
+            [],
+            weight_decay=0.0,
+            momentum=0.0,
+            lr=scale,
+            dampening=0.0,
+            nesterov=False,
+            maximize=True,  # w - lr * (-d): the bits of w + d * scale
+            is_first_step=False,
+            grad_scale=None,
+            found_inf=nonfinite,
+        )
+    if other_params:
+        for t in other_dirs:
+            torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+        addcmul_(other_params, other_dirs, scale, True)

@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlatPlan", "GroupView", "Layout", "group_foreach", "real_view"]
+__all__ = ["FlatPlan", "FusedPlan", "GroupView", "Layout", "group_foreach", "real_view"]
 
 #: tensors of at most this many elements are normed together in one flat buffer on the CPU
 FLAT_NORM_MAX_NUMEL = 4096
@@ -57,6 +57,25 @@ class FlatPlan:
         return [tensors[j] for j in self.large]
 
 
+@dataclass
+class FusedPlan:
+    """Which weights of a split a fused kernel that walks memory in order may update."""
+
+    #: per weight: its strides where it is dense (contiguous or channels-last), else None
+    strides: list[tuple[int, ...] | None]
+    #: whether the small weights of the split's flat plan (if any) all have the strides of
+    #: their pieces of the flat buffer
+    small_aligned: bool
+
+
+def _dense(tensor: Tensor) -> bool:
+    if tensor.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    layout = formats.get(tensor.dim())
+    return layout is not None and tensor.is_contiguous(memory_format=layout)
+
+
 def _plan_for(tensors: list[Tensor]) -> FlatPlan | None:
     """The flat buffer of a split's small CPU tensors; None where that does not pay."""
     first = tensors[0]
@@ -67,8 +86,12 @@ def _plan_for(tensors: list[Tensor]) -> FlatPlan | None:
     vectors = sum(tensors[i].dim() == 1 for i in small)
     sizes = [tensors[i].numel() for i in small]
     flat = torch.empty(sum(sizes), dtype=first.dtype)
+    # each piece with its tensor's memory layout where that is dense (channels-last weights)
     pieces = [
-        piece.view(tensors[i].shape) for piece, i in zip(flat.split(sizes), small, strict=True)
+        piece.as_strided(tensors[i].shape, tensors[i].stride())
+        if _dense(tensors[i])
+        else piece.view(tensors[i].shape)
+        for piece, i in zip(flat.split(sizes), small, strict=True)
     ]
     chosen = set(small)
     return FlatPlan(
@@ -96,6 +119,10 @@ class Layout:
     buffers: dict[str, list[Tensor]] = field(default_factory=dict)
     #: per split: the flat buffer that gathers small CPU tensors for one norm
     flat: dict[int | tuple[str, int], FlatPlan | None] = field(default_factory=dict)
+    #: per split: a flat buffer and its views, for the elementwise products of a dot product
+    products: dict[int, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
+    #: per split: the weights' memory layout, for the fused perturbation
+    fused: dict[int, FusedPlan] = field(default_factory=dict)
 
     @classmethod
     def of(cls, params: list[Tensor]) -> Layout:
@@ -118,6 +145,41 @@ class Layout:
         if plan is not None and plan.flat.dtype != tensors[0].dtype:
             return None
         return plan
+
+    def fused_plan(self, index: int, params: list[Tensor], plan: FlatPlan | None) -> FusedPlan:
+        """For split ``index`` (its weights ``params`` and its flat plan): the weights' strides
+        where they are dense, found once while this layout holds."""
+        cached = self.fused.get(index)
+        if cached is None:
+            strides = [p.stride() if _dense(p) else None for p in params]
+            aligned = plan is None or all(
+                p.stride() == piece.stride()
+                for p, piece in zip(plan.small_of(params), plan.pieces, strict=True)
+            )
+            cached = self.fused[index] = FusedPlan(strides, aligned)
+        return cached
+
+    def product_buffer(
+        self, index: int, tensors: list[Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor]]:
+        """For split ``index``: a flat buffer of ``dtype`` on the tensors' device and views of
+        it shaped like ``tensors``, which are aligned with the split's parameters (or their
+        real views): allocated once, then reused while this layout holds."""
+        cached = self.products.get(index)
+        if (
+            cached is None
+            or cached[0].dtype != dtype
+            or cached[0].device != tensors[0].device
+            or len(cached[1]) != len(tensors)
+        ):
+            shapes = [t.shape for t in tensors]
+            sizes = [t.numel() for t in tensors]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
+            pieces = [
+                piece.view(shape) for piece, shape in zip(flat.split(sizes), shapes, strict=True)
+            ]
+            cached = self.products[index] = (flat, pieces)
+        return cached
 
     def matches(self, params: list[Tensor]) -> bool:
         """Whether ``params`` are this layout's tensors, still of the same dtypes and device.
