@@ -442,3 +442,49 @@ def test_bad_input_is_rejected_with_a_message() -> None:
         sharpness.hessian_eigenvalues(model, ce, data, tol=0)
     with pytest.raises(TypeError, match="generator"):
         sharpness.hessian_trace(model, ce, data, generator=0)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- host synchronisations
+def _syncs(fn: Callable[[], Any]) -> int:
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    with DispatchCounter() as counter:
+        fn()
+    return counter.syncs
+
+
+def test_trace_reads_its_draws_back_once_whatever_their_number() -> None:
+    """``v^T H v`` stays on the device: the scalar reads do not grow with ``samples``."""
+    model, data = _mlp(), _data()
+    few = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=3))
+    many = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=12))
+    assert many == few
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_eigenvalue_steps_read_no_scalar_of_their_own(method: str) -> None:
+    """Each step's values come back in one ``tolist()`` (one synchronisation on a GPU, no
+    scalar read on the CPU): the reads do not grow with the number of products."""
+    model, data = _mlp(width=6), _data()
+
+    def run(max_iter: int) -> Any:
+        return sharpness.hessian_eigenvalues(
+            model, ce, data, method=method, tol=1e-12, max_iter=max_iter
+        )
+
+    short, long = _syncs(lambda: run(3)), _syncs(lambda: run(9))
+    assert run(9).products - run(3).products == 6
+    assert long == short
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_trace_synchronises_a_constant_number_of_times_and_lanczos_once_per_step() -> None:
+    model, data = _mlp().cuda(), [(x.cuda(), y.cuda()) for x, y in _data()]
+    few = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=3))
+    many = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=12))
+    assert many == few
+
+    def run(max_iter: int) -> Any:
+        return sharpness.hessian_eigenvalues(model, ce, data, tol=1e-12, max_iter=max_iter)
+
+    assert _syncs(lambda: run(9)) - _syncs(lambda: run(3)) == 6

@@ -584,22 +584,24 @@ def _top_lanczos(
         t, basis, beta, exhausted = _lanczos(
             op, start, max_iter - op.products, locked=locked, done=done
         )
-        theta, s = torch.linalg.eigh(t)
-        residuals = torch.zeros_like(theta) if exhausted else beta * s[-1].abs()
-        scale = _top_scale(values + theta.tolist(), k)
-        order = [int(i) for i in torch.argsort(theta, descending=True)]
+        # the small eigenproblem lives on the CPU: read as lists, with no scalar reads
+        theta_t, s = torch.linalg.eigh(t)
+        theta = theta_t.tolist()
+        residuals = [0.0] * len(theta) if exhausted else (beta * s[-1].abs()).tolist()
+        scale = _top_scale(values + theta, k)
+        order: list[int] = torch.argsort(theta_t, descending=True).tolist()
         new = [i for i in (order if exhausted else order[:k]) if residuals[i] <= tol * scale]
         for i in new:
-            residual = float(residuals[i]) if locked is None else None
-            found.append((float(theta[i]), basis.T @ s[:, i].to(basis.device), residual))
+            residual = residuals[i] if locked is None else None
+            found.append((theta[i], basis.T @ s[:, i].to(basis.device), residual))
         pending = [
-            (float(theta[i]), basis.T @ s[:, i].to(basis.device), float(residuals[i]))
+            (theta[i], basis.T @ s[:, i].to(basis.device), residuals[i])
             for i in order[:k]
             if i not in new
         ]
         if len(found) >= k and (
             k == 1  # a copy of the largest eigenvalue does not change the answer
-            or (kth is not None and new and float(theta[new[0]]) <= kth + tol * scale)
+            or (kth is not None and new and theta[new[0]] <= kth + tol * scale)
             or len(found) == op.size
         ):
             verified = True
