@@ -686,7 +686,8 @@ def hessian_trace(
     :math:`\operatorname{tr} H \approx \frac{1}{S}\sum_{s=1}^{S} v_s^\top H v_s` with Rademacher
     vectors :math:`v_s` (entries :math:`\pm 1`; Hutchinson, 1990), one Hessian-vector product
     each. The standard error is the sample standard deviation of the :math:`v_s^\top H v_s` over
-    :math:`\sqrt{S}`.
+    :math:`\sqrt{S}`. The :math:`v_s^\top H v_s` stay on the model's device until all are
+    drawn: a constant number of host synchronisations, whatever ``samples``.
 
     Args:
         model, loss_fn, data: as for :func:`hessian_eigenvalues`
