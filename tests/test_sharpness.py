@@ -488,3 +488,30 @@ def test_on_a_gpu_trace_synchronises_a_constant_number_of_times_and_lanczos_once
         return sharpness.hessian_eigenvalues(model, ce, data, tol=1e-12, max_iter=max_iter)
 
     assert _syncs(lambda: run(9)) - _syncs(lambda: run(3)) == 6
+
+
+class _Mixed(nn.Module):
+    """A layer whose weight and bias differ in dtype (float64 and ``bias_dtype``)."""
+
+    def __init__(self, bias_dtype: torch.dtype) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.weight = nn.Parameter(torch.randn(3, 3, generator=g, dtype=F64))
+        self.bias = nn.Parameter(torch.randn(3, generator=g, dtype=F64).to(bias_dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.weight + self.bias.to(F64))
+
+
+def test_trace_of_parameters_of_mixed_dtypes_draws_the_same_vectors() -> None:
+    """Parameters of one dtype take vectors in that dtype; mixed ones the float64 path: the
+    same Rademacher vectors, so the same estimate up to the float32 bias's rounding."""
+    data = _data()
+
+    def trace(model: nn.Module) -> float:
+        gen = torch.Generator().manual_seed(5)
+        return float(sharpness.hessian_trace(model, ce, data, samples=20, generator=gen))
+
+    same, mixed = trace(_Mixed(F64)), trace(_Mixed(torch.float32))
+    assert mixed == pytest.approx(same, rel=1e-5)
+    assert trace(_Mixed(F64)) == same

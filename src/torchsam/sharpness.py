@@ -232,8 +232,13 @@ class _Hessian:
         ``H v`` makes ``u @ H v`` non-finite for every ``u`` (``nan * 0`` and ``inf * 0`` are
         NaN), so a caller that reads such a dot product checks the product with it.
         """
+        hv, losses_finite = self.apply_parts(self._split(v))
+        out = torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
+        return out, losses_finite
+
+    def apply_parts(self, vs: list[Tensor]) -> tuple[list[Tensor], Tensor | None]:
+        """:meth:`apply` on a vector given as tensors shaped like the parameters (no copies)."""
         self.products += 1
-        vs = self._split(v)
         losses: list[Tensor] = []
         if self._grads is not None:
             hv = self._product(self._grads, vs, retain=True)
@@ -253,10 +258,9 @@ class _Hessian:
             if acc is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
             hv = [a / count for a in acc]
-        out = torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
         if not losses:
-            return out, None
-        return out, torch.isfinite(torch.stack(losses)).all().to(self.device)
+            return hv, None
+        return hv, torch.isfinite(torch.stack(losses)).all().to(self.device)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -297,9 +301,11 @@ def _normal(size: int, generator: torch.Generator, device: torch.device) -> Tens
     return v.to(device)
 
 
-def _rademacher(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+def _rademacher(
+    size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype = torch.float64
+) -> Tensor:
     bits = torch.randint(0, 2, (size,), generator=generator, device=generator.device)
-    return (bits.to(torch.float64) * 2 - 1).to(device)
+    return bits.to(device, dtype).mul_(2).sub_(1)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -712,10 +718,20 @@ def hessian_trace(
             # v^T H v of every sample stays on the device: one synchronisation in all
             draws = torch.empty(samples, dtype=torch.float64, device=op.device)
             losses_finite: Tensor | None = None
+            # parameters of one dtype and device: each vector is drawn in their dtype and used
+            # in place (views), v^T H v summed in float64 (v_i H v_i is exact: v_i = +-1)
+            like = {(p.dtype, p.device) for p in chosen}
             for i in range(samples):
-                v = _rademacher(op.size, gen, op.device)
-                hv, finite = op.apply(v)
-                draws[i] = hv @ v
+                if len(like) == 1:
+                    v = _rademacher(op.size, gen, chosen[0].device, chosen[0].dtype)
+                    pieces = [x.view_as(p) for x, p in zip(v.split(op.numels), chosen, strict=True)]
+                    parts, finite = op.apply_parts(pieces)
+                    hv = torch.cat([h.reshape(-1) for h in parts])
+                    draws[i] = (hv * v).sum(dtype=torch.float64)
+                else:
+                    v = _rademacher(op.size, gen, op.device)
+                    hv, finite = op.apply(v)
+                    draws[i] = hv @ v
                 if finite is not None:
                     losses_finite = finite if losses_finite is None else losses_finite & finite
             values = torch.tensor(_read(draws, losses_finite=losses_finite), dtype=torch.float64)
