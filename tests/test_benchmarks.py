@@ -116,3 +116,51 @@ def test_sweep_defaults_smoke_run(
         assert len(out_file.read_text().splitlines()) == len(rows)
     finally:
         torch.set_num_threads(threads)
+
+
+INSTRUMENTS = ROOT / "benchmarks" / "bench_instruments.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_instruments_benchmark_says_plainly_that_cuda_is_missing() -> None:
+    run = subprocess.run(
+        [sys.executable, str(INSTRUMENTS), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "--device cuda: CUDA is not available here" in run.stderr
+    assert run.stdout == ""
+
+
+def test_instruments_benchmark_prints_issue_20_targets_for_each_thread_count() -> None:
+    pytest.importorskip("pyhessian")
+    pytest.importorskip("loss_landscapes")
+    args = ["--quick", "--short", "--threads", "1", "2"]
+    out = subprocess.run(
+        [sys.executable, str(INSTRUMENTS), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    table = out.split("## Issue 20's instrument targets")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "| target | setting | measured | verdict |"
+    settings = [row.split(" | ")[1] for row in rows[1:]]
+    assert settings == ["CPU, 1 thread"] * 4 + ["CPU, 2 threads"] * 4
+    names = [row.split(" | ")[0].lstrip("| ") for row in rows[1:5]]
+    assert names == [
+        "top eigenvalue: time <= 0.5x PyHessian's",
+        "top eigenvalue: within 1% of PyHessian's",
+        "trace: time <= 0.5x PyHessian's",
+        "trace: within 1% of PyHessian's",
+    ]
+    # the values agree whatever the load; the times are not asserted
+    assert all(row.endswith(("| met |", "| MISSED |")) for row in rows[1:])
+    assert all(row.endswith("| met |") for row in rows[1:] if "within 1%" in row)
+    # --short: the default contenders alone, issue 20's two sections
+    assert "method='power'" not in out
+    assert "### 3." not in out
+    assert out.count("operators dispatched (load-independent)") == 4

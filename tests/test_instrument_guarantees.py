@@ -369,3 +369,41 @@ def test_plot_contour_of_a_single_column_says_what_to_do() -> None:
             plot(surface)
     with pytest.raises(ValueError, match="at least 2 points along each axis"):
         landscape.plot_side_by_side(surface, surface)
+
+
+# --------------------------------------------------------------------------- non-finite products
+def _infinite_curvature() -> tuple[nn.Module, Any, list[tuple[Tensor, Tensor]]]:
+    """A finite loss and gradient (0 and 0) whose Hessian is infinite: ``|w x|^1.5`` at w = 0."""
+    model = nn.Linear(2, 1, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.zero_()
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    return (
+        model,
+        lambda out, y: (out - y).abs().pow(1.5).mean(),
+        [(x, torch.zeros(4, 1, dtype=F64))],
+    )
+
+
+_PRODUCTS = {
+    "trace": lambda m, f, d, kg: sharpness.hessian_trace(m, f, d, samples=3, keep_graphs=kg),
+    "lanczos": lambda m, f, d, kg: sharpness.hessian_eigenvalues(m, f, d, keep_graphs=kg),
+    "power": lambda m, f, d, kg: sharpness.hessian_eigenvalues(
+        m, f, d, method="power", keep_graphs=kg
+    ),
+    "spectrum": lambda m, f, d, kg: sharpness.hessian_spectrum(
+        m, f, d, steps=2, points=3, keep_graphs=kg
+    ),
+}
+
+
+@pytest.mark.parametrize("keep_graphs", [True, False])
+@pytest.mark.parametrize("name", sorted(_PRODUCTS))
+def test_a_non_finite_product_of_a_finite_loss_gives_nan(name: str, keep_graphs: bool) -> None:
+    """The products are checked through the values read from them (no check of their own)."""
+    model, loss_fn, data = _infinite_curvature()
+    with pytest.warns(RuntimeWarning, match="Hessian-vector product is not finite"):
+        result = _PRODUCTS[name](model, loss_fn, data, keep_graphs)
+    values = _values(result)
+    assert values
+    assert all(math.isnan(v) for v in values)

@@ -442,3 +442,76 @@ def test_bad_input_is_rejected_with_a_message() -> None:
         sharpness.hessian_eigenvalues(model, ce, data, tol=0)
     with pytest.raises(TypeError, match="generator"):
         sharpness.hessian_trace(model, ce, data, generator=0)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- host synchronisations
+def _syncs(fn: Callable[[], Any]) -> int:
+    from torchsam.experiments._dispatch_count import DispatchCounter
+
+    with DispatchCounter() as counter:
+        fn()
+    return counter.syncs
+
+
+def test_trace_reads_its_draws_back_once_whatever_their_number() -> None:
+    """``v^T H v`` stays on the device: the scalar reads do not grow with ``samples``."""
+    model, data = _mlp(), _data()
+    few = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=3))
+    many = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=12))
+    assert many == few
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_eigenvalue_steps_read_no_scalar_of_their_own(method: str) -> None:
+    """Each step's values come back in one ``tolist()`` (one synchronisation on a GPU, no
+    scalar read on the CPU): the reads do not grow with the number of products."""
+    model, data = _mlp(width=6), _data()
+
+    def run(max_iter: int) -> Any:
+        return sharpness.hessian_eigenvalues(
+            model, ce, data, method=method, tol=1e-12, max_iter=max_iter
+        )
+
+    short, long = _syncs(lambda: run(3)), _syncs(lambda: run(9))
+    assert run(9).products - run(3).products == 6
+    assert long == short
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_trace_synchronises_a_constant_number_of_times_and_lanczos_once_per_step() -> None:
+    model, data = _mlp().cuda(), [(x.cuda(), y.cuda()) for x, y in _data()]
+    few = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=3))
+    many = _syncs(lambda: sharpness.hessian_trace(model, ce, data, samples=12))
+    assert many == few
+
+    def run(max_iter: int) -> Any:
+        return sharpness.hessian_eigenvalues(model, ce, data, tol=1e-12, max_iter=max_iter)
+
+    assert _syncs(lambda: run(9)) - _syncs(lambda: run(3)) == 6
+
+
+class _Mixed(nn.Module):
+    """A layer whose weight and bias differ in dtype (float64 and ``bias_dtype``)."""
+
+    def __init__(self, bias_dtype: torch.dtype) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.weight = nn.Parameter(torch.randn(3, 3, generator=g, dtype=F64))
+        self.bias = nn.Parameter(torch.randn(3, generator=g, dtype=F64).to(bias_dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.weight + self.bias.to(F64))
+
+
+def test_trace_of_parameters_of_mixed_dtypes_draws_the_same_vectors() -> None:
+    """Parameters of one dtype take vectors in that dtype; mixed ones the float64 path: the
+    same Rademacher vectors, so the same estimate up to the float32 bias's rounding."""
+    data = _data()
+
+    def trace(model: nn.Module) -> float:
+        gen = torch.Generator().manual_seed(5)
+        return float(sharpness.hessian_trace(model, ce, data, samples=20, generator=gen))
+
+    same, mixed = trace(_Mixed(F64)), trace(_Mixed(torch.float32))
+    assert mixed == pytest.approx(same, rel=1e-5)
+    assert trace(_Mixed(F64)) == same

@@ -214,8 +214,31 @@ class _Hessian:
         return _fill(hv, self.params)
 
     def __call__(self, v: Tensor) -> Tensor:
+        """``H v``, checked: one host synchronisation per product."""
+        out, losses_finite = self.apply(v)
+        finite = torch.isfinite(out).all()
+        if losses_finite is not None:
+            finite = finite & losses_finite
+        if not bool(finite):
+            raise _NotFinite("the loss or a Hessian-vector product")
+        return out
+
+    def apply(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``H v`` without a host synchronisation, unchecked.
+
+        Also returns, when the graphs are rebuilt (``keep_graphs=False``), a boolean tensor on
+        the device telling whether every batch's loss was finite (None when the graphs are
+        kept: their loss was checked once, when they were built). A non-finite entry of
+        ``H v`` makes ``u @ H v`` non-finite for every ``u`` (``nan * 0`` and ``inf * 0`` are
+        NaN), so a caller that reads such a dot product checks the product with it.
+        """
+        hv, losses_finite = self.apply_parts(self._split(v))
+        out = torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
+        return out, losses_finite
+
+    def apply_parts(self, vs: list[Tensor]) -> tuple[list[Tensor], Tensor | None]:
+        """:meth:`apply` on a vector given as tensors shaped like the parameters (no copies)."""
         self.products += 1
-        vs = self._split(v)
         losses: list[Tensor] = []
         if self._grads is not None:
             hv = self._product(self._grads, vs, retain=True)
@@ -235,16 +258,30 @@ class _Hessian:
             if acc is None:  # pragma: no cover - batches() raises first
                 raise ValueError("data yielded no non-empty batch")
             hv = [a / count for a in acc]
-        out = torch.cat([h.reshape(-1).to(self.device, torch.float64) for h in hv])
-        finite = torch.isfinite(out).all()
-        if losses:
-            finite = finite & torch.isfinite(torch.stack(losses)).all().to(finite.device)
-        if not bool(finite):  # one synchronisation per product
-            raise _NotFinite("the loss or a Hessian-vector product")
-        return out
+        if not losses:
+            return hv, None
+        return hv, torch.isfinite(torch.stack(losses)).all().to(self.device)
 
 
 # --------------------------------------------------------------------------- helpers
+def _read(*values: Tensor, losses_finite: Tensor | None = None) -> list[float]:
+    """Device tensors' values as floats, flattened, in one host synchronisation (``tolist()``).
+
+    A non-finite value, or ``losses_finite`` False, raises :class:`_NotFinite`: the values read
+    are dot products or norms of Hessian-vector products, which are non-finite whenever the
+    product is (see :meth:`_Hessian.apply`).
+    """
+    parts = [x.reshape(-1).to(torch.float64) for x in values]
+    if losses_finite is not None:
+        parts.append(losses_finite.reshape(1).to(parts[0].device, torch.float64))
+    read = torch.cat(parts).tolist()
+    if losses_finite is not None and read.pop() == 0.0:
+        raise _NotFinite("the loss")
+    if not all(math.isfinite(x) for x in read):
+        raise _NotFinite("a Hessian-vector product")
+    return read
+
+
 def _fill(tensors: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     """Zeros for the parameters autograd reports as unused."""
     return [torch.zeros_like(p) if t is None else t for t, p in zip(tensors, like, strict=True)]
@@ -264,9 +301,11 @@ def _normal(size: int, generator: torch.Generator, device: torch.device) -> Tens
     return v.to(device)
 
 
-def _rademacher(size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+def _rademacher(
+    size: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype = torch.float64
+) -> Tensor:
     bits = torch.randint(0, 2, (size,), generator=generator, device=generator.device)
-    return (bits.to(torch.float64) * 2 - 1).to(device)
+    return bits.to(device, dtype).mul_(2).sub_(1)
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -303,7 +342,7 @@ def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
 
 
 def _lanczos(
-    op: Callable[[Tensor], Tensor],
+    op: _Hessian,
     start: Tensor,
     steps: int,
     *,
@@ -321,6 +360,9 @@ def _lanczos(
     (the residual of a Ritz pair ``(theta_i, basis.T @ s_i)`` is ``beta * |s_i[-1]|``) and
     whether the Krylov space is exhausted (``beta`` ~ 0, or the basis fills the complement):
     then every Ritz pair is an eigenpair, with residual 0 up to rounding.
+
+    Each step synchronises with the device once: ``alpha`` and ``beta`` come back together
+    (they also check the product: :func:`_read`).
     """
     n = start.numel()
     room = n - (0 if locked is None else locked.shape[0])
@@ -335,15 +377,15 @@ def _lanczos(
     exhausted = False
     for j in range(steps):
         basis[j] = q
-        w = op(q)
-        alpha = float(w @ q)
-        w = w - alpha * q
+        w, losses_finite = op.apply(q)
+        alpha_t = w @ q
+        w = w - alpha_t * q
         if j > 0:
             w = w - beta * basis[j - 1]
         w = _orthogonalize(w, basis[: j + 1])
         if locked is not None:
             w = _orthogonalize(w, locked)
-        beta = float(w.norm())
+        alpha, beta = _read(alpha_t, w.norm(), losses_finite=losses_finite)
         alphas.append(alpha)
         scale = max(scale, abs(alpha), beta)
         if beta <= 1e-10 * max(scale, 1e-30) or j + 1 == room:
@@ -535,9 +577,9 @@ def _top_lanczos(
         def done(t: Tensor, beta: float, want: int = want, values: list[float] = values) -> bool:
             if t.shape[0] < want:
                 return False
-            theta, s = torch.linalg.eigh(t)
+            theta, s = torch.linalg.eigh(t)  # on the CPU: no synchronisation
             scale = _top_scale(values + theta.tolist(), k)
-            return bool((beta * s[-1, -want:].abs() <= tol * scale).all())
+            return all(beta * abs(x) <= tol * scale for x in s[-1, -want:].tolist())
 
         if first is not None:
             start, first = first, None
@@ -548,22 +590,24 @@ def _top_lanczos(
         t, basis, beta, exhausted = _lanczos(
             op, start, max_iter - op.products, locked=locked, done=done
         )
-        theta, s = torch.linalg.eigh(t)
-        residuals = torch.zeros_like(theta) if exhausted else beta * s[-1].abs()
-        scale = _top_scale(values + theta.tolist(), k)
-        order = [int(i) for i in torch.argsort(theta, descending=True)]
+        # the small eigenproblem lives on the CPU: read as lists, with no scalar reads
+        theta_t, s = torch.linalg.eigh(t)
+        theta = theta_t.tolist()
+        residuals = [0.0] * len(theta) if exhausted else (beta * s[-1].abs()).tolist()
+        scale = _top_scale(values + theta, k)
+        order: list[int] = torch.argsort(theta_t, descending=True).tolist()
         new = [i for i in (order if exhausted else order[:k]) if residuals[i] <= tol * scale]
         for i in new:
-            residual = float(residuals[i]) if locked is None else None
-            found.append((float(theta[i]), basis.T @ s[:, i].to(basis.device), residual))
+            residual = residuals[i] if locked is None else None
+            found.append((theta[i], basis.T @ s[:, i].to(basis.device), residual))
         pending = [
-            (float(theta[i]), basis.T @ s[:, i].to(basis.device), float(residuals[i]))
+            (theta[i], basis.T @ s[:, i].to(basis.device), residuals[i])
             for i in order[:k]
             if i not in new
         ]
         if len(found) >= k and (
             k == 1  # a copy of the largest eigenvalue does not change the answer
-            or (kth is not None and new and float(theta[new[0]]) <= kth + tol * scale)
+            or (kth is not None and new and theta[new[0]] <= kth + tol * scale)
             or len(found) == op.size
         ):
             verified = True
@@ -607,17 +651,21 @@ def _top_power(
         value = 0.0
         converged = False
         for _ in range(max_iter):
-            hv = op(v)
-            value = float(hv @ v)
+            hv, losses_finite = op.apply(v)
+            value_t = hv @ v
             # the residual of (value, v) for the whole Hessian, not only its deflated part
-            residual = float((hv - value * v).norm())
+            residual_t = (hv - value_t * v).norm()
+            w = _orthogonalize(hv, found)
+            norm = w.norm()
+            # one synchronisation per product
+            value, residual, norm_read = _read(
+                value_t, residual_t, norm, losses_finite=losses_finite
+            )
             scale = max([abs(value), *(abs(x) for x in values), 1e-30])
             if residual <= tol * scale:
                 converged = True
                 break
-            w = _orthogonalize(hv, found)
-            norm = w.norm()
-            if float(norm) == 0.0:
+            if norm_read == 0.0:
                 break
             v = w / norm
         all_converged = all_converged and converged
@@ -644,7 +692,8 @@ def hessian_trace(
     :math:`\operatorname{tr} H \approx \frac{1}{S}\sum_{s=1}^{S} v_s^\top H v_s` with Rademacher
     vectors :math:`v_s` (entries :math:`\pm 1`; Hutchinson, 1990), one Hessian-vector product
     each. The standard error is the sample standard deviation of the :math:`v_s^\top H v_s` over
-    :math:`\sqrt{S}`.
+    :math:`\sqrt{S}`. The :math:`v_s^\top H v_s` stay on the model's device until all are
+    drawn: a constant number of host synchronisations, whatever ``samples``.
 
     Args:
         model, loss_fn, data: as for :func:`hessian_eigenvalues`
@@ -666,14 +715,29 @@ def hessian_trace(
     with measuring(model, batch_norm):
         try:
             op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
-            draws = []
-            for _ in range(samples):
-                v = _rademacher(op.size, gen, op.device)
-                draws.append(float(op(v) @ v))
+            # v^T H v of every sample stays on the device: one synchronisation in all
+            draws = torch.empty(samples, dtype=torch.float64, device=op.device)
+            losses_finite: Tensor | None = None
+            # parameters of one dtype and device: each vector is drawn in their dtype and used
+            # in place (views), v^T H v summed in float64 (v_i H v_i is exact: v_i = +-1)
+            like = {(p.dtype, p.device) for p in chosen}
+            for i in range(samples):
+                if len(like) == 1:
+                    v = _rademacher(op.size, gen, chosen[0].device, chosen[0].dtype)
+                    pieces = [x.view_as(p) for x, p in zip(v.split(op.numels), chosen, strict=True)]
+                    parts, finite = op.apply_parts(pieces)
+                    hv = torch.cat([h.reshape(-1) for h in parts])
+                    draws[i] = (hv * v).sum(dtype=torch.float64)
+                else:
+                    v = _rademacher(op.size, gen, op.device)
+                    hv, finite = op.apply(v)
+                    draws[i] = hv @ v
+                if finite is not None:
+                    losses_finite = finite if losses_finite is None else losses_finite & finite
+            values = torch.tensor(_read(draws, losses_finite=losses_finite), dtype=torch.float64)
         except _NotFinite as error:
             not_finite(error.what)
             return TraceEstimate(math.nan, math.nan, samples)
-    values = torch.tensor(draws, dtype=torch.float64)
     stderr = float(values.std(unbiased=True)) / math.sqrt(samples)
     return TraceEstimate(float(values.mean()), stderr, samples)
 
