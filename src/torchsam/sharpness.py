@@ -612,7 +612,19 @@ def _top_lanczos(
         ):
             verified = True
             break
-    pairs = sorted(found + ([] if verified else pending), key=lambda pair: -pair[0])[:k]
+    return _checked_pairs(op, found + ([] if verified else pending), k, tol, verified)
+
+
+def _checked_pairs(
+    op: _Hessian,
+    candidates: list[tuple[float, Tensor, float | None]],
+    k: int,
+    tol: float,
+    verified: bool,
+) -> tuple[list[float], list[Tensor], bool]:
+    """The top ``k`` of Lanczos's pairs (NaN where fewer were seen) and whether every one of
+    them meets the residual test (``verified``: the search itself ended as it should)."""
+    pairs = sorted(candidates, key=lambda pair: -pair[0])[:k]
     while len(pairs) < k:  # out of budget before k pairs were seen
         pairs.append((math.nan, torch.full((op.size,), math.nan, dtype=torch.float64), math.nan))
     converged = verified

@@ -267,6 +267,27 @@ def nonfinite_flag(norm: Tensor) -> Tensor:
     return torch.nan_to_num(norm * 0.0, nan=1.0).to(torch.float32)
 
 
+def _fused_add_(
+    params: list[Tensor], direction: list[Tensor], scale: Tensor, nonfinite: Tensor
+) -> None:
+    """``params += direction * scale`` through torch's fused SGD kernel, skipped on the device
+    when ``nonfinite`` is 1 (its ``found_inf``)."""
+    torch._fused_sgd_(
+        params,
+        direction,
+        [],
+        weight_decay=0.0,
+        momentum=0.0,
+        lr=scale,
+        dampening=0.0,
+        nesterov=False,
+        maximize=True,  # w - lr * (-d): the bits of w + d * scale
+        is_first_step=False,
+        grad_scale=None,
+        found_inf=nonfinite,
+    )
+
+
 def perturb_(
     view: GroupView,
     index: int,
@@ -328,20 +349,7 @@ def perturb_(
             other_params.append(params[j])
             other_dirs.append(d)
     if fused_params:
-        torch._fused_sgd_(
-            fused_params,
-            fused_dirs,
-            [],
-            weight_decay=0.0,
-            momentum=0.0,
-            lr=scale,
-            dampening=0.0,
-            nesterov=False,
-            maximize=True,  # w - lr * (-d): the bits of w + d * scale
-            is_first_step=False,
-            grad_scale=None,
-            found_inf=nonfinite,
-        )
+        _fused_add_(fused_params, fused_dirs, scale, nonfinite)
     if other_params:
         for t in other_dirs:
             torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
