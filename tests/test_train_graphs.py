@@ -14,12 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_cifar import write_cifar
+from tests._cifar_runs import tiny_cifar, tiny_resnet
 from torchsam.experiments import train
-from torchsam.experiments.cifar import cifar
 from torchsam.experiments.data import Split
 from torchsam.experiments.graphs import WARMUP_STEPS, plan_graphs, tensor_lrs
-from torchsam.experiments.models import resnet_cifar
 from torchsam.experiments.train import get_method
 
 CUDA = torch.device("cuda")  # a device object only: planning never touches the GPU
@@ -28,13 +26,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, per_file=12)
-    return cifar("cifar10", root, noise=0.25, seed=0)
+    return tiny_cifar(tmp_path_factory)
 
 
-def _model(split: Split) -> nn.Module:
-    return resnet_cifar(num_classes=split.num_classes, depth=8, width=4)
+_model = tiny_resnet
 
 
 def _plan(method: str, mode: str = "auto", **kwargs: Any) -> Any:

@@ -10,13 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
+from tests._cifar_runs import tiny_cifar, tiny_resnet
 from tests.test_cifar import write_cifar
 from torchsam.experiments import train
-from torchsam.experiments.cifar import cifar
 from torchsam.experiments.data import Split
-from torchsam.experiments.models import resnet_cifar
 from torchsam.experiments.train import EpochStats, Result
 
 
@@ -30,13 +28,10 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
-    root = tmp_path_factory.mktemp("cifar")
-    write_cifar(root, per_file=12)
-    return cifar("cifar10", root, noise=0.25, seed=0)
+    return tiny_cifar(tmp_path_factory)
 
 
-def _model(split: Split) -> nn.Module:
-    return resnet_cifar(num_classes=split.num_classes, depth=8, width=4)
+_model = tiny_resnet
 
 
 class _Stop(Exception):
