@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# The GPU check of issue 20, in one run: the environment, the CUDA tests and bench_gpu.py.
+# The GPU check of issues 20 and 21, in one run: the environment, the CUDA tests and the GPU
+# benchmarks.
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh      (from anywhere in a copy of the repo)
 #
 # Everything it writes goes under "$OUT" (default: ./gpu_check_out), eight files at most:
 #   env.log                  python, torch, CUDA, the GPU (nvidia-smi)
+#   pytest_cuda.log          every CUDA test of the suite (pytest -k cuda): CUDA graphs of a SAM
+#                            step, the device-side skip, the training loop's captured steps, ...
 #   bench_gpu.log/.json      the contenders' table: ms/step, syncs/step, kernels/step, targets
-#   pytest_cuda_graphs.log   tests/test_cuda_graphs.py
-#   bench_graphs.log/.json   the CUDA-graph gain (eager, graph replay, torch.compile)
-#   pytest_cuda.log          the other CUDA tests of the suite (pytest -k cuda)
+#   bench_cifar_gpu.log      the CIFAR training loop: old loop against train(), fp32/bf16,
+#                            eager/CUDA graphs, GPU busy %
+#   bench_instruments.log    the instruments against PyHessian on the GPU (where it is importable)
+#   bench_graphs.log         the CUDA-graph gain (eager, graph replay, torch.compile)
 #   summary.txt              each part's exit status and duration (also printed at the end)
 #
 # It needs a python with torch built for CUDA (PYTHON=..., default python3) and pytest; torchsam
 # is taken from ./src (no install). Nothing is downloaded: where torch is missing or sees no GPU
 # it says so and stops. Each part runs under `timeout`, sized so that the whole run ends within
-# BUDGET seconds (default 400, under 7 minutes); a part that fails or runs out of time does not
+# BUDGET seconds (default 540, 9 minutes); a part that fails or runs out of time does not
 # stop the next one. The exit status is 0 when every part passed, 1 otherwise.
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/gpu_check_out}"
 PYTHON="${PYTHON:-python3}"
-BUDGET="${BUDGET:-400}"
+BUDGET="${BUDGET:-540}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -79,18 +83,26 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 echo "env: ok" >>"$OUT/summary.txt"
 
-# 2. the contenders' table (the issue's set-up: ResNet-18, batch 512, 5 + 30 steps, 3 rounds)
-run bench_gpu 170 "$PYTHON" benchmarks/bench_gpu.py --part table --json "$OUT/bench_gpu.json"
-
-# 3. a whole SAM step in a CUDA graph and under torch.compile, against eager
-run pytest_cuda_graphs 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
-
-# 4. the CUDA-graph gain; the JSON is written before compiling, so a time-out keeps the replay
-run bench_graphs 60 "$PYTHON" benchmarks/bench_gpu.py --part graphs --json "$OUT/bench_graphs.json"
-
-# 5. the other CUDA tests of the suite
-run pytest_cuda 60 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda and not test_cuda_graphs" \
+# 2. every CUDA test of the suite (tests that need no GPU ran in CI)
+run pytest_cuda 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k cuda \
     --continue-on-collection-errors tests
+
+# 3. the contenders' table (the issue's set-up: ResNet-18, batch 512, 5 + 30 steps, 2 rounds)
+run bench_gpu 130 "$PYTHON" benchmarks/bench_gpu.py --part table --rounds 2 \
+    --json "$OUT/bench_gpu.json"
+
+# 4. the CIFAR training loop (issue 21)
+run bench_cifar_gpu 120 "$PYTHON" benchmarks/bench_cifar_gpu.py
+
+# 5. the instruments against PyHessian (a pure-Python package: put it on PYTHONPATH to carry it)
+if "$PYTHON" -c "import pyhessian" >/dev/null 2>&1; then
+    run bench_instruments 60 "$PYTHON" benchmarks/bench_instruments.py --short --device cuda
+else
+    echo "bench_instruments: not run (pyhessian is not importable)" | tee -a "$OUT/summary.txt"
+fi
+
+# 6. the CUDA-graph gain
+run bench_graphs 50 "$PYTHON" benchmarks/bench_gpu.py --part graphs
 
 echo "=== summary (total $(($(date +%s) - START)) s of a ${BUDGET} s budget; files in $OUT)"
 cat "$OUT/summary.txt"
