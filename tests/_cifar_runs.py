@@ -3,7 +3,10 @@ standard format, and the small ResNet they train."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
+import torch
 from torch import nn
 
 from tests.test_cifar import write_cifar
@@ -22,3 +25,27 @@ def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Split:
 def tiny_resnet(split: Split) -> nn.Module:
     """A CIFAR ResNet of depth 8 and width 4."""
     return resnet_cifar(num_classes=split.num_classes, depth=8, width=4)
+
+
+def one_thread_fixture() -> Callable[[], Iterator[None]]:
+    """A module-scoped autouse fixture that runs the module's tests with one torch thread and
+    restores the thread count afterwards; assign it to a module-level name."""
+
+    @pytest.fixture(autouse=True, scope="module")
+    def _one_thread() -> Iterator[None]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+
+    return _one_thread
+
+
+def split_fixture() -> Callable[[pytest.TempPathFactory], Split]:
+    """A module-scoped fixture giving :func:`tiny_cifar`; assign it to ``split``."""
+
+    @pytest.fixture(scope="module")
+    def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
+        return tiny_cifar(tmp_path_factory)
+
+    return split

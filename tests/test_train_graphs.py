@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests._cifar_runs import tiny_cifar, tiny_resnet
+from tests._cifar_runs import split_fixture, tiny_resnet
 from torchsam.experiments import train
 from torchsam.experiments.data import Split
 from torchsam.experiments.graphs import WARMUP_STEPS, plan_graphs, tensor_lrs
@@ -24,9 +24,7 @@ CUDA = torch.device("cuda")  # a device object only: planning never touches the 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module")
-def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
-    return tiny_cifar(tmp_path_factory)
+split = split_fixture()
 
 
 _model = tiny_resnet

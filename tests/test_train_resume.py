@@ -4,31 +4,22 @@ bit; precision and augmentation options; the command's --preset and --resume."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests._cifar_runs import tiny_cifar, tiny_resnet
+from tests._cifar_runs import one_thread_fixture, split_fixture, tiny_resnet
 from tests.test_cifar import write_cifar
 from torchsam.experiments import train
 from torchsam.experiments.data import Split
 from torchsam.experiments.train import EpochStats, Result
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread_fixture()
 
 
-@pytest.fixture(scope="module")
-def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
-    return tiny_cifar(tmp_path_factory)
+split = split_fixture()
 
 
 _model = tiny_resnet

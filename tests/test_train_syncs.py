@@ -10,31 +10,21 @@ loss is read once, at the end of the epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any
 
 import pytest
-import torch
 from torch import Tensor
 
-from tests._cifar_runs import tiny_cifar, tiny_resnet
+from tests._cifar_runs import one_thread_fixture, split_fixture, tiny_resnet
 from torchsam.experiments import train
 from torchsam.experiments._dispatch_count import DispatchCounter
 from torchsam.experiments.data import Split
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread_fixture()
 
 
-@pytest.fixture(scope="module")
-def split(tmp_path_factory: pytest.TempPathFactory) -> Split:
-    return tiny_cifar(tmp_path_factory)
+split = split_fixture()
 
 
 _model = tiny_resnet
