@@ -81,6 +81,7 @@ def test_warm_started_eigenvalue_is_the_exact_top_eigenvalue_at_each_measurement
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     exact: list[float] = []
     cold: list[int] = []
+    first: list[sharpness.Eigenvalues] = []
     for step in range(24):
         x, y = data[step % len(data)]
         optimizer.zero_grad()
@@ -91,14 +92,22 @@ def test_warm_started_eigenvalue_is_the_exact_top_eigenvalue_at_each_measurement
             cold.append(
                 sharpness.hessian_eigenvalues(model, loss_fn, data, tol=tol, max_iter=64).products
             )
+            if not first:  # the first measurement starts from the gradient
+                first.append(
+                    sharpness.hessian_eigenvalues(
+                        model, loss_fn, data, tol=tol, max_iter=64, start="gradient"
+                    )
+                )
     assert [r.step for r in monitor.records] == list(range(2, 25, 2))
     for record, value in zip(monitor.records, exact, strict=True):
         assert record.converged
         # a residual within tol * |theta| bounds the error by as much (Parlett, Thm. 11.5.1)
         assert abs(record.top_eigenvalue - value) <= tol * abs(value) * 1.01 + 1e-12
     warm = [r.products for r in monitor.records]
-    # the first measurement is a cold start; the warm ones cost fewer products than cold ones
-    assert warm[0] == cold[0]
+    # the first measurement starts from the gradient (and the monitor's generator, seeded
+    # with 0 as the instrument's default one); the warm ones cost fewer products than cold ones
+    assert monitor.records[0].top_eigenvalue == first[0][0]
+    assert warm[0] == first[0].products
     assert sum(warm[1:]) < sum(cold[1:])
 
 
@@ -116,6 +125,47 @@ def test_start_vector_at_the_top_eigenvector_converges_at_once() -> None:
         assert warm.converged
         assert warm.products <= 2
         assert warm[0] == pytest.approx(exact_top(model, data), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_gradient_start_finds_the_exact_top_eigenvalue(method: str) -> None:
+    model = tiny_model()
+    data = tiny_batches()
+    kept, rebuilt = (
+        sharpness.hessian_eigenvalues(
+            model, loss_fn, data, tol=1e-8, max_iter=64, method=method, start="gradient",
+            keep_graphs=keep,
+        )
+        for keep in (True, False)
+    )  # fmt: skip
+    exact = exact_top(model, data)
+    for result in (kept, rebuilt):
+        assert result.converged
+        assert result[0] == pytest.approx(exact, rel=1e-6)
+    # the gradient of the kept graphs and the one of the extra pass are the same start
+    assert kept.products == rebuilt.products
+
+
+def test_gradient_start_at_a_zero_gradient_is_the_random_start() -> None:
+    # a squared output at zero weights: the gradient is exactly 0, the Hessian is not
+    model = nn.Linear(DIM, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    data = tiny_batches()
+
+    def squared(out: Tensor, y: Tensor) -> Tensor:
+        return (out**2).mean()
+
+    runs = [
+        sharpness.hessian_eigenvalues(
+            model, squared, data, tol=1e-10, generator=torch.Generator().manual_seed(3),
+            start=start,
+        )
+        for start in ("gradient", None)
+    ]  # fmt: skip
+    assert runs[0].products == runs[1].products
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-12)
+    with pytest.raises(ValueError, match='"gradient"'):
+        sharpness.hessian_eigenvalues(model, squared, data, start="grad")
 
 
 def test_start_vector_is_checked() -> None:
@@ -145,7 +195,9 @@ def test_trace_and_sam_sharpness_are_the_instruments_values() -> None:
     )
     record = monitor.measure()
     g = torch.Generator().manual_seed(5)
-    top = sharpness.hessian_eigenvalues(model, loss_fn, data, tol=1e-2, max_iter=20, generator=g)
+    top = sharpness.hessian_eigenvalues(
+        model, loss_fn, data, tol=3e-2, max_iter=20, generator=g, start="gradient"
+    )
     trace = sharpness.hessian_trace(model, loss_fn, data, samples=8, generator=g)
     assert record.top_eigenvalue == top[0]
     assert record.products == top.products

@@ -190,6 +190,23 @@ class _Hessian:
                 raise _NotFinite("the loss")
             self._grads = self._gradient(total / count)
 
+    def gradient(self) -> Tensor:
+        """The gradient of the loss as a flat float64 vector: from the kept graphs, or one
+        backward pass per batch when they are not kept."""
+        if self._grads is not None:
+            grads = [g.detach() for g in self._grads]
+        else:
+            grads = [torch.zeros_like(p) for p in self.params]
+            count = 0
+            for inputs, targets, n in batches(self.data, model_device(self.model)):
+                loss = batch_loss(self.model, self.loss_fn, inputs, targets) * n
+                part = torch.autograd.grad(loss, self.params, allow_unused=True)
+                for acc, g in zip(grads, _fill(part, self.params), strict=True):
+                    acc.add_(g)
+                count += n
+            grads = [g / count for g in grads]
+        return torch.cat([g.reshape(-1).to(self.device, torch.float64) for g in grads])
+
     def _gradient(self, loss: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         return _fill(grads, self.params)
@@ -422,7 +439,7 @@ def hessian_eigenvalues(
     keep_graphs: bool = True,
     return_eigenvectors: bool = False,
     generator: torch.Generator | None = None,
-    start: Sequence[Tensor] | None = None,
+    start: Sequence[Tensor] | str | None = None,
 ) -> Eigenvalues:
     r"""The ``k`` largest eigenvalues of the Hessian of the loss over ``data``, largest first.
 
@@ -483,7 +500,12 @@ def hessian_eigenvalues(
             as tensors shaped like the parameters measured (in model order), such as
             ``result.eigenvectors[0]`` of an earlier call: a warm start. Lanczos starts its
             first run from it, power iteration its first eigenvalue; later runs and
-            eigenvalues start from ``generator`` as usual. It must be finite and not zero
+            eigenvalues start from ``generator`` as usual. It must be finite and not zero.
+            ``"gradient"``: the first start is the unit gradient of the loss plus a unit
+            random vector of ``generator`` (the gradient of a trained network lies mostly in
+            the Hessian's top eigenspace, so this start is close to the top eigenvector, while
+            the random part keeps a component along every eigenvector); with
+            ``keep_graphs=False`` the gradient takes one more backward pass per batch
             (default: None, a random start)
 
     Returns:
@@ -506,11 +528,16 @@ def hessian_eigenvalues(
     if k > size:
         raise ValueError(f"k={k} exceeds the number of parameters measured ({size})")
     gen = random_generator(generator)
-    first = None if start is None else _start_vector(start, chosen)
+    from_gradient = isinstance(start, str)
+    if from_gradient and start != "gradient":
+        raise ValueError(f'start must be None, "gradient" or a sequence of tensors, got {start!r}')
+    first = None if start is None or isinstance(start, str) else _start_vector(start, chosen)
     op: _Hessian | None = None
     with measuring(model, batch_norm):
         try:
             op = _Hessian(model, loss_fn, fixed, chosen, keep_graphs)
+            if from_gradient:
+                first = _gradient_start(op, gen)
             if method == "lanczos":
                 values, vectors, converged = _top_lanczos(op, k, tol, max_iter, gen, first)
             else:
@@ -545,6 +572,18 @@ def _start_vector(start: Sequence[Tensor], params: list[Tensor]) -> Tensor:
     if not bool(torch.isfinite(flat).all()) or float(flat.norm()) == 0.0:
         raise ValueError("start must be finite and not zero: give None for a random start")
     return flat
+
+
+def _gradient_start(op: _Hessian, gen: torch.Generator) -> Tensor:
+    """The unit gradient plus a unit random vector (the random vector alone where the
+    gradient is zero). One host synchronisation."""
+    random = _normal(op.size, gen, op.device)
+    random = random / random.norm()
+    gradient = op.gradient()
+    size = float(gradient.norm())
+    if not math.isfinite(size):
+        raise _NotFinite("the gradient")
+    return random if size == 0.0 else random + gradient / size
 
 
 def _top_scale(values: Sequence[float], k: int) -> float:
