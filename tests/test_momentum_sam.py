@@ -187,6 +187,33 @@ def test_sgd_version_equals_the_authors_rule(weight_decay: float, foreach: bool)
     assert _close(tilde, torch_tilde) is (weight_decay == 0)
 
 
+def test_a_rho_changed_between_steps_decays_at_the_point_actually_perturbed() -> None:
+    # the decay term is lambda * w~ with w~ the point the weights are at: the perturbation the
+    # last step applied (with the rho of then), not one recomputed with the rho of now
+    model = _model()
+    w0 = _weights(model)
+    lr, momentum, decay = 0.1, 0.9, 0.05
+    opt = torchsam.MomentumSAM(
+        model.parameters(), torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=decay
+    )
+    rhos = [0.5, 0.2, 0.8, 0.8, 0.1, 0.3]  # the radius of the perturbation that ends step t
+    for t, rho in enumerate(rhos):
+        opt.param_groups[0]["rho"] = rho
+        _run(opt, model, 1, start=t)
+    grad = _grad_fn(model)
+    tilde = [p.clone() for p in w0]
+    v = [torch.zeros_like(p) for p in w0]
+    applied = 0.0  # w~ = w + applied * v
+    for t, rho in enumerate(rhos):
+        g = grad(tilde, t)
+        w = [p - applied * vi for p, vi in zip(tilde, v, strict=True)]
+        v = [momentum * vi + gi + decay * a for vi, gi, a in zip(v, g, tilde, strict=True)]
+        w = [wi - lr * vi for wi, vi in zip(w, v, strict=True)]
+        applied = -rho / (float(_norm(v)) + 1e-12)
+        tilde = [wi + applied * vi for wi, vi in zip(w, v, strict=True)]
+    assert _close(_weights(model), tilde)
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_version_equals_the_authors_rule(weight_decay: float, foreach: bool) -> None:

@@ -18,10 +18,13 @@ from torchsam._engine import (
     group_foreach,
 )
 from torchsam._engine import _functional as F
+from torchsam._engine._layout import same_objects
 
 __all__ = ["MomentumSAM"]
 
 _NORM_EPS = 1e-12  # added to the momentum's norm before dividing, as the authors do
+#: per group: the parameters perturbed, their saved w, their momenta, the group
+_Perturbed = tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]
 _TRAIN_MODE = "train_mode"  # the mode, in the wide state (every param group: "sam_train_mode")
 
 #: where a ``torch.optim`` class keeps the momentum that MomentumSAM follows (the first
@@ -180,6 +183,10 @@ class MomentumSAM(SharpnessAwareOptimizer):
             "authors_weight_decay": authors_weight_decay,
             "skip_nonfinite": skip_nonfinite,
         }
+        #: per group, what the last perturbation applied: (group, params, momenta, scale)
+        self._applied: list[tuple[dict[str, Any], list[Tensor], list[Tensor], Tensor]] | None
+        self._applied = None
+        self._step_groups: list[_Perturbed] | None = None  # during step(): the groups at w~
         super().__init__(params, base_optimizer, own, kwargs)
         self.momentum_key = _momentum_key(self.base_optimizer, momentum_key)
         #: whether the base optimizer is (a subclass of) one of the ``torch.optim`` classes of
@@ -237,6 +244,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
         there already)."""
         if self.training:
             self._to_w()
+            self._applied = None
             self.wide_state[_TRAIN_MODE] = False
 
     @torch.no_grad()
@@ -274,9 +282,11 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 loss = closure()
         self.begin_step(zero_grad=False, user_backward=True)
         try:
-            self._to_w()
+            self._step_groups = self._perturbed_groups()
+            self._to_w(self._step_groups)
             self.finish_step(own_closure=True)
         finally:
+            self._step_groups = None
             self._perturb()
         return loss
 
@@ -285,18 +295,21 @@ class MomentumSAM(SharpnessAwareOptimizer):
         return False
 
     # ------------------------------------------------------------------ the perturbation
-    def _perturbed_groups(
-        self,
-    ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]:
+    def _perturbed_groups(self, new_w: bool = False) -> list[_Perturbed]:
         """Per group, the parameters that have a saved ``w`` and a momentum: (params, w,
-        momentum, group)."""
+        momentum, group). ``new_w``: first give a parameter with a momentum and no ``w`` yet
+        an (uninitialised) one."""
         out = []
         base_state = self.base_optimizer.state
+        own_state = self.own_state
         for group in self.param_groups:
             params, ws, vs = [], [], []
             for p in group["params"]:
-                w = self.own_state.get(p, {}).get("w")
                 v = base_state.get(p, {}).get(self.momentum_key)
+                own = own_state.get(p)
+                w = None if own is None else own.get("w")
+                if w is None and new_w and isinstance(v, Tensor):
+                    w = own_state[p]["w"] = torch.empty_like(p)
                 if w is not None and isinstance(v, Tensor):
                     params.append(p)
                     ws.append(w)
@@ -305,29 +318,42 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 out.append((params, ws, vs, group))
         return out
 
-    def _to_w(self) -> None:
+    def _to_w(self, groups: list[_Perturbed] | None = None) -> None:
         """Move the weights to ``w``, exactly (a copy of the saved ``w``)."""
-        for params, ws, _, group in self._perturbed_groups():
+        for params, ws, _, group in self._perturbed_groups() if groups is None else groups:
             F.copy_(params, ws, group_foreach(group))
 
     def _perturb(self) -> None:
         """``w = p`` for every parameter with a momentum, then ``p = w - rho v / (||v|| + eps)``
         with the norm over all of them (on the device, no synchronisation)."""
-        base_state = self.base_optimizer.state
-        for group in self.param_groups:
-            for p in group["params"]:
-                v = base_state.get(p, {}).get(self.momentum_key)
-                if isinstance(v, Tensor) and "w" not in self.own_state.get(p, {}):
-                    self.own_state[p]["w"] = torch.empty_like(p)
-        groups = self._perturbed_groups()
+        groups = self._perturbed_groups(new_w=True)
         for params, ws, _, group in groups:
             F.copy_(ws, params, group_foreach(group))
-        for (params, _, vs, group), scale in zip(groups, self._scales(groups), strict=True):
+        scales = self._scales(groups)
+        for (params, _, vs, group), scale in zip(groups, scales, strict=True):
             F.addcmul_(params, vs, scale, group_foreach(group))
+        # what was applied, for the weight decay of the next step (see _applied_scales)
+        self._applied = [
+            (group, params, vs, scale)
+            for (params, _, vs, group), scale in zip(groups, scales, strict=True)
+        ]
 
-    def _scales(
-        self, groups: list[tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]
-    ) -> list[Tensor]:
+    def _applied_scales(self, groups: list[_Perturbed]) -> list[Tensor]:
+        """The factors of the perturbation the weights are at: those the last :meth:`_perturb`
+        applied when it perturbed these same parameters along these same momentum tensors
+        (``w~ - w = scale * v`` even if ``rho`` was changed since), else :meth:`_scales` of
+        ``groups`` computed now (after :meth:`load_state_dict`, a new param group, ...)."""
+        applied = self._applied
+        if applied is not None and len(applied) == len(groups):
+            same = all(
+                group is g[3] and same_objects(params, g[0]) and same_objects(vs, g[2])
+                for (group, params, vs, _), g in zip(applied, groups, strict=True)
+            )
+            if same:
+                return [scale for *_, scale in applied]
+        return self._scales(groups)
+
+    def _scales(self, groups: list[_Perturbed]) -> list[Tensor]:
         """Per group of ``groups`` (from :meth:`_perturbed_groups`), the 0-dim factor
         ``-rho / (||v|| + eps)`` of the perturbation, in the dtype of the group's first
         parameter, with the norm over the momentum of all groups together."""
@@ -342,9 +368,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
             )
         # per-tensor norms in the tensors' dtype, combined in float64 on the first device
         device = groups[0][0][0].device
-        total = torch.linalg.vector_norm(
-            torch.stack([n.to(device) for n in norms]).to(torch.float64)
-        )
+        if any(n.device != device for n in norms):
+            norms = [n.to(device) for n in norms]
+        total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
         return [(-float(group["rho"]) / (total + _NORM_EPS)).to(p[0]) for p, _, _, group in groups]
 
     # ------------------------------------------------------------------ weight decay
@@ -381,23 +407,32 @@ class MomentumSAM(SharpnessAwareOptimizer):
         """``base_grad = g + sign * lambda * scale * v`` for the perturbed parameters of
         ``views`` (``w~ - w = scale * v``; ``sign`` is -1 for a maximizing base optimizer,
         which negates the gradient before adding its decay)."""
-        groups = self._perturbed_groups()
-        scales = {id(g[3]): s for g, s in zip(groups, self._scales(groups), strict=True)}
+        groups = self._step_groups
+        if groups is None:
+            groups = self._perturbed_groups()
+        scales = {id(g[3]): s for g, s in zip(groups, self._applied_scales(groups), strict=True)}
+        perturbed = {id(g[3]): g for g in groups}
         base_state = self.base_optimizer.state
         for view in views:
-            moved = [
-                i
-                for i, p in enumerate(view.params)
-                if "w" in self.own_state.get(p, {}) and self.momentum_key in base_state.get(p, {})
-            ]
+            group = perturbed.get(id(view.group))
+            if group is not None and same_objects(group[0], view.params):
+                moved, momenta = list(range(len(view.params))), group[2]  # all of them
+            else:
+                moved = [
+                    i
+                    for i, p in enumerate(view.params)
+                    if "w" in self.own_state.get(p, {})
+                    and self.momentum_key in base_state.get(p, {})
+                ]
+                momenta = [base_state[view.params[i]][self.momentum_key] for i in moved]
             if not moved:  # not perturbed yet (the first step): w~ = w
                 continue
             grads = ctx.base_grads(view)
             F.copy_(grads, view.grads, view.foreach)
             sign = -1.0 if view.group.get("maximize", False) else 1.0
             coefficient = sign * float(view.group["weight_decay"]) * scales[id(view.group)]
-            momenta = [base_state[view.params[i]][self.momentum_key] for i in moved]
-            F.addcmul_([grads[i] for i in moved], momenta, coefficient, view.foreach)
+            targets = grads if len(moved) == len(grads) else [grads[i] for i in moved]
+            F.addcmul_(targets, momenta, coefficient, view.foreach)
 
     def after_base_step(self, ctx: StepContext) -> None:
         """For a decoupled decay: the base optimizer left ``(1 - c) w - lr u`` (``c = lr *
