@@ -6,7 +6,7 @@ WideResNet and PyramidNet), LookSAM (``k=5``), periodic SAM (IntermittentSAM ``e
 and MomentumSAM (one pass per step, evaluated at its unperturbed weights)
 with the experiments' recipe on ``noisy_digits(noise=0.2)``: the small CNN with BatchNorm
 (``--model cnn``, the default, ``--channels`` wide; ``--model mlp``: the MLP 2 x ``--hidden``
-with BatchNorm), batch 128, SGD lr 0.01 with a cosine schedule,
+with BatchNorm), batch 128 (``--batch``), SGD lr 0.01 with a cosine schedule,
 momentum 0.9, weight decay 5e-4, each method with its registered defaults except ESAM's
 ``beta`` and ``gamma``, both set to 0.5 (torchsam's default ``gamma`` is 1.0: no sample
 selection). (At the experiments' usual lr 0.05 this CNN's first epoch blows up at batch 128: SGD
@@ -366,6 +366,7 @@ def table(results: dict[str, list[Run]], floor: dict[str, float]) -> list[tuple[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="few epochs, one seed (smoke run)")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds (default: {SEEDS})")
@@ -390,16 +391,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=CHANNELS, help="CNN's first conv width")
     parser.add_argument("--hidden", type=int, default=HIDDEN, help="MLP width")
     parser.add_argument(
+        "--batch", type=int, default=BATCH, help=f"batch size (default: {BATCH}; compare's: 64)"
+    )
+    parser.add_argument(
         "--methods", default=None, help="comma-separated contenders (sgd always runs)"
     )
     args = parser.parse_args(argv)
+    BATCH = args.batch  # read by the pass timings, the floors and the training runs
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else SEEDS)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else EPOCHS)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else REPEATS)
     pass_repeats = (
         args.pass_repeats if args.pass_repeats is not None else (5 if args.quick else PASS_REPEATS)
     )
-    if min(seeds, repeats, pass_repeats, args.threads, args.channels, args.hidden) < 1:
+    if min(seeds, repeats, pass_repeats, args.threads, args.channels, args.hidden, args.batch) < 1:
         parser.error("--seeds, --repeats, --pass-repeats, --threads and widths must be >= 1")
     if not 0 <= args.timed_from < epochs:
         parser.error("--timed-from must be in [0, epochs)")

@@ -116,6 +116,25 @@ def _ratio_row(
     )
 
 
+def _fused_kernel_row(problem: bench.Problem, reps: int) -> Row:
+    """The perturbation's fused kernel (``torch._fused_sgd_`` with ``found_inf``) alone on the
+    small tensors: it hands each tensor to OpenMP on its own, so its time grows with threads."""
+    params = [w.clone() for w in problem.weights]
+    scale, nonfinite = torch.tensor(1e-6), torch.tensor(0.0)
+
+    def call() -> None:
+        F._fused_add_(params, problem.grads, scale, nonfinite)
+
+    seconds = _best_time(call, reps)
+    return (
+        f"  the fused perturbation kernel alone ({len(params)} small tensors), "
+        f"{torch.get_num_threads()} thread(s)",
+        bench.fmt_time(seconds) + " (best of runs)",
+        "-",
+        "info",
+    )
+
+
 def timed_targets(threads: Sequence[int], tiny: bool, quick: bool) -> Iterator[Row]:
     """The timed rows, each thread count in turn, yielded as they are measured."""
     if tiny:
@@ -138,6 +157,7 @@ def timed_targets(threads: Sequence[int], tiny: bool, quick: bool) -> Iterator[R
             yield _ratio_row(label, big, 1.05, own=False, timing=big_timing)
             label = f"SAM's own cost ({len(small.weights)} small tensors)"
             yield _ratio_row(label, small, 0.35, own=True, timing=small_timing)
+            yield _fused_kernel_row(small, reps=small_timing["reps"])
     finally:
         torch.set_num_threads(before)
 

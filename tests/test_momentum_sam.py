@@ -638,11 +638,12 @@ def test_experiments_method_evaluates_at_w() -> None:
 
 #: base optimizer -> (its arguments, the most operators MomentumSAM may add to its step)
 COUNTED: dict[str, tuple[type, dict, int]] = {
-    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, 16),
-    # the decay at the perturbed point: the scale again, the base gradient (copy, add)
-    "sgd+decay": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}, 26),
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, 14),
+    # the decay at the perturbed point: the base gradient (copy, the factor, addcmul), with
+    # the perturbation's factor kept from the last step, not computed again
+    "sgd+decay": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.05}, 17),
     # the decay after the update: one rescale (mul, add)
-    "adamw+decay": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}, 18),
+    "adamw+decay": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}, 16),
 }
 
 

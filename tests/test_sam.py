@@ -285,6 +285,25 @@ def test_no_parameter_sized_allocation_after_first_step(foreach: bool) -> None:
     assert counts[2] == []
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adaptive_allocates_two_temporaries_per_parameter_after_first_step(foreach: bool) -> None:
+    # ASAM's operator |w| + eta and the scaled direction T g are per-step temporaries
+    torch.manual_seed(0)
+    params = [torch.randn(64, 32, requires_grad=True) for _ in range(5)]
+    opt = torchsam.SAM(
+        params, torch.optim.SGD, lr=0.1, momentum=0.9, foreach=foreach, adaptive=True
+    )
+    for p in params:
+        p.grad = torch.randn_like(p)
+    counts = []
+    for _ in range(3):
+        with _ParamSizedAllocations(64 * 32) as mode:
+            opt.first_step()
+            opt.second_step()
+        counts.append(len(mode.ops))
+    assert counts[1] == counts[2] == 2 * len(params)
+
+
 # --------------------------------------------------------------------------- state dict
 def _resume_run(base: str, config: str, resume: bool) -> list[torch.Tensor]:
     model, data = make(torch.float32)

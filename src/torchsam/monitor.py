@@ -161,8 +161,9 @@ class SharpnessMonitor:
         tol (float, optional): the eigenvalue's relative residual tolerance: a converged
             value is within ``tol`` times its size of an eigenvalue of the Hessian, the top one
             unless the start vector missed its direction (default: 3e-2, looser than the
-            instrument's 1e-3 to keep a measurement to a few products; the error itself is
-            usually far smaller, as it shrinks with the square of the residual)
+            instrument's 1e-3 to keep a measurement to a few products; where the top
+            eigenvalue is well apart from the next, the error is far smaller, as it shrinks
+            with the square of the residual)
         max_iter (int, optional): at most this many Hessian-vector products for the
             eigenvalue (default: 20)
         trace_samples (int, optional): also estimate the trace with this many Rademacher

@@ -503,10 +503,10 @@ def hessian_eigenvalues(
             eigenvalues start from ``generator`` as usual. It must be finite and not zero.
             ``"gradient"``: the first start is the unit gradient of the loss plus a unit
             random vector of ``generator`` (the gradient of a trained network lies mostly in
-            the Hessian's top eigenspace, so this start is close to the top eigenvector, while
-            the random part keeps a component along every eigenvector); with
-            ``keep_graphs=False`` the gradient takes one more backward pass per batch
-            (default: None, a random start)
+            the Hessian's top eigenspace, Gur-Ari et al. 2018, so this start is close to the
+            top eigenvector, while the random part keeps a component along every
+            eigenvector); with ``keep_graphs=False`` the gradient takes one more backward
+            pass per batch (default: None, a random start)
 
     Returns:
         Eigenvalues: a ``list[float]``, largest first, with ``.products``, ``.converged`` and
