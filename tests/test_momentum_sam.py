@@ -17,6 +17,7 @@ import io
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -520,6 +521,34 @@ def test_resume_is_bit_exact_in_both_modes(mode: str) -> None:
     assert opt2.training is (mode == "train")
     got = go_on(model2, opt2, sched2)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_resume_with_a_scheduled_rho_and_coupled_decay_is_bit_exact(base: str) -> None:
+    # the decay of the step after a resume is taken at the point the weights are at: the
+    # rho of that perturbation travels with the checkpoint
+    cls: type[torch.optim.Optimizer] = torch.optim.SGD if base == "sgd" else torch.optim.Adam
+    kwargs: dict[str, Any] = {"lr": 0.05, "weight_decay": 0.05}
+    if base == "sgd":
+        kwargs["momentum"] = 0.9
+    rhos = [0.5, 0.2, 0.8, 0.8, 0.1, 0.3, 0.6, 0.4]
+
+    def steps(o: torchsam.MomentumSAM, m: nn.Module, span: range) -> None:
+        for t in span:
+            o.param_groups[0]["rho"] = rhos[t]
+            _run(o, m, 1, start=t)
+
+    model = _model()
+    opt = torchsam.MomentumSAM(model.parameters(), cls, **kwargs)
+    steps(opt, model, range(4))
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    steps(opt, model, range(4, 8))
+    model2 = _model(7)
+    opt2 = torchsam.MomentumSAM(model2.parameters(), cls, **kwargs)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    steps(opt2, model2, range(4, 8))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model2), _weights(model), strict=True))
 
 
 def test_deepcopy_steps_like_the_original() -> None:

@@ -25,6 +25,8 @@ __all__ = ["MomentumSAM"]
 _NORM_EPS = 1e-12  # added to the momentum's norm before dividing, as the authors do
 #: per group: the parameters perturbed, their saved w, their momenta, the group
 _Perturbed = tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]
+#: the rho of the perturbation the weights are at, per param group (saved with the groups)
+_APPLIED_RHO = "sam_perturbed_rho"
 _TRAIN_MODE = "train_mode"  # the mode, in the wide state (every param group: "sam_train_mode")
 
 #: where a ``torch.optim`` class keeps the momentum that MomentumSAM follows (the first
@@ -121,7 +123,8 @@ class MomentumSAM(SharpnessAwareOptimizer):
           keeps its momentum and :math:`w`, and is perturbed with the step's common scale.
         * ``state_dict()`` holds the base optimizer's state (the momentum), torchsam's own
           state (``"sam.w"``, the unperturbed weights of each stepped parameter) and, in the
-          param groups, ``rho``, ``authors_weight_decay``, the step count and the mode. The
+          param groups, ``rho``, ``authors_weight_decay``, the step count, the mode and the
+          ``rho`` of the perturbation the weights are at (``"sam_perturbed_rho"``). The
           model's own state dict holds the weights as they are: :math:`w` in evaluation mode,
           :math:`\tilde w` in training mode. Save and load the model and the optimizer
           together; resuming is bit-exact in both modes.
@@ -255,6 +258,17 @@ class MomentumSAM(SharpnessAwareOptimizer):
             self._perturb()
             self.wide_state[_TRAIN_MODE] = True
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torchsam.SAM.load_state_dict`; the ``rho`` each group was perturbed with
+        is part of the groups, so the next step's decay is taken where the weights are."""
+        super().load_state_dict(state_dict)
+        self._applied = None  # the groups and momentum tensors are new
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torchsam.SAM.add_param_group`."""
+        super().add_param_group(param_group)
+        self._applied = None
+
     # ------------------------------------------------------------------ the step
     @torch._disable_dynamo
     @torch.no_grad()
@@ -332,6 +346,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
         scales = self._scales(groups)
         for (params, _, vs, group), scale in zip(groups, scales, strict=True):
             F.addcmul_(params, vs, scale, group_foreach(group))
+            group[_APPLIED_RHO] = group["rho"]
         # what was applied, for the weight decay of the next step (see _applied_scales)
         self._applied = [
             (group, params, vs, scale)
@@ -341,8 +356,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
     def _applied_scales(self, groups: list[_Perturbed]) -> list[Tensor]:
         """The factors of the perturbation the weights are at: those the last :meth:`_perturb`
         applied when it perturbed these same parameters along these same momentum tensors
-        (``w~ - w = scale * v`` even if ``rho`` was changed since), else :meth:`_scales` of
-        ``groups`` computed now (after :meth:`load_state_dict`, a new param group, ...)."""
+        (``w~ - w = scale * v`` even if ``rho`` was changed since), else computed again from
+        the momentum with the ``rho`` each group was perturbed with (saved in the groups, so
+        also after :meth:`load_state_dict`)."""
         applied = self._applied
         if applied is not None and len(applied) == len(groups):
             same = all(
@@ -351,12 +367,14 @@ class MomentumSAM(SharpnessAwareOptimizer):
             )
             if same:
                 return [scale for *_, scale in applied]
-        return self._scales(groups)
+        return self._scales(groups, applied=True)
 
-    def _scales(self, groups: list[_Perturbed]) -> list[Tensor]:
+    def _scales(self, groups: list[_Perturbed], applied: bool = False) -> list[Tensor]:
         """Per group of ``groups`` (from :meth:`_perturbed_groups`), the 0-dim factor
         ``-rho / (||v|| + eps)`` of the perturbation, in the dtype of the group's first
-        parameter, with the norm over the momentum of all groups together."""
+        parameter, with the norm over the momentum of all groups together; ``applied``: with
+        the ``rho`` of the perturbation the weights are at (the group's own where none was
+        saved, as in a checkpoint of an older torchsam)."""
         if not groups:
             return []
         norms: list[Tensor] = []
@@ -371,7 +389,11 @@ class MomentumSAM(SharpnessAwareOptimizer):
         if any(n.device != device for n in norms):
             norms = [n.to(device) for n in norms]
         total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
-        return [(-float(group["rho"]) / (total + _NORM_EPS)).to(p[0]) for p, _, _, group in groups]
+        rhos = [g[_APPLIED_RHO] if applied and _APPLIED_RHO in g else g["rho"] for *_, g in groups]
+        return [
+            (-float(rho) / (total + _NORM_EPS)).to(p[0])
+            for (p, *_), rho in zip(groups, rhos, strict=True)
+        ]
 
     # ------------------------------------------------------------------ weight decay
     def _decay(self, group: dict[str, Any]) -> str | None:
