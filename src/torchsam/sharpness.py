@@ -582,7 +582,7 @@ def _gradient_start(op: _Hessian, gen: torch.Generator) -> Tensor:
     gradient = op.gradient()
     size = float(gradient.norm())
     if not math.isfinite(size):
-        raise _NotFinite("the gradient")
+        raise _NotFinite("the loss or its gradient")
     return random if size == 0.0 else random + gradient / size
 
 
