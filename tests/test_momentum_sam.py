@@ -551,6 +551,24 @@ def test_resume_with_a_scheduled_rho_and_coupled_decay_is_bit_exact(base: str) -
     assert all(torch.equal(a, b) for a, b in zip(_weights(model2), _weights(model), strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_with_a_tiny_or_zero_momentum_stay_finite(
+    dtype: torch.dtype,
+) -> None:
+    # -rho / (||v|| + 1e-12) overflows float16 for a small norm: the factor is limited to
+    # float16's largest value (inf * 0 would be NaN)
+    p = nn.Parameter(torch.ones(4, dtype=dtype))
+    opt = torchsam.MomentumSAM([p], torch.optim.SGD, lr=0.1, momentum=0.9)
+    p.grad = torch.zeros(4, dtype=dtype)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, dtype=dtype))  # v = 0: no perturbation
+    p.grad = torch.full((4,), 1e-7, dtype=dtype)
+    opt.step()
+    assert bool(torch.isfinite(p.detach()).all())
+    assert bool((p.detach() < 1).all())  # perturbed along -v, by at most rho = 0.5 in all
+    assert float((p.detach().float() - 1).norm()) <= 0.5 + 1e-3
+
+
 def test_deepcopy_steps_like_the_original() -> None:
     model = _model()
     opt = torchsam.MomentumSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)

@@ -372,9 +372,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
     def _scales(self, groups: list[_Perturbed], applied: bool = False) -> list[Tensor]:
         """Per group of ``groups`` (from :meth:`_perturbed_groups`), the 0-dim factor
         ``-rho / (||v|| + eps)`` of the perturbation, in the dtype of the group's first
-        parameter, with the norm over the momentum of all groups together; ``applied``: with
-        the ``rho`` of the perturbation the weights are at (the group's own where none was
-        saved, as in a checkpoint of an older torchsam)."""
+        parameter, with the norm over the momentum of all groups
+        together; ``applied``: with the ``rho`` of the perturbation the weights are at (the
+        group's own where none was saved, as in a checkpoint of an older torchsam)."""
         if not groups:
             return []
         norms: list[Tensor] = []
@@ -391,7 +391,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
         total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
         rhos = [g[_APPLIED_RHO] if applied and _APPLIED_RHO in g else g["rho"] for *_, g in groups]
         return [
-            (-float(rho) / (total + _NORM_EPS)).to(p[0])
+            _in_dtype(-float(rho) / (total + _NORM_EPS), p[0])
             for (p, *_), rho in zip(groups, rhos, strict=True)
         ]
 
@@ -465,6 +465,15 @@ class MomentumSAM(SharpnessAwareOptimizer):
             c = view.group["lr"] * float(view.group["weight_decay"])
             ws = [self.own_state[p]["w"] for p in view.params]
             F.combine_(view.params, view.params, 1 - c, ws, c * (1 - c), view.foreach)
+
+
+def _in_dtype(scale: Tensor, like: Tensor) -> Tensor:
+    """``scale`` on ``like``'s device and in its dtype; for float16, first limited to its
+    largest finite value: ``rho / (||v|| + eps)`` overflows float16 for a norm below about
+    ``rho / 65504``, and an infinite factor times a zero momentum entry would be NaN."""
+    if like.dtype == torch.float16:
+        scale = scale.clamp(min=-torch.finfo(torch.float16).max)
+    return scale.to(like)
 
 
 def _momentum_key(base: Optimizer, given: str | None) -> str:
