@@ -289,6 +289,23 @@ def test_no_parameter_sized_allocation_after_first_step(foreach: bool, adaptive:
     assert len(counts[1]) == len(counts[2]) == temporaries
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_float16_weights_with_a_zero_or_tiny_gradient_are_perturbed_finitely(foreach: bool) -> None:
+    # rho / (||g|| + 1e-12) overflows float16 for a small norm; the factor is limited to
+    # float16's largest value, so a zero gradient leaves the weights at w (no NaN second
+    # pass, no spurious skip) and a tiny one perturbs them finitely
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = torchsam.SAM([p], torch.optim.SGD, lr=0.1, momentum=0.9, foreach=foreach)
+    for grad, moved in ((0.0, False), (1e-7, True)):
+        p.grad = torch.full((4,), grad, dtype=torch.float16)
+        opt.first_step()
+        assert bool(torch.isfinite(p.detach()).all())
+        assert bool((p.detach() > 1).all()) is moved
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "non-finite gradient" skip
+            opt.second_step()
+
+
 # --------------------------------------------------------------------------- state dict
 def _resume_run(base: str, config: str, resume: bool) -> list[torch.Tensor]:
     model, data = make(torch.float32)

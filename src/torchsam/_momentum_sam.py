@@ -390,8 +390,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
             norms = [n.to(device) for n in norms]
         total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
         rhos = [g[_APPLIED_RHO] if applied and _APPLIED_RHO in g else g["rho"] for *_, g in groups]
+        # in float16 the factor may overflow to -inf: F.addcmul_ limits it to float16's range
         return [
-            _in_dtype(-float(rho) / (total + _NORM_EPS), p[0])
+            (-float(rho) / (total + _NORM_EPS)).to(p[0])
             for (p, *_), rho in zip(groups, rhos, strict=True)
         ]
 
@@ -465,15 +466,6 @@ class MomentumSAM(SharpnessAwareOptimizer):
             c = view.group["lr"] * float(view.group["weight_decay"])
             ws = [self.own_state[p]["w"] for p in view.params]
             F.combine_(view.params, view.params, 1 - c, ws, c * (1 - c), view.foreach)
-
-
-def _in_dtype(scale: Tensor, like: Tensor) -> Tensor:
-    """``scale`` on ``like``'s device and in its dtype; for float16, first limited to its
-    largest finite value: ``rho / (||v|| + eps)`` overflows float16 for a norm below about
-    ``rho / 65504``, and an infinite factor times a zero momentum entry would be NaN."""
-    if like.dtype == torch.float16:
-        scale = scale.clamp(min=-torch.finfo(torch.float16).max)
-    return scale.to(like)
 
 
 def _momentum_key(base: Optimizer, given: str | None) -> str:

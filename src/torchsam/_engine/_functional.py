@@ -62,9 +62,15 @@ def add_(dst: list[Tensor], src: list[Tensor], alpha: float, foreach: bool) -> N
 
 def addcmul_(dst: list[Tensor], src: list[Tensor], scale: Tensor, foreach: bool) -> None:
     """``dst += src * scale``, with ``scale`` a 0-dim tensor on the device of ``dst`` (never
-    brought to the host), in the lists' own dtype as ``src * scale.to(src)`` would be."""
+    brought to the host), in the lists' own dtype as ``src * scale.to(src)`` would be. For
+    float16 lists a factor beyond float16's range is first limited to its largest value: it
+    would become infinite, and an infinite factor times a zero entry is NaN (SAM's
+    ``rho / (||g|| + 1e-12)`` overflows float16 for a gradient norm below about ``rho / 65504``)."""
     if not dst:
         return
+    if dst[0].dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        scale = scale.clamp(-limit, limit)
     if not foreach:
         for d, s in zip(dst, src, strict=True):
             d.addcmul_(s, scale)
