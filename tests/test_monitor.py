@@ -626,7 +626,8 @@ def test_huggingface_callback_measures_and_leaves_training_unchanged(tmp_path: P
 def test_benchmark_smoke_run() -> None:
     pytest.importorskip("sklearn")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_monitor.py"
-    args = ["--methods", "sgd,momentumsam", "--epochs", "2", "--every", "10", "--probe", "32"]
+    args = ["--methods", "sgd,momentumsam", "--seeds", "2", "--epochs", "2", "--every", "10"]
+    args += ["--probe", "32"]
     out = subprocess.run(
         [sys.executable, str(script), *args],
         capture_output=True,
@@ -634,9 +635,10 @@ def test_benchmark_smoke_run() -> None:
         check=True,
         timeout=300,
     ).stdout
-    assert out.count("monitor: 3 measurements") == 2  # steps 10, 20, 30 of 2 x 19
+    assert out.count("monitor: 3 measurements") == 4  # steps 10, 20, 30 of 2 x 19; 2 x 2 runs
+    assert out.count("over 2 seed(s): the monitor took") == 2
     assert out.count("(target <= 5%: ") == 2
-    assert out.count("same final weights and buffers, bit for bit: True") == 2
+    assert out.count("same final weights and buffers, bit for bit: True") == 4
 
 
 # --------------------------------------------------------------------------- torchsam compare
