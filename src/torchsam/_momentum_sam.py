@@ -189,7 +189,6 @@ class MomentumSAM(SharpnessAwareOptimizer):
         #: per group, what the last perturbation applied: (group, params, momenta, scale)
         self._applied: list[tuple[dict[str, Any], list[Tensor], list[Tensor], Tensor]] | None
         self._applied = None
-        self._step_groups: list[_Perturbed] | None = None  # during step(): the groups at w~
         super().__init__(params, base_optimizer, own, kwargs)
         self.momentum_key = _momentum_key(self.base_optimizer, momentum_key)
         #: whether the base optimizer is (a subclass of) one of the ``torch.optim`` classes of
@@ -296,11 +295,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 loss = closure()
         self.begin_step(zero_grad=False, user_backward=True)
         try:
-            self._step_groups = self._perturbed_groups()
-            self._to_w(self._step_groups)
+            self._to_w()
             self.finish_step(own_closure=True)
         finally:
-            self._step_groups = None
             self._perturb()
         return loss
 
@@ -332,9 +329,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 out.append((params, ws, vs, group))
         return out
 
-    def _to_w(self, groups: list[_Perturbed] | None = None) -> None:
+    def _to_w(self) -> None:
         """Move the weights to ``w``, exactly (a copy of the saved ``w``)."""
-        for params, ws, _, group in self._perturbed_groups() if groups is None else groups:
+        for params, ws, _, group in self._perturbed_groups():
             F.copy_(params, ws, group_foreach(group))
 
     def _perturb(self) -> None:
@@ -372,9 +369,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
     def _scales(self, groups: list[_Perturbed], applied: bool = False) -> list[Tensor]:
         """Per group of ``groups`` (from :meth:`_perturbed_groups`), the 0-dim factor
         ``-rho / (||v|| + eps)`` of the perturbation, in the dtype of the group's first
-        parameter, with the norm over the momentum of all groups
-        together; ``applied``: with the ``rho`` of the perturbation the weights are at (the
-        group's own where none was saved, as in a checkpoint of an older torchsam)."""
+        parameter, with the norm over the momentum of all groups together; ``applied``: with
+        the ``rho`` of the perturbation the weights are at (the group's own where none was
+        saved, as in a checkpoint of an older torchsam)."""
         if not groups:
             return []
         norms: list[Tensor] = []
@@ -430,9 +427,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
         """``base_grad = g + sign * lambda * scale * v`` for the perturbed parameters of
         ``views`` (``w~ - w = scale * v``; ``sign`` is -1 for a maximizing base optimizer,
         which negates the gradient before adding its decay)."""
-        groups = self._step_groups
-        if groups is None:
-            groups = self._perturbed_groups()
+        groups = self._perturbed_groups()
         scales = {id(g[3]): s for g, s in zip(groups, self._applied_scales(groups), strict=True)}
         perturbed = {id(g[3]): g for g in groups}
         base_state = self.base_optimizer.state
