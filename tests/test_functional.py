@@ -179,3 +179,32 @@ def test_nonfinite_flag() -> None:
             got = F.nonfinite_flag(torch.tensor(value, dtype=dtype))
             assert got.dtype == torch.float32
             assert float(got) == flag
+
+
+@pytest.mark.parametrize(
+    ("dtype", "device", "fused"),
+    [
+        (torch.float32, "cpu", True),
+        (torch.float64, "cpu", True),
+        (torch.float32, "meta", True),  # stands for a GPU: any device but the CPU
+        (torch.float64, "meta", False),  # torch's CUDA kernel reads a tensor lr as float32
+        (torch.bfloat16, "cpu", False),
+    ],
+)
+def test_the_fused_perturbation_takes_float64_on_the_cpu_only(
+    dtype: torch.dtype, device: str, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[torch.dtype] = []
+
+    def fused_sgd(params: list[Tensor], *args: object, lr: Tensor, **kwargs: object) -> None:
+        calls.append(lr.dtype)  # the weights stay as they are: only the route is checked
+
+    monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
+    params = [torch.zeros(s, dtype=dtype, device=device) for s in [(70, 70), (5000,)]]
+    dirs = [torch.ones_like(p) for p in params]
+    view = GroupView({"foreach": True}, params, dirs, Layout.of(params))
+    scale = torch.tensor(0.5, dtype=dtype, device=device)
+    F.perturb_(view, 0, params, dirs, scale, torch.zeros((), device=device), normed=False)
+    assert calls == ([dtype] if fused else [])
+    if device == "cpu" and not fused:
+        assert all(torch.equal(p, d * 0.5) for p, d in zip(params, dirs, strict=True))

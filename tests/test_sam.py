@@ -620,3 +620,29 @@ def test_finite_check_fallback_without_the_fused_kernel(monkeypatch: pytest.Monk
         warnings.simplefilter("error")
         opt.second_step(zero_grad=True)
     assert (model.l2.bias - start).abs().min() > 1e298  # the step was taken (lr 0.05 x 1e300)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_float64_weights_on_cuda_equal_the_cpu(adaptive: bool) -> None:
+    """On a GPU float64 weights take the perturbation without torch's fused kernel (which
+    reads a tensor learning rate as float32): the steps equal the CPU's to float64 rounding."""
+
+    def run(device: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().to(device)
+        opt = torchsam.SAM(
+            model.parameters(), torch.optim.SGD, adaptive=adaptive, lr=0.1, momentum=0.9
+        )
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.randn(16, 6, generator=gen, dtype=torch.float64).to(device)
+            y = torch.randn(16, 3, generator=gen, dtype=torch.float64).to(device)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        return [p.detach().cpu() for p in model.parameters()]
+
+    for got, want in zip(run("cuda"), run("cpu"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

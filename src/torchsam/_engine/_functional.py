@@ -265,6 +265,15 @@ def finite_direction_(
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
+def _fused_dtype(tensor: Tensor) -> bool:
+    """Whether the fused perturbation takes weights like ``tensor``: float32 anywhere, float64
+    on the CPU only (torch's CUDA kernel reads a tensor learning rate as float32: a float64
+    ``scale`` there is an error, and a float32 one would round the factor)."""
+    if tensor.dtype is torch.float64:
+        return tensor.device.type == "cpu"
+    return tensor.dtype in _FUSED_DTYPES
+
+
 def nonfinite_flag(norm: Tensor) -> Tensor:
     """1.0 where ``norm`` is not finite, else 0.0: a 0-dim float32 tensor on its device (the
     ``found_inf`` of torch's fused optimizer kernels). No synchronisation; two operators
@@ -313,7 +322,8 @@ def perturb_(
     clean the direction: the update is torch's fused SGD kernel (``torch._fused_sgd_``,
     learning rate ``scale``, ``maximize=True``, no momentum or weight decay), which reads
     ``nonfinite`` as its ``found_inf`` and leaves the weights alone when it is 1. In float32
-    and float64 it gives the bits of :func:`addcmul_`. The kernel walks memory in order, so a
+    and float64 it gives the bits of :func:`addcmul_` (float64 takes it on the CPU only, see
+    :func:`_fused_dtype`). The kernel walks memory in order, so a
     tensor takes it only where its weight is dense (contiguous or channels-last) and the
     direction has the weight's strides; the small CPU tensors of a split take it through their
     pieces of the norm's flat buffer, laid out like the weights (``normed`` says that the
@@ -326,7 +336,7 @@ def perturb_(
     fused = (
         view.layout.fused_plan(index, params, plan)
         if view.foreach
-        and first.dtype in _FUSED_DTYPES
+        and _fused_dtype(first)
         and not _dtensor.is_dtensor(first)
         and not torch.compiler.is_compiling()  # the fused kernel has no fake tensor rule
         else None
