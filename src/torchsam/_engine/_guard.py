@@ -131,8 +131,9 @@ class NonFiniteGuard:
         if total.device.type not in ("cpu", "meta"):
             host = torch.empty((), dtype=total.dtype, pin_memory=True)
             host.copy_(total, non_blocking=True)
-            event = torch.Event(total.device.type)
-            event.record()
+            # on the stream of the flag's own device (not the current device's, which may be
+            # another GPU), after the copy
+            event = torch.accelerator.current_stream(total.device).record_event()
             total = host
         self._late = (total, event)
         for flag in flags:
