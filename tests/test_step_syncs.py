@@ -30,6 +30,18 @@ def test_one_host_synchronisation_per_step_by_default(name: str) -> None:
     assert set(counter.sync_ops) == {"aten._local_scalar_dense.default"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", VARIANTS)
+def test_one_host_synchronisation_per_step_on_cuda(name: str) -> None:
+    """On a GPU the counter also sees copies to the host (MSAM once added each micro-batch's
+    loss to a CPU total)."""
+    counter, base = count_step(CONTENDERS[name], layers=3, device="cuda")
+    assert counter.syncs == 1, counter.sync_ops
+    assert base.syncs == 0
+    unguarded, _ = count_step(CONTENDERS[name], layers=3, device="cuda", skip_nonfinite=False)
+    assert unguarded.syncs == 0, unguarded.sync_ops
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_no_host_synchronisation_without_the_guard(name: str) -> None:
     counter, _ = count_step(CONTENDERS[name], layers=3, skip_nonfinite=False)

@@ -79,20 +79,22 @@ class MSAM(SAM):
         check_int("batch_size", batch_size)
         self.require_idle("step()")
         chunks = torch.arange(batch_size).split(self.m)
-        total = torch.zeros(())
+        total: Tensor | None = None  # on the losses' device: no copy to the host
         for j, rows in enumerate(chunks):
             self.zero_grad()
             with torch.enable_grad():
                 losses = _per_sample(closure(rows), "closure(indices)")
                 (losses.sum() / batch_size).backward()  # weights |S_j| / n
-            total = total + losses.detach().sum().to(total.device)
+            if total is None:
+                total = torch.zeros((), device=losses.device)
+            total = total + losses.detach().sum()
             ctx = self._begin_micro_batch()
             self.at_perturbed_point(_backward_of(closure, rows, batch_size))
             ctx.variables["micro_batches"] = len(chunks)
             if j < len(chunks) - 1:
                 self._accumulate(ctx, first=j == 0)
         self.finish_step()
-        return total / batch_size
+        return cast(Tensor, total) / batch_size  # batch_size >= 1: one chunk at least
 
     def _begin_micro_batch(self) -> StepContext:
         """Perturb along this micro-batch's gradient; the step's context."""

@@ -492,16 +492,17 @@ def sync_contenders() -> list[Contender]:
 
 
 def count_step(
-    contender: Contender, layers: int = 100, **options: Any
+    contender: Contender, layers: int = 100, *, device: str = "cpu", **options: Any
 ) -> tuple[DispatchCounter, DispatchCounter]:
     """Count one step of ``contender`` on an MLP of ``layers`` Linear(10, 10) layers (two
-    tensors each), after warm-up steps; the user's forward and backward passes (and the
-    backward passes ESAM and MSAM run themselves) are not counted. Returns the counter of the
-    step and that of the base optimizer's step alone on the same parameters (SGD with
-    momentum; on CPU tensors its default is the per-tensor loop)."""
+    tensors each) on ``device``, after warm-up steps; the user's forward and backward passes
+    (and the backward passes ESAM and MSAM run themselves) are not counted. Returns the
+    counter of the step and that of the base optimizer's step alone on the same parameters
+    (SGD with momentum; on CPU tensors its default is the per-tensor loop). On a GPU the
+    counters also see copies to the host (see :mod:`torchsam.experiments._dispatch_count`)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(10, 10) for _ in range(layers)])
-    x, y = torch.randn(8, 10), torch.randn(8, 10)
+    model = torch.nn.Sequential(*[torch.nn.Linear(10, 10) for _ in range(layers)]).to(device)
+    x, y = torch.randn(8, 10).to(device), torch.randn(8, 10).to(device)
     opt = contender.build(model.parameters(), **options)
     counter = DispatchCounter()
 
