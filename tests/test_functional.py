@@ -208,3 +208,34 @@ def test_the_fused_perturbation_takes_float64_on_the_cpu_only(
     assert calls == ([dtype] if fused else [])
     if device == "cpu" and not fused:
         assert all(torch.equal(p, d * 0.5) for p, d in zip(params, dirs, strict=True))
+
+
+def test_the_fused_perturbation_takes_its_factor_in_the_weights_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A norm over float32 and float64 tensors is float64; torch's CUDA kernel reads its
+    learning rate as float32, so the float32 weights get the factor in float32 (the bits
+    addcmul_ gives, also on the CPU)."""
+    kernel = torch._fused_sgd_
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def fused_sgd(params: list[Tensor], *args: object, lr: Tensor, **kwargs: object) -> None:
+        seen.append((params[0].dtype, lr.dtype))
+        kernel(params, *args, lr=lr, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
+    params = [torch.randn(70, 70), torch.randn(5000, dtype=torch.float64)]
+    dirs = [torch.randn_like(p) for p in params]
+    want = [p.clone() for p in params]
+    scale = torch.tensor(0.0123, dtype=torch.float64)
+    F.addcmul_(want[:1], dirs[:1], scale, True)
+    F.addcmul_(want[1:], dirs[1:], scale, True)
+    view = GroupView({"foreach": True}, params, dirs, Layout.of(params))
+    flag = torch.zeros(())
+    for i, (ps, ds) in enumerate(zip(view.split(params), view.split(dirs), strict=True)):
+        F.perturb_(view, i, ps, ds, scale, flag, normed=False)
+    assert sorted(seen, key=str) == sorted(
+        [(torch.float32, torch.float32), (torch.float64, torch.float64)], key=str
+    )
+    for got, w in zip(params, want, strict=True):
+        assert torch.equal(got, w)

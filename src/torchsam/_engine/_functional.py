@@ -27,6 +27,7 @@ __all__ = [
     "add_",
     "addcmul_",
     "all_zero",
+    "cast_like",
     "combine_",
     "copy_",
     "dot",
@@ -38,6 +39,19 @@ __all__ = [
 ]
 
 Coefficient = float | Tensor
+
+
+def cast_like(coefficient: Tensor, tensor: Tensor) -> Tensor:
+    """A 0-dim coefficient for the elementwise kernels over tensors like ``tensor``: on its
+    device (on a GPU a coefficient on another device is an error) and in its real dtype, at
+    least float32 (a float64 coefficient for float32 tensors leaves the one-kernel path of a
+    GPU's multi-tensor kernels). The same numbers: the kernels convert a 0-dim operand to
+    that dtype anyway (half-precision tensors compute in float32). No copy where nothing
+    changes."""
+    dtype = torch.promote_types(tensor.dtype.to_real(), torch.float32)
+    if coefficient.device == tensor.device and coefficient.dtype == dtype:
+        return coefficient
+    return coefficient.to(device=tensor.device, dtype=dtype)
 
 
 def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
@@ -365,7 +379,10 @@ def perturb_(
             other_params.append(params[j])
             other_dirs.append(d)
     if fused_params:
-        _fused_add_(fused_params, fused_dirs, scale, nonfinite)
+        # in the weights' dtype, as addcmul_ takes it (a float64 scale from a norm over mixed
+        # dtypes is an error for torch's CUDA kernel, which reads it as float32)
+        lr = scale if scale.dtype == first.dtype else scale.to(first.dtype)
+        _fused_add_(fused_params, fused_dirs, lr, nonfinite)
     if other_params:
         for t in other_dirs:
             torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
