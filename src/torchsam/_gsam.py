@@ -119,4 +119,7 @@ class GSAM(SAM):
         # g_s - alpha * (g - coef * g_s) = (1 + alpha * coef) * g_s - alpha * g
         for v, first in zip(ctx.views, g, strict=True):
             alpha = float(v.group["alpha"])
-            F.combine_(ctx.base_grads(v), v.grads, 1.0 + alpha * coef, first, -alpha, v.foreach)
+            a = 1.0 + alpha * coef
+            splits = zip(v.split(ctx.base_grads(v)), v.split(v.grads), v.split(first), strict=True)
+            for out, g_part, first_part in splits:  # one device and dtype each
+                F.combine_(out, g_part, F.cast_like(a, out[0]), first_part, -alpha, v.foreach)

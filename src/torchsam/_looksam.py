@@ -102,7 +102,10 @@ class LookSAM(SAM):
                     buf = torch.empty_like(gs)
                     self.own_state[p]["gv"] = buf
                 bufs.append(buf)
-            F.combine_(bufs, v.grads, 1.0, first, -coef, v.foreach)
+            minus = -coef
+            splits = zip(v.split(bufs), v.split(v.grads), v.split(first), strict=True)
+            for out, g_part, first_part in splits:  # one device and dtype each
+                F.combine_(out, g_part, 1.0, first_part, F.cast_like(minus, out[0]), v.foreach)
             gv.append(bufs)
             v.layout.buffers["gv"] = bufs  # the same tensors as the state, found faster
         # ||g_v|| is fixed until the next sharpness step: kept (and saved) with the state; it
@@ -121,4 +124,6 @@ class LookSAM(SAM):
         ratio = ctx.grad_norm().to(torch.float64) / (gv_norm + _EPS)  # on the device
         for v, bufs in zip(ctx.views, gv, strict=True):
             alpha = ratio * float(v.group["alpha"])
-            F.combine_(ctx.base_grads(v), v.grads, 1.0, bufs, alpha, v.foreach)
+            splits = zip(v.split(ctx.base_grads(v)), v.split(v.grads), v.split(bufs), strict=True)
+            for out, g_part, gv_part in splits:  # one device and dtype each
+                F.combine_(out, g_part, 1.0, gv_part, F.cast_like(alpha, out[0]), v.foreach)

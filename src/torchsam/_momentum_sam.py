@@ -18,7 +18,7 @@ from torchsam._engine import (
     group_foreach,
 )
 from torchsam._engine import _functional as F
-from torchsam._engine._layout import same_objects
+from torchsam._engine._layout import same_objects, split_by_device_and_dtype
 
 __all__ = ["MomentumSAM"]
 
@@ -294,11 +294,13 @@ class MomentumSAM(SharpnessAwareOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self.begin_step(zero_grad=False, user_backward=True)
+        ctx = self.step_context
+        views = [] if ctx is None else ctx.views
         try:
             self._to_w()
             self.finish_step(own_closure=True)
         finally:
-            self._perturb()
+            self._perturb(views)
         return loss
 
     def second_pass_due(self) -> bool:
@@ -334,15 +336,17 @@ class MomentumSAM(SharpnessAwareOptimizer):
         for params, ws, _, group in self._perturbed_groups():
             F.copy_(params, ws, group_foreach(group))
 
-    def _perturb(self) -> None:
+    def _perturb(self, views: list[GroupView] | None = None) -> None:
         """``w = p`` for every parameter with a momentum, then ``p = w - rho v / (||v|| + eps)``
-        with the norm over all of them (on the device, no synchronisation)."""
+        with the norm over all of them (on the device, no synchronisation). ``views``: those
+        of the step just taken, whose cached layouts tell the groups' devices."""
         groups = self._perturbed_groups(new_w=True)
         for params, ws, _, group in groups:
             F.copy_(ws, params, group_foreach(group))
         scales = self._scales(groups)
         for (params, _, vs, group), scale in zip(groups, scales, strict=True):
-            F.addcmul_(params, vs, scale, group_foreach(group))
+            splits = _splits(params, group, views or [])
+            _addcmul(params, vs, scale, group_foreach(group), splits)
             group[_APPLIED_RHO] = group["rho"]
         # what was applied, for the weight decay of the next step (see _applied_scales)
         self._applied = [
@@ -449,8 +453,12 @@ class MomentumSAM(SharpnessAwareOptimizer):
             F.copy_(grads, view.grads, view.foreach)
             sign = -1.0 if view.group.get("maximize", False) else 1.0
             coefficient = sign * float(view.group["weight_decay"]) * scales[id(view.group)]
-            targets = grads if len(moved) == len(grads) else [grads[i] for i in moved]
-            F.addcmul_(targets, momenta, coefficient, view.foreach)
+            if len(moved) == len(grads):
+                targets, splits = grads, view.layout.splits
+            else:
+                targets = [grads[i] for i in moved]
+                splits = split_by_device_and_dtype(targets)
+            _addcmul(targets, momenta, coefficient, view.foreach, splits)
 
     def after_base_step(self, ctx: StepContext) -> None:
         """For a decoupled decay: the base optimizer left ``(1 - c) w - lr u`` (``c = lr *
@@ -461,6 +469,37 @@ class MomentumSAM(SharpnessAwareOptimizer):
             c = view.group["lr"] * float(view.group["weight_decay"])
             ws = [self.own_state[p]["w"] for p in view.params]
             F.combine_(view.params, view.params, 1 - c, ws, c * (1 - c), view.foreach)
+
+
+def _splits(
+    params: list[Tensor], group: dict[str, Any], views: list[GroupView]
+) -> list[list[int]] | None:
+    """The indices of ``params`` (a group's) per device and dtype (None: one of each): from
+    the step's view of the group where it holds the same parameters (its layout is cached),
+    else found again."""
+    for view in views:
+        if view.group is group and same_objects(view.params, params):
+            return view.layout.splits
+    return split_by_device_and_dtype(params)
+
+
+def _addcmul(
+    dst: list[Tensor],
+    src: list[Tensor],
+    coefficient: Tensor,
+    foreach: bool,
+    splits: list[list[int]] | None,
+) -> None:
+    """``dst += src * coefficient``, per device of ``dst`` (``splits``): a parameter group
+    spread over several GPUs takes the 0-dim coefficient on each of them (a multi-tensor
+    kernel refuses one on another device)."""
+    if splits is None:
+        F.addcmul_(dst, src, coefficient, foreach)
+        return
+    for idx in splits:
+        part = [dst[i] for i in idx]
+        on_device = coefficient.to(part[0].device)
+        F.addcmul_(part, [src[i] for i in idx], on_device, foreach)
 
 
 def _momentum_key(base: Optimizer, given: str | None) -> str:
