@@ -185,3 +185,83 @@ def test_cuda_device_skip(base: str) -> None:
             assert any("previous step" in str(w.message) for w in caught)
         for a, b in zip(snapshot(model, opt), snapshot(host_model, host_opt), strict=True):
             assert torch.equal(a, b)
+
+
+class _SlowEvent:
+    """An event that completes ``lag`` steps after it was recorded (``clock`` counts the
+    steps): a host running ahead of the device."""
+
+    def __init__(self, clock: list[int], lag: int) -> None:
+        self.clock, self.done_at = clock, clock[0] + lag
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.clock[0] >= self.done_at
+
+    def synchronize(self) -> None:
+        self.waited = True
+        self.done_at = self.clock[0]
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_every_skip_is_reported_when_the_host_runs_ahead_of_the_device(
+    lag: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy of a step's decision arrives steps later: each skip is still reported once,
+    ``lag`` steps later (a later step's decision used to replace an unread one)."""
+    from torchsam._engine import _guard
+
+    clock = [0]
+    monkeypatch.setattr(
+        _guard.NonFiniteGuard,
+        "_copy_to_host",
+        staticmethod(lambda total: (total.clone(), _SlowEvent(clock, lag))),
+    )
+    model, opt, x, y = make(torchsam.SAM, "sgd-momentum")
+    reported = []
+    for step in range(12):
+        clock[0] = step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            two_call(model, opt, x, y, nan=step in (2, 3, 7))
+        reported += [step] * len(caught)
+        assert all("not finite" in str(w.message) for w in caught)
+    assert reported == [2 + lag, 3 + lag, 7 + lag]
+
+
+def test_a_host_far_ahead_waits_for_the_oldest_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchsam._engine import _guard
+
+    clock = [0]
+    events: list[_SlowEvent] = []
+
+    def copy(total: torch.Tensor) -> tuple[torch.Tensor, _SlowEvent]:
+        events.append(_SlowEvent(clock, 10**6))  # never completes by itself
+        return total.clone(), events[-1]
+
+    monkeypatch.setattr(_guard.NonFiniteGuard, "_copy_to_host", staticmethod(copy))
+    model, opt, x, y = make(torchsam.SAM, "sgd-momentum")
+    for step in range(_guard.MOST_PENDING + 5):
+        clock[0] = step
+        two_call(model, opt, x, y)
+    # unread decisions wait up to the bound (plus the step's own), the oldest beyond it waited
+    assert len(opt._guard._late) == _guard.MOST_PENDING + 1
+    assert sum(e.waited for e in events) == len(events) - _guard.MOST_PENDING - 1
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_a_float64_default_dtype_keeps_the_flags_float32(base: str) -> None:
+    """torch's fused optimizers read ``found_inf`` as float32: the guard's flags are float32
+    whatever ``torch.set_default_dtype`` says (a float64 flag raised at the first step
+    decided on the device)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, opt, x, y = make(torchsam.SAM, base)
+        for step in range(4):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                two_call(model, opt, x, y, nan=step == 2)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    finally:
+        torch.set_default_dtype(before)

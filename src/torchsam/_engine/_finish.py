@@ -35,9 +35,9 @@ def finish(
 ) -> None:
     """Check the gradients of the step, let the variant shape them, take the base step."""
     name = type(optimizer).__name__
-    late = guard.late_status()
-    if late is not None and late is not Status.FINITE:
-        warnings.warn(late.message(name) + _LATE, RuntimeWarning, stacklevel=4)
+    for late in guard.late_statuses():
+        if late is not Status.FINITE:
+            warnings.warn(late.message(name) + _LATE, RuntimeWarning, stacklevel=4)
     if grad_scaler is not None and ctx.two_pass:
         grad_scaler.unscale_(optimizer.base_optimizer)  # true gradients; overflow recorded
     # the check runs with a GradScaler even when skip_nonfinite is False: skipping an

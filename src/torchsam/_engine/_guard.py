@@ -9,6 +9,7 @@ later checks (the gradients at ``w + e``, or a norm derived from them) set anoth
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,10 @@ class Status(enum.Enum):
         )
 
 
+#: at most this many steps decided on the device wait unread for their copy to the host
+MOST_PENDING = 32
+
+
 class NonFiniteGuard:
     """The flags of one optimizer, per device: ``(found, one, first)`` where ``found`` is set
     to 1 by a later check, ``one`` is the unscale factor of the fused check and ``first`` holds
@@ -57,17 +62,20 @@ class NonFiniteGuard:
     def __init__(self) -> None:
         self._flags: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._found_used = self._first_used = False
-        #: a step decided on the device: its flags copied to the host (and, on an
-        #: accelerator, the event after which the copy is complete), read by a later step
-        self._late: tuple[Tensor, Any] | None = None
+        #: the steps decided on the device whose flags were not read yet, oldest first: the
+        #: flags copied to the host (and, on an accelerator, the event after which the copy is
+        #: complete), read by later steps
+        self._late: deque[tuple[Tensor, Any]] = deque()
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._flags.get(device)
         if entry is None:
+            # float32 whatever the default dtype: torch's fused optimizers read found_inf
+            # (and the check its unscale factor) as float32
             entry = (
-                torch.zeros((), device=device),
-                torch.ones((), device=device),
-                torch.zeros((), device=device),
+                torch.zeros((), dtype=torch.float32, device=device),
+                torch.ones((), dtype=torch.float32, device=device),
+                torch.zeros((), dtype=torch.float32, device=device),
             )
             self._flags[device] = entry
         return entry
@@ -121,39 +129,49 @@ class NonFiniteGuard:
         """The step's decision without reading it: a float32 1 where a check of this step
         found a non-finite value, else 0 (what a fused ``torch.optim`` step takes as
         ``found_inf``). The flags are cleared; their sum is copied to the host without waiting
-        and :meth:`late_status` reads it at a later step."""
+        and :meth:`late_statuses` reads it at a later step."""
         flags = self._used()
         total = flags[0].clone()
         for other in flags[1:]:
             total.add_(other)  # NaN (first_step's norm) wins over 1
         skip = total.ne(0).to(total.dtype)
-        event = None
-        if total.device.type not in ("cpu", "meta"):
-            host = torch.empty((), dtype=total.dtype, pin_memory=True)
-            host.copy_(total, non_blocking=True)
-            # on the stream of the flag's own device (not the current device's, which may be
-            # another GPU), after the copy
-            event = torch.accelerator.current_stream(total.device).record_event()
-            total = host
-        self._late = (total, event)
+        self._late.append(self._copy_to_host(total))
         for flag in flags:
             flag.zero_()
         self._found_used = self._first_used = False
         return skip
 
-    def late_status(self) -> Status | None:
-        """What an earlier step decided on the device found, once its copy has arrived on the
-        host (None before that, or when no such step is pending); no synchronisation."""
-        if self._late is None:
-            return None
-        host, event = self._late
-        if event is not None and not event.query():
-            return None
-        self._late = None
-        value = host.tolist()  # a host tensor: no dispatch, no wait
-        if value == 0.0:
-            return Status.FINITE
-        return Status.FIRST_NORM if value != value else Status.LATER
+    @staticmethod
+    def _copy_to_host(total: Tensor) -> tuple[Tensor, Any]:
+        """``total`` on the host, copied without waiting, and the event after which the copy
+        is complete (None on the CPU: nothing to wait for)."""
+        if total.device.type in ("cpu", "meta"):
+            return total, None
+        host = torch.empty((), dtype=total.dtype, pin_memory=True)
+        host.copy_(total, non_blocking=True)
+        # on the stream of the flag's own device (not the current device's, which may be
+        # another GPU), after the copy
+        return host, torch.accelerator.current_stream(total.device).record_event()
+
+    def late_statuses(self) -> list[Status]:
+        """What earlier steps decided on the device found, oldest first, for each whose copy
+        has arrived on the host; no synchronisation. Those whose copy has not arrived stay
+        for a later call (the host may run several steps ahead of the device), except that
+        beyond :data:`MOST_PENDING` of them the oldest is waited for."""
+        statuses = []
+        while self._late:
+            host, event = self._late[0]
+            if event is not None and not event.query():
+                if len(self._late) <= MOST_PENDING:
+                    break
+                event.synchronize()
+            self._late.popleft()
+            value = host.tolist()  # a host tensor: no dispatch, no wait
+            if value == 0.0:
+                statuses.append(Status.FINITE)
+            else:
+                statuses.append(Status.FIRST_NORM if value != value else Status.LATER)
+        return statuses
 
     def clear(self) -> None:
         """Forget what the unfinished step recorded (after an error or an abort)."""
