@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -477,6 +478,38 @@ def test_list_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]]
     assert names[:2] == ["sgd", "sam"]
     assert {"looksam", "gsam", "esam", "saf", "mesa", "adamw"} <= set(names)
+
+
+def test_list_optimizers_shows_the_rho_compare_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--list-optimizers"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[:-1]}
+    assert lines["sam"].endswith(" [rho=0.1 (--rho)]")  # --rho's default, not the class's 0.05
+    assert lines["periodic"].endswith(" [rho=0.1 (--rho), every=5]")
+    assert lines["looksam"].endswith(" [rho=0.1 (--rho), k=5]")
+    assert not any("rho=0.05" in line for line in lines.values())
+    assert main(["compare", "--rho", "0.05,0.2", "--list-optimizers"]) == 0
+    sam = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sam "))
+    assert sam.endswith(" [rho=0.05 and 0.2 (--rho)]")
+
+
+def test_help_names_the_default_out_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchsam.experiments.cli import _default_out
+
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option: nothing wrapped at a hyphen
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    out_help = next(line for line in lines if line.lstrip().startswith("--out OUT"))
+    form, example = re.search(
+        r"a new (compare-\S+) folder, e\.g\. (compare-\d+-\d+)\)", out_help
+    ).groups()
+    assert form == "compare-<date>-<time>"
+    monkeypatch.chdir(tmp_path)
+    made = _default_out().name
+    assert re.fullmatch(r"compare-\d{8}-\d{6}", made)
+    assert re.fullmatch(r"compare-\d{8}-\d{6}", example)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
