@@ -398,8 +398,9 @@ def test_optimizer_specs_with_options_and_a_rho_sweep() -> None:
 
 
 def _row(label: str, gain: float | None, se: float | None, ratio: float) -> dict[str, Any]:
-    return {"label": label, "baseline": gain is None, "gain": gain, "gain_se": se,
-            "time_ratio": ratio, "seeds": 4, "runs": 3, "hessian_top": None}  # fmt: skip
+    return {"label": label, "method": label.split()[0], "baseline": gain is None, "gain": gain,
+            "gain_se": se, "time_ratio": ratio, "seeds": 4, "runs": 3,
+            "hessian_top": None}  # fmt: skip
 
 
 def test_verdict_sentences() -> None:
@@ -423,6 +424,21 @@ def test_verdict_sentences() -> None:
     assert verdict(single) == (
         "SAM gains +3.0 points over SGD at 2.0x time (one seed: no error estimate; use more seeds)."
     )
+
+
+def test_verdict_of_a_rho_sweep_never_compares_a_method_with_itself() -> None:
+    # The rows of `compare --optimizers sgd,sam,periodic --rho 0.05,0.1 --seeds 1 --epochs 2`,
+    # where periodic SAM at 0.1 had the best gain and once read "periodic SAM rho=0.1 gains
+    # +0.6 ... ; periodic SAM rho=0.05 keeps 67% of it at 1.3x time".
+    sweep = [_row("sgd", None, None, 1.0), _row("sam rho=0.05", 0.2, None, 2.0)]
+    sweep += [_row("sam rho=0.1", 0.3, None, 2.0), _row("periodic rho=0.05", 0.4, None, 1.3)]
+    sweep.append(_row("periodic rho=0.1", 0.6, None, 1.4))
+    assert verdict(sweep) == (
+        "periodic SAM rho=0.1 gains +0.6 points over SGD at 1.4x time "
+        "(one seed: no error estimate; use more seeds)."
+    )
+    sweep[2]["gain"] = 0.9  # SAM at 0.1 best: the cheap variant is measured against it
+    assert verdict(sweep).endswith("; periodic SAM rho=0.1 keeps 67% of it at 1.4x time.")
 
 
 def test_summary_keeps_incomplete_runs_out() -> None:
