@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -397,8 +398,9 @@ def test_optimizer_specs_with_options_and_a_rho_sweep() -> None:
 
 
 def _row(label: str, gain: float | None, se: float | None, ratio: float) -> dict[str, Any]:
-    return {"label": label, "baseline": gain is None, "gain": gain, "gain_se": se,
-            "time_ratio": ratio, "seeds": 4, "runs": 3, "hessian_top": None}  # fmt: skip
+    return {"label": label, "method": label.split()[0], "baseline": gain is None, "gain": gain,
+            "gain_se": se, "time_ratio": ratio, "seeds": 4, "runs": 3,
+            "hessian_top": None}  # fmt: skip
 
 
 def test_verdict_sentences() -> None:
@@ -422,6 +424,21 @@ def test_verdict_sentences() -> None:
     assert verdict(single) == (
         "SAM gains +3.0 points over SGD at 2.0x time (one seed: no error estimate; use more seeds)."
     )
+
+
+def test_verdict_of_a_rho_sweep_never_compares_a_method_with_itself() -> None:
+    # The rows of `compare --optimizers sgd,sam,periodic --rho 0.05,0.1 --seeds 1 --epochs 2`,
+    # where periodic SAM at 0.1 had the best gain and once read "periodic SAM rho=0.1 gains
+    # +0.6 ... ; periodic SAM rho=0.05 keeps 67% of it at 1.3x time".
+    sweep = [_row("sgd", None, None, 1.0), _row("sam rho=0.05", 0.2, None, 2.0)]
+    sweep += [_row("sam rho=0.1", 0.3, None, 2.0), _row("periodic rho=0.05", 0.4, None, 1.3)]
+    sweep.append(_row("periodic rho=0.1", 0.6, None, 1.4))
+    assert verdict(sweep) == (
+        "periodic SAM rho=0.1 gains +0.6 points over SGD at 1.4x time "
+        "(one seed: no error estimate; use more seeds)."
+    )
+    sweep[2]["gain"] = 0.9  # SAM at 0.1 best: the cheap variant is measured against it
+    assert verdict(sweep).endswith("; periodic SAM rho=0.1 keeps 67% of it at 1.4x time.")
 
 
 def test_summary_keeps_incomplete_runs_out() -> None:
@@ -477,6 +494,38 @@ def test_list_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]]
     assert names[:2] == ["sgd", "sam"]
     assert {"looksam", "gsam", "esam", "saf", "mesa", "adamw"} <= set(names)
+
+
+def test_list_optimizers_shows_the_rho_compare_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--list-optimizers"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[:-1]}
+    assert lines["sam"].endswith(" [rho=0.1 (--rho)]")  # --rho's default, not the class's 0.05
+    assert lines["periodic"].endswith(" [rho=0.1 (--rho), every=5]")
+    assert lines["looksam"].endswith(" [rho=0.1 (--rho), k=5]")
+    assert not any("rho=0.05" in line for line in lines.values())
+    assert main(["compare", "--rho", "0.05,0.2", "--list-optimizers"]) == 0
+    sam = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sam "))
+    assert sam.endswith(" [rho=0.05 and 0.2 (--rho)]")
+
+
+def test_help_names_the_default_out_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchsam.experiments.cli import _default_out
+
+    monkeypatch.setenv("COLUMNS", "300")  # one line per option: nothing wrapped at a hyphen
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    out_help = next(line for line in lines if line.lstrip().startswith("--out OUT"))
+    form, example = re.search(
+        r"a new (compare-\S+) folder, e\.g\. (compare-\d+-\d+)\)", out_help
+    ).groups()
+    assert form == "compare-<date>-<time>"
+    monkeypatch.chdir(tmp_path)
+    made = _default_out().name
+    assert re.fullmatch(r"compare-\d{8}-\d{6}", made)
+    assert re.fullmatch(r"compare-\d{8}-\d{6}", example)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")

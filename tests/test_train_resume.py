@@ -256,7 +256,11 @@ def test_time_estimate_and_option_checks() -> None:
     assert line.startswith(
         "epoch 1 took 90 s: this run needs about 5.0 h more; the 3 runs after it about 15.0 h"
     )
-    assert "4 min more" in epoch_estimate(EpochStats(0, 1.0, 30.0), epochs=9, runs_left=0)
+    last = epoch_estimate(EpochStats(0, 1.0, 30.0), epochs=9, runs_left=0)
+    assert last.startswith("epoch 1 took 30 s: this run needs about 4 min more, done around ")
+    assert "after it" not in last  # no "the 0 runs after it about 0 s"
+    one = epoch_estimate(EpochStats(0, 1.0, 30.0), epochs=9, runs_left=1)
+    assert "more; the run after it about 4 min at this cost" in one
     assert run_checkpoint(Path("out"), "looksam(k=5)", 2) == Path(
         "out/checkpoints/resume/looksam_k=5_-seed2.pt"
     )

@@ -2,8 +2,10 @@
 
 import warnings
 
-# torch warns "Failed to initialize NumPy" on import when NumPy is missing; torchsam does not
-# use NumPy, so a fresh install (torch is the only dependency) should not print that.
+# torch warns "Failed to initialize NumPy" on import when NumPy is missing. The library never
+# needs NumPy (only the plots and the experiments do, and their extras install it), so a fresh
+# install (torch is the only dependency) should not print that. This hides it only where
+# torchsam is imported before torch; the install page says the warning is harmless.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401

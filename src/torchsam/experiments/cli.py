@@ -194,7 +194,8 @@ def _add_output_options(add: Callable[..., Any]) -> None:
     add(
         "--out",
         default=None,
-        help="output folder, new or empty (default: a new compare-<time> folder)",
+        help="output folder, new or empty (default: a new compare-<date>-<time> folder, "
+        "e.g. compare-20261207-223906)",
     )
     add("--config", default=None, help="rerun the configuration of a results.json")
     add("--quiet", action="store_true", help="no progress bars")
@@ -374,19 +375,28 @@ def _progress(quiet: bool) -> Any:
     return Progress(start_run=start_run, step=step, end_run=end_run, note=note)
 
 
-def _list_optimizers() -> None:
+def _list_optimizers(rhos: list[float] | None) -> None:
+    """Each optimizer with the options compare runs it with: ``rho`` is ``--rho``'s value
+    (``rhos``, or the default when ``None``), the others the optimizer's defaults."""
+    from torchsam.experiments.compare import CompareConfig
     from torchsam.experiments.train import METHODS
 
+    rho = " and ".join(str(r) for r in (CompareConfig().rho if rhos is None else rhos))
     width = max(len(n) for n in METHODS)
     for name, method in METHODS.items():
-        options = ", ".join(f"{k}={v}" for k, v in method.defaults.items())
+        options = ", ".join(
+            f"rho={rho} (--rho)" if k == "rho" else f"{k}={v}" for k, v in method.defaults.items()
+        )
         print(f"{name:<{width}}  {method.description}" + (f" [{options}]" if options else ""))
-    print("rho comes from --rho unless an optimizer sets its own (sam:rho=0.2)")
+    print(
+        "in brackets, the options compare runs with: rho is --rho's unless an optimizer sets "
+        "its own (sam:rho=0.2) or a --preset the paper's; the others are each one's defaults"
+    )
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     if args.list_optimizers:
-        _list_optimizers()
+        _list_optimizers(getattr(args, "rho", None))
         return 0
     from torchsam.experiments.compare import check_output_folder, init_distributed
 

@@ -1397,7 +1397,8 @@ def _pretty(label: str) -> str:
 
 def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
     """One sentence on the summary: the best gain over the baseline, its cost and its flatness,
-    and the cheaper contender that keeps the best share of it.
+    and the cheaper contender of another method that keeps the best share of it (in a ``--rho``
+    sweep, never the best method at another rho).
 
     A gain is called settled when it exceeds twice its standard error; a smaller positive gain
     is reported with that caveat (with one seed there is no error estimate, and the sentence
@@ -1468,7 +1469,7 @@ def _gain_sentence(summary: Sequence[Mapping[str, Any]]) -> str:
     cheaper = [
         r
         for r in others
-        if r is not best
+        if r["method"] != best["method"]  # not the same method at another rho or options
         and r["gain"] > 0
         and r["time_ratio"] is not None
         and best["time_ratio"] is not None

@@ -50,7 +50,8 @@ def run_checkpoint(out: Path, label: str, seed: int) -> Path:
 
 def epoch_estimate(stats: EpochStats, epochs: int, runs_left: int) -> str:
     """A line after a run's first epoch: its duration, the run's expected end and, assuming
-    the other runs cost the same, the comparison's.
+    the other runs cost the same, the comparison's (the runs after it are left out of the
+    line when there are none).
 
     Args:
         stats (EpochStats): the first epoch's record (``wall_time`` is that epoch's)
@@ -59,14 +60,16 @@ def epoch_estimate(stats: EpochStats, epochs: int, runs_left: int) -> str:
     """
     per_epoch = stats.wall_time
     run_left = per_epoch * (epochs - 1)
-    all_left = run_left + per_epoch * epochs * runs_left
-    end = datetime.datetime.now() + datetime.timedelta(seconds=all_left)
-    return (
-        f"epoch 1 took {_duration(per_epoch)}: this run needs about {_duration(run_left)} "
-        f"more; the {runs_left} runs after it about {_duration(per_epoch * epochs * runs_left)}"
-        f" at this cost (two-pass methods take about twice as long), done around "
-        f"{end:%a %H:%M}"
-    )
+    others = per_epoch * epochs * runs_left
+    end = datetime.datetime.now() + datetime.timedelta(seconds=run_left + others)
+    line = f"epoch 1 took {_duration(per_epoch)}: this run needs about {_duration(run_left)} more"
+    if runs_left:
+        after = "the run" if runs_left == 1 else f"the {runs_left} runs"
+        line += (
+            f"; {after} after it about {_duration(others)} at this cost (two-pass methods take "
+            "about twice as long)"
+        )
+    return f"{line}, done around {end:%a %H:%M}"
 
 
 def _duration(seconds: float) -> str:
