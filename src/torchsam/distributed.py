@@ -142,8 +142,10 @@ def _spread_non_finite(model: nn.Module, optimizer: SharpnessAwareOptimizer) -> 
     would differ between ranks from then on. One all-reduce of a flag decides for all, before
     ``GradScaler.unscale_`` and ``first_step`` look at the gradients, so both see the overflow
     on every rank. The ranks that found it are filled with NaN too: clipping, which may still
-    follow, keeps a NaN, whereas clipping by value turns an inf into a finite number and that
-    rank alone would step.
+    follow (Lightning clips after ``on_before_optimizer_step``), keeps a NaN, whereas clipping
+    by value turns an inf into a finite number and that rank alone would step.
+
+    Also called by :class:`torchsam.lightning.LocalPerturbation`.
     """
     import torch.distributed as dist
 
