@@ -4,16 +4,20 @@
 running the same command again. Each rank trains on its half of every batch, in automatic
 optimisation (SAM, gradient clipping, a per-step LR scheduler) and with the manual-optimisation
 pattern (micro-batches accumulated inside the closure), each with both passes all-reduced and
-with :class:`torchsam.lightning.LocalPerturbation`, and saves the final weights and the number
-of gradient all-reduces of each run to ``OUT_DIR/rank{r}.pt``. The test compares them with one
-process on the whole batch (:func:`one_process`) and with the per-rank perturbation written
-out (:func:`local_reference`).
+with :class:`torchsam.lightning.LocalPerturbation`, and saves the final weights, the number
+of gradient all-reduces and the number of steps skipped for a gradient that was not finite
+(the optimizer's warnings) of each run to ``OUT_DIR/rank{r}.pt``. The test compares them with
+one process on the whole batch (:func:`one_process`) and with the per-rank perturbation written
+out (:func:`local_reference`). Two more local runs put a NaN, or an inf clipped by value, into
+one rank's first gradient of the step :data:`NON_FINITE_STEP`: every rank must skip it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +32,7 @@ from torchsam.distributed import AllReduceCounter, count_all_reduces
 
 WORLD, STEPS, LOCAL_BATCH, MICRO = 2, 3, 4, 2
 CLIP = 0.05  # small enough to clip every gradient of this model
+NON_FINITE_STEP = 1  # the step whose first gradient is not finite on one rank
 
 
 def make_model() -> nn.Module:
@@ -87,6 +92,23 @@ class Automatic(L.LightningModule):
         }
 
 
+class NonFinite(Automatic):
+    """On step :data:`NON_FINITE_STEP`, rank ``rank``'s first (local) gradient has one entry
+    ``value`` (NaN or inf); the other entries and the other ranks' gradients are finite."""
+
+    def __init__(self, rank: int, value: float) -> None:
+        super().__init__()
+        self.rank, self.value = rank, value
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        first_pass = not self.optimizers().perturbed  # type: ignore[union-attr]
+        if first_pass and batch_idx == NON_FINITE_STEP and self.global_rank == self.rank:
+            bias = self.model.get_parameter("0.bias")
+            loss = loss + bias[0] * self.value  # d loss / d bias[0] = value
+        return loss
+
+
 class Manual(Automatic):
     def __init__(self) -> None:
         super().__init__()
@@ -112,17 +134,20 @@ class Manual(Automatic):
         return loss
 
 
-def local_reference(every: int = 1) -> list[Tensor]:
+def local_reference(every: int = 1, skip: int | None = None) -> list[Tensor]:
     """Each rank perturbed with its own gradient, the gradients at the perturbed points
     averaged, written out for the two ranks in one process (the first gradient is not clipped:
     clipping by norm does not change the perturbation but for rounding). With ``every > 1``,
     only the steps ``0, every, 2 every, ...`` are perturbed; the others step with the gradient
-    at ``w`` averaged over the ranks."""
+    at ``w`` averaged over the ranks. Step ``skip`` is skipped (the scheduler still steps)."""
     model = make_model()
     params = list(model.parameters())
     base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
     for step, (x, y) in enumerate(make_batches()):
+        if step == skip:
+            scheduler.step()
+            continue
         rho = 0.05 if step % every == 0 else 0.0  # rho=0: the second pass is the first
         w = [p.detach().clone() for p in params]
         average = [torch.zeros_like(p) for p in params]
@@ -165,7 +190,13 @@ def one_process(clip: float | None = CLIP) -> list[Tensor]:
     return [p.detach() for p in model.parameters()]
 
 
-def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]], local: bool) -> None:
+def _fit(
+    module: L.LightningModule,
+    rank_batches: Callable[[int], list[Any]],
+    local: bool,
+    clip_algorithm: str = "norm",
+) -> int:
+    """Fit ``module``; return how many steps the optimizer skipped for a non-finite gradient."""
     callbacks: list[L.Callback] = [torchsam.lightning.SharpnessAwareCheck()]
     if local:
         callbacks.append(torchsam.lightning.LocalPerturbation())
@@ -175,6 +206,7 @@ def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]], lo
         strategy="ddp",
         max_epochs=1,
         gradient_clip_val=CLIP if module.automatic_optimization else None,
+        gradient_clip_algorithm=clip_algorithm,
         use_distributed_sampler=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -183,7 +215,10 @@ def _fit(module: L.LightningModule, rank_batches: Callable[[int], list[Any]], lo
         callbacks=callbacks,
     )
     loader = DataLoader(rank_batches(int(os.environ.get("LOCAL_RANK", "0"))), batch_size=None)
-    trainer.fit(module, loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    return sum("not finite (inf or NaN)" in str(w.message) for w in caught)
 
 
 def main(out_dir: str) -> None:
@@ -194,16 +229,23 @@ def main(out_dir: str) -> None:
         return [(x[part], y[part]) for x, y in make_batches()]
 
     results = {}
-    for name, module, local in (
-        ("automatic", Automatic(), False),
-        ("manual", Manual(), False),
-        ("local automatic", Automatic(), True),
-        ("local manual", Manual(), True),
-        ("local intermittent", Automatic(every=2), True),
+    for name, module, local, clip_algorithm in (
+        ("automatic", Automatic(), False, "norm"),
+        ("manual", Manual(), False, "norm"),
+        ("local automatic", Automatic(), True, "norm"),
+        ("local manual", Manual(), True, "norm"),
+        ("local intermittent", Automatic(every=2), True, "norm"),
+        ("local nan", NonFinite(rank=1, value=math.nan), True, "norm"),
+        # clipping by value would turn this rank's inf into a finite number
+        ("local inf clipped by value", NonFinite(rank=0, value=math.inf), True, "value"),
     ):
-        _fit(module, rank_batches, local)
+        skipped = _fit(module, rank_batches, local, clip_algorithm)
         weights = [p.detach().clone() for p in module.model.parameters()]
-        results[name] = {"weights": weights, "all_reduces": module.counter.calls}
+        results[name] = {
+            "weights": weights,
+            "all_reduces": module.counter.calls,
+            "skipped": skipped,
+        }
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     # gloo's threads can abort a finished process at interpreter exit (SIGABRT, "terminate

@@ -1,6 +1,6 @@
-"""On two CPU processes (gloo): mixed precision, ESAM, MSAM and the moving-average variants
-under DDP, and the experiments' data-parallel training loop (``train(..., distributed=True)``,
-what ``torchsam compare`` runs under torchrun).
+"""On two CPU processes (gloo): mixed precision, ESAM, MSAM, the moving-average variants and
+clipping by value after a local pass under DDP, and the experiments' data-parallel training
+loop (``train(..., distributed=True)``, what ``torchsam compare`` runs under torchrun).
 
 One spawn runs every scenario (starting processes and building the first DDP model take
 seconds); the workers save what they ended with and the tests compare it with one-process runs
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import warnings
 from typing import Any
 
 import pytest
@@ -239,6 +240,36 @@ def _ema_runs(rank: int, ddp: DDP) -> dict[str, Any]:
     return results
 
 
+# ---------------------------------------------------------------------- clipping by value
+CLIP_STEPS, CLIP_INF = 3, (0, 1)  # rank 0's first gradient has an inf on step 1
+
+
+def _value_clip_run(rank: int, ddp: DDP) -> dict[str, Any]:
+    """SAM with sam_pass(local=True), the gradients clipped by value after each pass; on one
+    step one rank's first gradient has an inf (which clipping alone would make finite).
+    Returns the weights and how many steps were skipped (the optimizer's warnings)."""
+    model = fresh(ddp)
+    opt = sgd(torchsam.SAM, model.parameters())
+    bias = model.module.get_parameter("0.bias")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, (x, y) in enumerate(shard(b, rank) for b in make_data(CLIP_STEPS)):
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y, step: int = step) -> Any:
+                opt.zero_grad()
+                with sam_pass(model, opt, local=True):
+                    loss = ((model(x) - y) ** 2).mean()
+                    if (rank, step) == CLIP_INF and not opt.perturbed:
+                        loss = loss + bias[0] * math.inf
+                    loss.backward()
+                nn.utils.clip_grad_value_(model.parameters(), 0.01)
+                return loss
+
+            opt.step(closure)
+    skipped = sum("not finite (inf or NaN)" in str(w.message) for w in caught)
+    return {"value_clip": (flat(model.module), skipped)}
+
+
 # ---------------------------------------------------------------------- the training loop
 TRAIN_METHODS = ("sgd", "sam", "looksam", "esam")
 
@@ -310,6 +341,7 @@ def _run(rank: int, init: str, out: str) -> None:
     try:
         ddp = DDP(make_model())
         results = {**_amp_runs(rank), **_esam_msam_runs(rank, ddp), **_ema_runs(rank, ddp)}
+        results.update(_value_clip_run(rank, ddp))
         results.update(_train_runs())
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
@@ -391,6 +423,17 @@ def test_moving_average_variants_in_local_mode_keep_the_ranks_identical(
     # each rank's moving average comes from its own gradients
     assert state.numel() > 0
     assert not torch.allclose(state, state1)
+
+
+def test_an_inf_clipped_by_value_after_a_local_pass_skips_the_step_on_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """sam_pass fills every rank's gradients with NaN, the overflowing rank's too: clipping by
+    value would turn an inf into a finite number, and that rank alone would step."""
+    (weights, skipped), (weights1, skipped1) = ranks[0]["value_clip"], ranks[1]["value_clip"]
+    assert torch.equal(weights, weights1), "ranks differ"
+    assert skipped == skipped1 == 1
+    assert not torch.equal(weights, flat(make_model()))  # the other steps were taken
 
 
 @pytest.mark.parametrize("cls", [torchsam.ESAM, torchsam.MSAM])

@@ -387,19 +387,26 @@ def test_readme_manual_accumulation_equals_the_closure_style(
 
 
 # ---------------------------------------------------------------------------- DDP
-def test_ddp_strategy_synchronised_and_local(tmp_path: Path) -> None:
-    """Lightning's strategy="ddp" on two CPU processes (gloo), automatic and manual: both
-    passes all-reduced equal one process on the whole batch; with LocalPerturbation, each rank
-    perturbed with its own gradient, one all-reduce per step instead of two (IntermittentSAM's
-    steps without second pass all-reduced too)."""
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """What each of the two ranks of ``tests/_lightning_ddp.py`` ended with, per run."""
+    out = tmp_path_factory.mktemp("lightning_ddp")
     done = subprocess.run(
-        [sys.executable, _lightning_ddp.__file__, str(tmp_path)],
+        [sys.executable, _lightning_ddp.__file__, str(out)],
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_ddp_strategy_synchronised_and_local(ddp_ranks: list[dict[str, Any]]) -> None:
+    """Lightning's strategy="ddp" on two CPU processes (gloo), automatic and manual: both
+    passes all-reduced equal one process on the whole batch; with LocalPerturbation, each rank
+    perturbed with its own gradient, one all-reduce per step instead of two (IntermittentSAM's
+    steps without second pass all-reduced too)."""
+    ranks = ddp_ranks
     synchronised = _lightning_ddp.one_process()
     local = _lightning_ddp.local_reference()
     steps, micro = _lightning_ddp.STEPS, _lightning_ddp.MICRO
@@ -417,6 +424,7 @@ def test_ddp_strategy_synchronised_and_local(tmp_path: Path) -> None:
         for a, b in zip(ranks[0][run]["weights"], reference, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=run)
         assert ranks[0][run]["all_reduces"] == ranks[1][run]["all_reduces"] == all_reduces, run
+        assert ranks[0][run]["skipped"] == ranks[1][run]["skipped"] == 0, run
     # the references differ from each other and from the start, and the clipping is active
     for a, b in (
         (synchronised, local),
@@ -424,6 +432,28 @@ def test_ddp_strategy_synchronised_and_local(tmp_path: Path) -> None:
         (synchronised, _lightning_ddp.one_process(clip=None)),
     ):
         assert not torch.allclose(a[0], b[0], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("run", ["local nan", "local inf clipped by value"])
+def test_local_perturbation_skips_a_non_finite_step_on_every_rank(
+    ddp_ranks: list[dict[str, Any]], run: str
+) -> None:
+    """A NaN (or an inf, then clipped by value) in one rank's local first gradient: every rank
+    skips that step, as with sam_pass(local=True), and the ranks stay bit-identical (before
+    the fix the other rank stepped)."""
+    rank0, rank1 = ddp_ranks[0][run], ddp_ranks[1][run]
+    for a, b in zip(rank0["weights"], rank1["weights"], strict=True):
+        assert torch.equal(a, b)
+    assert rank0["skipped"] == rank1["skipped"] == 1
+    # still one gradient all-reduce per step (the flag's all-reduce is not a gradient's)
+    assert rank0["all_reduces"] == rank1["all_reduces"] == _lightning_ddp.STEPS
+    if run == "local nan":  # the steps taken are those of the per-rank reference
+        skipped = _lightning_ddp.local_reference(skip=_lightning_ddp.NON_FINITE_STEP)
+        assert not torch.allclose(skipped[0], _lightning_ddp.local_reference()[0])
+        for a, b in zip(rank0["weights"], skipped, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    initial = list(_lightning_ddp.make_model().parameters())
+    assert not torch.allclose(rank0["weights"][0], initial[0])  # the other steps were taken
 
 
 def test_local_perturbation_refuses_what_it_cannot_do() -> None:

@@ -133,14 +133,19 @@ def _check_local(optimizer: SharpnessAwareOptimizer) -> None:
 
 
 def _spread_non_finite(model: nn.Module, optimizer: SharpnessAwareOptimizer) -> None:
-    """After a local first pass: if a gradient of any rank is not finite, make this rank's
-    gradients NaN too, so that every rank skips the step.
+    """After a local first pass: if a gradient of any rank is not finite, make every rank's
+    gradients NaN, so that every rank skips the step.
 
     A synchronised pass spreads an inf or NaN to every rank through the all-reduce; a local
-    pass does not, and the ranks would then disagree on whether to perturb (one skipping the
-    step, the other running a second pass that all-reduces alone). One all-reduce of a flag
-    decides for all, before ``GradScaler.unscale_`` and ``first_step`` look at the gradients,
-    so both see the overflow on every rank.
+    pass does not, and the ranks would then disagree on whether to skip the step (one
+    skipping it, the others stepping with the averaged second gradient), and the weights
+    would differ between ranks from then on. One all-reduce of a flag decides for all, before
+    ``GradScaler.unscale_`` and ``first_step`` look at the gradients, so both see the overflow
+    on every rank. The ranks that found it are filled with NaN too: clipping, which may still
+    follow (Lightning clips after ``on_before_optimizer_step``), keeps a NaN, whereas clipping
+    by value turns an inf into a finite number and that rank alone would step.
+
+    Also called by :class:`torchsam.lightning.LocalPerturbation`.
     """
     import torch.distributed as dist
 
@@ -156,9 +161,8 @@ def _spread_non_finite(model: nn.Module, optimizer: SharpnessAwareOptimizer) -> 
     else:
         first = next(model.parameters(), None)
         flag = torch.zeros((), device=first.device if first is not None else "cpu")
-    any_rank = flag.clone()
-    dist.all_reduce(any_rank, op=dist.ReduceOp.MAX, group=getattr(model, "process_group", None))
-    if bool(any_rank.item()) and not bool(flag.item()):
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=getattr(model, "process_group", None))
+    if bool(flag.item()):  # some rank's gradients are not finite
         for g in present:
             g.fill_(float("nan"))
 

@@ -23,7 +23,8 @@ that do not mention Lightning.
 Under ``strategy="ddp"`` both passes of a step are all-reduced, and the weights equal one
 process on the whole batch. :class:`LocalPerturbation`, another callback, perturbs each process
 with its own gradient instead (as :func:`torchsam.distributed.sam_pass` with ``local=True``):
-one gradient all-reduce per step instead of two.
+one gradient all-reduce per step instead of two, and, as there, a gradient that is not finite
+on one process makes every process skip the step.
 
 This module is the only part of torchsam that imports Lightning; ``import torchsam`` does not.
 """
@@ -45,6 +46,7 @@ except ImportError as error:
     ) from error
 
 from torchsam._engine import SharpnessAwareOptimizer
+from torchsam.distributed import _spread_non_finite
 
 __all__ = ["LocalPerturbation", "SharpnessAwareCheck", "check_trainer"]
 
@@ -87,7 +89,10 @@ class LocalPerturbation(pl.Callback):
 
     It switches DDP's ``require_backward_grad_sync`` off when a training batch starts and on
     again in ``on_before_optimizer_step``, which Lightning calls after each evaluation of the
-    closure.
+    closure (before gradient clipping). There, after a local first pass, it tells every
+    process of a gradient that is not finite on any of them, as ``sam_pass`` does (one
+    all-reduce of a 4-byte flag): every process's gradients become NaN, so every process
+    skips the step (with the optimizer's warning) and the weights stay identical.
 
     Example:
         >>> trainer = lightning.Trainer(strategy="ddp", callbacks=[LocalPerturbation()])
@@ -110,7 +115,10 @@ class LocalPerturbation(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._sync(trainer)
+        model, sharpness_aware = self._ddp_and_optimizer(trainer)
+        if not model.require_backward_grad_sync:  # after the local first pass of a step
+            model.require_backward_grad_sync = True
+            _spread_non_finite(model, sharpness_aware)
 
     def on_train_batch_end(
         self,
