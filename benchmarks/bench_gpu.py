@@ -42,7 +42,8 @@ Measurements:
 * **kernels/step**: CUDA kernels (memory copies and sets apart) recorded by
   ``torch.profiler`` over 5 steps (one cycle) at batch ``--profile-batch`` (64), divided by 5;
   the JSON's ``kernel_launches_per_step`` counts the host's launch calls (``LAUNCH_APIS``).
-  The table is printed once before the kernel count (times and syncs) and once after it.
+  Each time, sync count and kernel count is printed (flushed) as soon as it is measured,
+  and the table once before the kernel count (times and syncs) and once after it.
 * **CUDA graphs** (``--part graphs``, or after the table by default): a whole SAM step with
   ``skip_nonfinite=False`` on a small CNN (32/64 channels, BatchNorm, batch 256 of 32x32,
   float32), with SGD and with Adam(``capturable=True``): eager and replayed from a
@@ -333,6 +334,12 @@ class Result:
         return min(self.rounds_ms) if self.rounds_ms else None
 
 
+def progress(line: str) -> None:
+    """A measurement of the GPU table as soon as it exists (flushed): a run cut short by a
+    timeout keeps it in its log."""
+    print(f"  {line}", flush=True)
+
+
 def _fail(result: Result, what: str, exc: BaseException) -> None:
     result.errors.append(f"{what}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
 
@@ -340,7 +347,8 @@ def _fail(result: Result, what: str, exc: BaseException) -> None:
 def time_rounds(
     trainers: dict[str, Trainer], results: dict[str, Result], warmup: int, timed: int, rounds: int
 ) -> None:
-    """Best-of-rounds timing with CUDA events; the order of the contenders rotates."""
+    """Best-of-rounds timing with CUDA events; the order of the contenders rotates. Each time
+    is printed (flushed) as soon as it is measured, each failure too."""
     names = list(trainers)
     for r in range(rounds):
         shift = r % len(names)
@@ -364,8 +372,10 @@ def time_rounds(
                 torch.cuda.synchronize()
                 result.next_index = i
                 result.rounds_ms.append(start.elapsed_time(end) / timed)
+                progress(f"round {r + 1}/{rounds}: {name} {result.rounds_ms[-1]:.2f} ms/step")
             except Exception as exc:  # one contender's failure must not stop the others
                 _fail(result, "timing", exc)
+                progress(f"{name}: {result.errors[-1]}")
 
 
 def count_syncs(trainer: Trainer, result: Result) -> None:
@@ -384,9 +394,11 @@ def count_syncs(trainer: Trainer, result: Result) -> None:
         torch.cuda.synchronize()
     except Exception as exc:
         _fail(result, "syncs", exc)
+        progress(f"{result.name}: {result.errors[-1]}")
         return
     result.next_index = i + COUNTED_STEPS
     result.syncs = sum(SYNC_WARNING in str(w.message) for w in caught) / COUNTED_STEPS
+    progress(f"syncs: {result.name} {result.syncs:.1f}/step")
 
 
 def count_kernels(contender: Contender, setup: Setup, result: Result) -> None:
@@ -406,12 +418,14 @@ def count_kernels(contender: Contender, setup: Setup, result: Result) -> None:
         events = list(prof.events())
     except Exception as exc:
         _fail(result, "kernels", exc)
+        progress(f"{result.name}: {result.errors[-1]}")
         return
     on_device = [e for e in events if e.device_type == DeviceType.CUDA]
     kernels = [e for e in on_device if not e.name.startswith(("Memcpy", "Memset"))]
     launches = [e for e in events if e.name in LAUNCH_APIS]
     result.kernels = len(kernels) / PROFILED_STEPS
     result.launches = len(launches) / PROFILED_STEPS
+    progress(f"kernels: {result.name} {result.kernels:.0f}/step")
 
 
 def count_on_cpu(contender: Contender, setup: Setup, result: Result) -> None:

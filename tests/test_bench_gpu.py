@@ -247,3 +247,44 @@ def test_kernel_launches_count_every_launch_api(bench: ModuleType) -> None:
         bench.LAUNCH_APIS
     )
     assert "cudaGraphLaunch" not in bench.LAUNCH_APIS
+
+
+class _FakeEvent:
+    """A CUDA event on the CPU: every timed stretch takes 30 ms."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        pass
+
+    def record(self) -> None:
+        pass
+
+    def elapsed_time(self, end: Any) -> float:
+        return 30.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes CUDA's events on the CPU")
+def test_each_round_of_the_table_is_printed_as_it_is_measured(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table's timing prints each contender's time of each round, and a failure, as
+    soon as it has them, so that a timeout later in the table keeps them."""
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    setup = bench.Setup(torch.device("cpu"), batch=2, width=4, image=8, autocast=False)
+    chosen = bench.choose("SGD,SAM")  # SAM's target brings the reference along
+    results = {c.name: bench.Result(c.name) for c in chosen}
+    trainers = {c.name: c.build(setup) for c in chosen}
+
+    def fails(i: int) -> None:
+        raise RuntimeError("out of memory")
+
+    trainers["SAM"] = bench.Trainer(trainers["SAM"].model, fails)
+    bench.time_rounds(trainers, results, warmup=0, timed=2, rounds=2)
+    assert capsys.readouterr().out.splitlines() == [
+        "  round 1/2: SGD 15.00 ms/step",
+        "  round 1/2: reference 15.00 ms/step",
+        "  SAM: timing: RuntimeError: out of memory",
+        "  round 2/2: reference 15.00 ms/step",
+        "  round 2/2: SGD 15.00 ms/step",
+    ]
+    assert results["SGD"].rounds_ms == [15.0, 15.0]
