@@ -339,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"error": f"{type(exc).__name__}: {first_line}"}
                 traceback.print_exc()
                 sys.stderr.flush()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         old = results.get("old", {}).get("epoch_seconds")
         print(row(name, results[name], old), flush=True)
         if args.json is not None:
