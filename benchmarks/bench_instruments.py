@@ -9,8 +9,8 @@ where CUDA is not available; the default sections there are issue 20's two); ``-
 the number of timed rounds; ``--only SECTION`` (repeatable). It always needs PyHessian, and
 loss-landscapes only for the landscape section (so neither with ``--short`` nor on the GPU by
 default). It prints a report, ending with issue 20's instrument targets beside their
-measurements, and exits with status 0 whether the
-targets are met or missed: it is a measurement, not a test.
+measurements, and exits with status 0 whether the targets are met or missed: it is a
+measurement, not a test.
 
 Besides the times, it counts the operators each default contender dispatches and its host
 synchronisations (one untimed run under ``torchsam.experiments._dispatch_count``): these
