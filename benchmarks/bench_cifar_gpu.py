@@ -23,10 +23,14 @@ Each path trains 3 epochs: the first warms up (and captures), the second is time
 (``torch.cuda.synchronize`` at both ends), and during the third ``torch.profiler`` records the
 CUDA kernels of steps 50 to 250: the **GPU busy fraction** is the union of the kernel
 intervals over the wall time of those steps (copies and memsets excluded; a path whose
-kernels the profiler did not record is reported as not measured). It prints the paths side by
-side with the issue's targets (busy >= 90%; an SGD epoch <= ~0.5x the old one), and ``--json``
-writes the same numbers with each run's ``cuda_graphs`` status. It always exits with status
-0: it is a report, not a test.
+kernels the profiler did not record is reported as not measured). It prints each path's row
+as soon as the path is measured (flushed: a run cut short by a timeout keeps the rows it
+measured), with the issue's targets (busy >= 90%; an SGD epoch <= ~0.5x the old one) after the
+table, and ``--json`` writes the same numbers with each run's ``cuda_graphs`` status (after
+each path). A path that raises prints its exception's type and message (the traceback goes to
+stderr) and the next path runs; on a GPU without bfloat16 (``torch.cuda.is_bf16_supported()``
+False) the bf16 paths are skipped with a line that says so. The exit status is 1 when a path
+failed, 0 otherwise.
 
 ``--cpu-smoke`` runs every path on the CPU at toy sizes (32 images, batch 8, a ResNet-18 of
 width 4), so that a test can check the script without a GPU. CUDA is missing there: the
@@ -41,6 +45,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +128,11 @@ class Probe:
         self.kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
         self.synchronize: Callable[[], None] = torch.cuda.synchronize if cuda else lambda: None
         self.profiler = torch.profiler.profile(activities=[activity])
+
+    def close(self) -> None:
+        """Stop the profiler if a path stopped inside the window (the next path starts its own)."""
+        if "window_start" in self.marks and "window_end" not in self.marks:
+            self.profiler.stop()
 
     def __call__(self, epoch: int, steps: int, loss: Tensor) -> None:
         if steps in (self.steps_per_epoch, 2 * self.steps_per_epoch):
@@ -243,8 +253,38 @@ def measure(
 ) -> dict[str, Any]:
     """Run one path for ``EPOCHS`` epochs and return its :meth:`Probe.report` and status."""
     probe = Probe(sizes, device)
-    status = path(split, device, probe, sizes)
+    try:
+        status = path(split, device, probe, sizes)
+    finally:
+        probe.close()
     return {**probe.report(), "cuda_graphs": status}
+
+
+def skip_reason(path: Callable[..., str], device: torch.device) -> str | None:
+    """Why ``path`` cannot run on ``device``, or None: a bf16 path on a GPU without bfloat16."""
+    bf16 = isinstance(path, TrainPath) and path.precision == "bf16"
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU does not support bfloat16 (torch.cuda.is_bf16_supported() is False)"
+    return None
+
+
+HEADER = f"{'path':13}{'epoch (s)':>10}{'x old':>7}{'busy':>8}  steps"
+
+
+def row(name: str, numbers: dict[str, Any], old: float | None) -> str:
+    """``name``'s line of the table: a measured path's numbers (``x old``: ``-`` without the
+    old loop's), or why it was skipped or how it failed."""
+    if "skipped" in numbers:
+        return f"{name:13}  skipped: {numbers['skipped']}"
+    if "error" in numbers:
+        return f"{name:13}  FAILED: {numbers['error']}"
+    seconds = numbers["epoch_seconds"]
+    ratio = "-" if old is None else f"{seconds / old:.2f}"
+    busy = numbers["busy_fraction"] if numbers["kernels_in_window"] else None
+    return (
+        f"{name:13}{seconds:>10.3f}{ratio:>7}{'n/a' if busy is None else f'{busy:.1%}':>8}"
+        f"  {numbers['cuda_graphs']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,25 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         device, sizes = torch.device("cuda"), FULL
         where = torch.cuda.get_device_name()
     split = random_cifar(sizes)
-    results = {name: measure(path, split, device, sizes) for name, path in PATHS.items()}
-    old = results["old"]["epoch_seconds"]
     print(
         f"ResNet-18 (width {sizes.width}), batch {sizes.batch}, {sizes.n_train} random "
-        f"CIFAR-shaped images, on {where}"
+        f"CIFAR-shaped images, on {where}; each row as its path is measured"
     )
-    print(f"{'path':13}{'epoch (s)':>10}{'x old':>7}{'busy':>8}  steps")
-    for name, numbers in results.items():
-        busy = numbers["busy_fraction"] if numbers["kernels_in_window"] else None
-        print(
-            f"{name:13}{numbers['epoch_seconds']:>10.3f}{numbers['epoch_seconds'] / old:>7.2f}"
-            f"{'n/a' if busy is None else f'{busy:.1%}':>8}  {numbers['cuda_graphs']}"
-        )
-    print("targets: busy >= 90%; an SGD epoch <= ~0.5x old")
-    if device.type != "cuda":
-        print("(no CUDA: 'busy' is the CPU operators' share of the wall time, not a GPU's)")
-    for name, numbers in results.items():
-        if numbers["kernels_in_window"] == 0:
-            print(f"({name}: the profiler recorded no kernels; its busy fraction is not measured)")
+    print(HEADER, flush=True)
+    results: dict[str, dict[str, Any]] = {}
     report = {
         "device": where,
         "cuda": device.type == "cuda",
@@ -300,9 +327,32 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "targets": {"busy_fraction_min": 0.9, "epoch_ratio_max": 0.5},
     }
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    for name, path in PATHS.items():
+        reason = skip_reason(path, device)
+        if reason is not None:
+            results[name] = {"skipped": reason}
+        else:
+            try:
+                results[name] = measure(path, split, device, sizes)
+            except Exception as exc:  # one path's failure must not lose the others
+                first_line = f"{exc}".splitlines()[0] if f"{exc}" else ""
+                results[name] = {"error": f"{type(exc).__name__}: {first_line}"}
+                traceback.print_exc()
+                sys.stderr.flush()
+        old = results.get("old", {}).get("epoch_seconds")
+        print(row(name, results[name], old), flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print("targets: busy >= 90%; an SGD epoch <= ~0.5x old")
+    if device.type != "cuda":
+        print("(no CUDA: 'busy' is the CPU operators' share of the wall time, not a GPU's)")
+    for name, numbers in results.items():
+        if numbers.get("kernels_in_window") == 0:
+            print(f"({name}: the profiler recorded no kernels; its busy fraction is not measured)")
+    failed = [name for name, numbers in results.items() if "error" in numbers]
+    if failed:
+        print(f"failed: {', '.join(failed)} (tracebacks on stderr)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ It prints a report and always exits with status 0: it is a measurement, not a te
 
 Setup (issue 20): the package's CIFAR ResNet-18 (:func:`torchsam.experiments.models.resnet18`,
 11.2M parameters), a batch of ``--batch`` (512) random 32x32 images and labels already on the
-GPU, bf16 autocast, ``channels_last`` model and inputs, ``torch.backends.cudnn.benchmark`` on,
-cross-entropy loss, SGD with lr 0.1, momentum 0.9 and weight decay 5e-4 as the (base)
-optimizer, rho 0.05, BatchNorm statistics frozen in the second pass with
-:func:`torchsam.freeze_running_stats`. Each contender owns a copy of the same initial model.
+GPU, bf16 autocast (float32 on a GPU without bfloat16: the header says which precision ran),
+``channels_last`` model and inputs, ``torch.backends.cudnn.benchmark`` on, cross-entropy loss,
+SGD with lr 0.1, momentum 0.9 and weight decay 5e-4 as the (base) optimizer, rho 0.05,
+BatchNorm statistics frozen in the second pass with :func:`torchsam.freeze_running_stats`.
+Each contender owns a copy of the same initial model.
 
 Contenders, side by side in one process:
 
@@ -39,13 +40,17 @@ Measurements:
   warnings of the calling thread: a synchronisation inside a backward pass, which autograd
   runs in its own thread on a GPU, would be printed but not counted).
 * **kernels/step**: CUDA kernels (memory copies and sets apart) recorded by
-  ``torch.profiler`` over 5 steps (one cycle) at batch ``--profile-batch`` (64), divided by 5.
+  ``torch.profiler`` over 5 steps (one cycle) at batch ``--profile-batch`` (64), divided by 5;
+  the JSON's ``kernel_launches_per_step`` counts the host's launch calls (``LAUNCH_APIS``).
+  Each time, sync count and kernel count is printed (flushed) as soon as it is measured,
+  and the table once before the kernel count (times and syncs) and once after it.
 * **CUDA graphs** (``--part graphs``, or after the table by default): a whole SAM step with
   ``skip_nonfinite=False`` on a small CNN (32/64 channels, BatchNorm, batch 256 of 32x32,
   float32), with SGD and with Adam(``capturable=True``): eager and replayed from a
   ``torch.cuda.CUDAGraph``, and, unless ``--no-compile``, with SGD, the model compiled by
   ``torch.compile(mode="reduce-overhead")`` (docs/gpu.md's recipes); ms per step (``--warmup``
-  and ``--steps`` per round, best of ``--rounds``) and the gain over eager.
+  and ``--steps`` per round, best of ``--rounds``) and the gain over eager, each printed
+  (flushed) as soon as it is measured, so that a timeout while compiling keeps them.
 * With ``--cpu-proxy``: syncs and operators per step counted on the CPU by
   :class:`torchsam.experiments._dispatch_count.DispatchCounter` (ResNet-18 of width 4, batch
   4 of 8x8 images, float32: counts, not times; an operator is a proxy for a kernel launch;
@@ -93,6 +98,23 @@ BATCHES = 5  # distinct batches, cycled
 COUNTED_STEPS = 10  # steps over which syncs are counted (two 5-step cycles)
 PROFILED_STEPS = 5  # steps over which kernels are counted (one cycle: one LookSAM sharp step)
 SYNC_WARNING = "called a synchronizing CUDA operation"
+LAUNCH_APIS = (
+    # the CUDA runtime's launches: ATen's kernels (cudaLaunchKernel), CUTLASS and cuBLAS/cuDNN
+    # kernels launched with attributes such as clusters on Hopper (cudaLaunchKernelExC), and
+    # cooperative kernels
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cudaLaunchCooperativeKernel",
+    "cudaLaunchCooperativeKernelMultiDevice",
+    # the driver's launches: Triton's and cuDNN's/cuBLAS's runtime-compiled kernels
+    # (cuLaunchKernel), with attributes (cuLaunchKernelEx), cooperative kernels
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cuLaunchCooperativeKernel",
+)
+"""The names ``torch.profiler`` gives the CUDA runtime and driver calls that launch one kernel
+each (as kineto and ``torch.profiler``'s own tools list them); the ``kernel_launches_per_step``
+of the JSON counts these. A graph replay (``cudaGraphLaunch``) launches many and is not one."""
 
 
 @dataclass(frozen=True)
@@ -312,6 +334,12 @@ class Result:
         return min(self.rounds_ms) if self.rounds_ms else None
 
 
+def progress(line: str) -> None:
+    """A measurement of the GPU table as soon as it exists (flushed): a run cut short by a
+    timeout keeps it in its log."""
+    print(f"  {line}", flush=True)
+
+
 def _fail(result: Result, what: str, exc: BaseException) -> None:
     result.errors.append(f"{what}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
 
@@ -319,7 +347,8 @@ def _fail(result: Result, what: str, exc: BaseException) -> None:
 def time_rounds(
     trainers: dict[str, Trainer], results: dict[str, Result], warmup: int, timed: int, rounds: int
 ) -> None:
-    """Best-of-rounds timing with CUDA events; the order of the contenders rotates."""
+    """Best-of-rounds timing with CUDA events; the order of the contenders rotates. Each time
+    is printed (flushed) as soon as it is measured, each failure too."""
     names = list(trainers)
     for r in range(rounds):
         shift = r % len(names)
@@ -343,8 +372,10 @@ def time_rounds(
                 torch.cuda.synchronize()
                 result.next_index = i
                 result.rounds_ms.append(start.elapsed_time(end) / timed)
+                progress(f"round {r + 1}/{rounds}: {name} {result.rounds_ms[-1]:.2f} ms/step")
             except Exception as exc:  # one contender's failure must not stop the others
                 _fail(result, "timing", exc)
+                progress(f"{name}: {result.errors[-1]}")
 
 
 def count_syncs(trainer: Trainer, result: Result) -> None:
@@ -363,9 +394,11 @@ def count_syncs(trainer: Trainer, result: Result) -> None:
         torch.cuda.synchronize()
     except Exception as exc:
         _fail(result, "syncs", exc)
+        progress(f"{result.name}: {result.errors[-1]}")
         return
     result.next_index = i + COUNTED_STEPS
     result.syncs = sum(SYNC_WARNING in str(w.message) for w in caught) / COUNTED_STEPS
+    progress(f"syncs: {result.name} {result.syncs:.1f}/step")
 
 
 def count_kernels(contender: Contender, setup: Setup, result: Result) -> None:
@@ -385,12 +418,14 @@ def count_kernels(contender: Contender, setup: Setup, result: Result) -> None:
         events = list(prof.events())
     except Exception as exc:
         _fail(result, "kernels", exc)
+        progress(f"{result.name}: {result.errors[-1]}")
         return
     on_device = [e for e in events if e.device_type == DeviceType.CUDA]
     kernels = [e for e in on_device if not e.name.startswith(("Memcpy", "Memset"))]
-    launches = [e for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel")]
+    launches = [e for e in events if e.name in LAUNCH_APIS]
     result.kernels = len(kernels) / PROFILED_STEPS
     result.launches = len(launches) / PROFILED_STEPS
+    progress(f"kernels: {result.name} {result.kernels:.0f}/step")
 
 
 def count_on_cpu(contender: Contender, setup: Setup, result: Result) -> None:
@@ -461,9 +496,38 @@ GRAPH_BASES: dict[str, tuple[Any, dict[str, Any]]] = {
 }
 
 
+GRAPH_MEASURES = {
+    "eager_ms": "eager",
+    "graph_ms": "CUDA graph",
+    "compiled_ms": 'torch.compile(mode="reduce-overhead")',
+}
+"""The keys of a CUDA-graph row's times, and their words in the lines printed as each is
+measured."""
+
+
+def record_ms(row: dict[str, Any], key: str, ms: float) -> None:
+    """Keep ``ms`` in ``row`` under ``key`` and print it at once (flushed), with its gain over
+    eager: a run cut short later (by a timeout in ``torch.compile``) still shows it."""
+    row[key] = ms
+    line = f"  {row['base']}: {GRAPH_MEASURES[key]} {ms:.2f} ms/step"
+    if key != "eager_ms" and "eager_ms" in row:
+        gain = row["eager_ms"] / ms
+        row[key.replace("_ms", "_gain")] = gain
+        line += f", {gain:.2f}x eager"
+    print(line, flush=True)
+
+
+def record_error(row: dict[str, Any], what: str, exc: BaseException) -> None:
+    """Keep the first line of ``exc`` in ``row``'s errors and print it at once (flushed)."""
+    error = f"{what}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    row["errors"].append(error)
+    print(f"  {row['base']}: {error}", flush=True)
+
+
 def graph_gain(problem: GraphSetup) -> list[dict[str, Any]]:
     """Eager against CUDA-graph replay of a whole SAM step (docs/gpu.md's first recipe), with
-    each base optimizer of ``GRAPH_BASES``: ms per step, best of the rounds, and the gain."""
+    each base optimizer of ``GRAPH_BASES``: ms per step, best of the rounds, and the gain, each
+    printed as soon as it is measured."""
     rows = []
     for name, (base, kwargs) in GRAPH_BASES.items():
         row: dict[str, Any] = {"base": name, "errors": []}
@@ -472,7 +536,7 @@ def graph_gain(problem: GraphSetup) -> list[dict[str, Any]]:
             model, opt = problem.build(base, kwargs)
             x, y = problem.x, problem.y
             eager = functools.partial(_sam_step, model, opt, x, y)
-            row["eager_ms"] = _best_ms(eager, **problem.timing)
+            record_ms(row, "eager_ms", _best_ms(eager, **problem.timing))
             model, opt = problem.build(base, kwargs)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -483,10 +547,9 @@ def graph_gain(problem: GraphSetup) -> list[dict[str, Any]]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 _sam_step(model, opt, x, y)
-            row["graph_ms"] = _best_ms(graph.replay, **problem.timing)
-            row["graph_gain"] = row["eager_ms"] / row["graph_ms"]
+            record_ms(row, "graph_ms", _best_ms(graph.replay, **problem.timing))
         except Exception as exc:
-            row["errors"].append(f"graph: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+            record_error(row, "graph", exc)
     return rows
 
 
@@ -502,18 +565,22 @@ def add_compiled(problem: GraphSetup, row: dict[str, Any]) -> None:
             torch.compiler.cudagraph_mark_step_begin()
             _sam_step(compiled, opt, x, y)
 
-        row["compiled_ms"] = _best_ms(compiled_step, **{**problem.timing, "warmup": 5})
-        if "eager_ms" in row:
-            row["compiled_gain"] = row["eager_ms"] / row["compiled_ms"]
+        record_ms(row, "compiled_ms", _best_ms(compiled_step, **{**problem.timing, "warmup": 5}))
     except Exception as exc:
-        row["errors"].append(f"compile: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+        record_error(row, "compile", exc)
+
+
+def print_graph_header() -> None:
+    print(
+        "CUDA graphs: a whole SAM step (skip_nonfinite=False), small CNN 32/64 channels + "
+        f"BatchNorm, batch {GRAPH_BATCH} of 32x32, float32; ms/step, best of rounds "
+        "(each printed as measured, then the table)",
+        flush=True,
+    )
 
 
 def print_graph_gain(rows: list[dict[str, Any]]) -> None:
-    print(
-        "CUDA graphs: a whole SAM step (skip_nonfinite=False), small CNN 32/64 channels + "
-        f"BatchNorm, batch {GRAPH_BATCH} of 32x32, float32; ms/step, best of rounds"
-    )
+    """The table of the CUDA-graph gain (the errors were printed as they happened)."""
     table = [("base optimizer", "eager", "CUDA graph", "gain", "compiled", "gain")]
     for row in rows:
         table.append(
@@ -527,9 +594,6 @@ def print_graph_gain(rows: list[dict[str, Any]]) -> None:
             )
         )
     print_table(table)
-    for row in rows:
-        for error in row["errors"]:
-            print(f"  {row['base']}: {error}")
 
 
 # --------------------------------------------------------------------------- the report
@@ -760,10 +824,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         contenders_table(args, chosen, results, env, save)
     if args.part in ("all", "graphs"):
+        print_graph_header()
         problem = GraphSetup(args.warmup, args.steps, args.rounds)
         payload["graphs"] = graphs = graph_gain(problem)
-        write_json(args.json, payload)  # kept even if compiling runs out of time
+        # printed as measured and saved: kept even if compiling runs out of time
+        write_json(args.json, payload)
         if not args.no_compile:
+            print(
+                '  compiling the model (torch.compile(mode="reduce-overhead"); a cold compile '
+                "takes a minute or more)",
+                flush=True,
+            )
             add_compiled(problem, graphs[0])
             write_json(args.json, payload)
         print_graph_gain(graphs)
@@ -780,13 +851,16 @@ def contenders_table(
     """Time, syncs and kernels of every chosen contender on the GPU; prints the table and
     passes the rows to ``save`` (also before the kernel count, which takes longest)."""
     device = torch.device("cuda")
+    bf16, precision = gpu_precision()
+    env["precision"] = precision
     print(
         f"bench_gpu.py on {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}: ResNet-18 "
-        f"(CIFAR), batch {args.batch} of 32x32, bf16 autocast, channels_last, SGD lr {LR} "
+        f"(CIFAR), batch {args.batch} of 32x32, {precision}, channels_last, SGD lr {LR} "
         f"momentum {MOMENTUM} wd {WEIGHT_DECAY}, rho {RHO}; {args.warmup} warm-up + "
-        f"{args.steps} timed steps per round, best of {args.rounds} interleaved rounds"
+        f"{args.steps} timed steps per round, best of {args.rounds} interleaved rounds",
+        flush=True,
     )
-    setup = Setup(device, args.batch)
+    setup = Setup(device, args.batch, autocast=bf16)
     trainers: dict[str, Trainer] = {}
     for c in chosen:
         try:
@@ -799,9 +873,12 @@ def contenders_table(
             count_syncs(trainer, results[name])
     del trainers, setup
     torch.cuda.empty_cache()
-    save(report(chosen, results, cpu_proxy=False)[1])
+    table, rows = report(chosen, results, cpu_proxy=False)
+    save(rows)
     if args.profile_batch:
-        small = Setup(device, args.profile_batch)
+        print_table(table)  # the times and syncs, kept if the kernel count runs out of time
+        print("counting kernels (torch.profiler); the table follows with them", flush=True)
+        small = Setup(device, args.profile_batch, autocast=bf16)
         for c in chosen:
             count_kernels(c, small, results[c.name])
             torch.cuda.empty_cache()
@@ -814,6 +891,18 @@ def contenders_table(
     )
     _print_errors(rows)
     save(rows)
+
+
+def gpu_precision() -> tuple[bool, str]:
+    """Whether the contenders' table runs under bf16 autocast on this GPU, and the words that
+    say so in its header: float32 where the GPU does not support bfloat16 (CUDA's autocast
+    would refuse it), and "emulated" where torch supports it only by emulation (below compute
+    capability 8.0), where it is slower than float32 would be."""
+    if not torch.cuda.is_bf16_supported():
+        return False, "float32 (this GPU does not support bfloat16: no autocast)"
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        return True, "bf16 autocast (emulated: compute capability below 8.0)"
+    return True, "bf16 autocast"
 
 
 def _print_errors(rows: list[dict[str, Any]]) -> None:

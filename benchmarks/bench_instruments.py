@@ -6,9 +6,11 @@ default; ``--threads 1 2`` for issue 20's two settings); ``--short`` only issue 
 instruments (the top eigenvalue and the trace, the default contenders alone) on the full
 model; ``--quick`` a smoke run on a smaller model; ``--device cuda`` on the GPU (an error
 where CUDA is not available; the default sections there are issue 20's two); ``--trials N``
-the number of timed rounds; ``--only SECTION`` (repeatable). It prints a report, ending with
-issue 20's instrument targets beside their measurements, and exits with status 0 whether the
-targets are met or missed: it is a measurement, not a test.
+the number of timed rounds; ``--only SECTION`` (repeatable). It always needs PyHessian, and
+loss-landscapes only for the landscape section (so neither with ``--short`` nor on the GPU by
+default). It prints a report, ending with issue 20's instrument targets beside their
+measurements, and exits with status 0 whether the targets are met or missed: it is a
+measurement, not a test.
 
 Besides the times, it counts the operators each default contender dispatches and its host
 synchronisations (one untimed run under ``torchsam.experiments._dispatch_count``): these
@@ -197,17 +199,34 @@ def row(label: str, seconds: float, base: float, note: str = "") -> str:
 
 
 # --------------------------------------------------------------------------- peers
-def import_peers() -> tuple[Any, Any, Any]:
+def import_peers(landscapes: bool = True) -> tuple[Any, Any, Any]:
+    """PyHessian's ``hessian``, and ``loss_landscapes`` with its metrics where ``landscapes``
+    (the landscape section alone needs them; None, None otherwise)."""
     try:
         from pyhessian import hessian as pyhessian_hessian
     except ImportError as error:
         sys.exit(f'PyHessian is missing ({error}): pip install -e ".[bench]"')
+    if not landscapes:
+        return pyhessian_hessian, None, None
     try:
         import loss_landscapes
         import loss_landscapes.metrics
     except ImportError as error:
         sys.exit(f'loss-landscapes is missing ({error}): pip install -e ".[bench]"')
     return pyhessian_hessian, loss_landscapes, loss_landscapes.metrics
+
+
+def package_version(distribution: str, module: str) -> str:
+    """The installed version of ``distribution``; for a package carried as a bare folder on
+    ``PYTHONPATH`` (no distribution metadata), the ``__version__`` of ``module`` (imported
+    already), else "unknown"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        found = getattr(sys.modules.get(module), "__version__", None)
+        return "unknown" if found is None else str(found)
 
 
 def _eig_shim(matrix: Tensor, eigenvectors: bool = False) -> tuple[Tensor, Tensor]:
@@ -510,11 +529,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def print_section(lines: list[str]) -> None:
+    """A section of the report, printed (flushed) as soon as it is measured: a run cut short
+    keeps the sections before."""
+    print("\n".join(lines))
+    print(flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     global DEVICE
     args = parse_args(argv)
     DEVICE = torch.device(args.device)
-    peer, ll, metrics = import_peers()
+    if args.only:
+        only = set(args.only)
+    elif args.short or DEVICE.type == "cuda":
+        only = set(ISSUE_20)
+    else:
+        only = set(SECTIONS)
+    peer, ll, metrics = import_peers(landscapes="landscape" in only)
     if args.quick:
         samples, batch, width, trials, trace_samples, density_steps, grid = 200, 50, 32, 1, 5, 10, 5
     else:
@@ -531,19 +563,13 @@ def main(argv: list[str] | None = None) -> None:
         trials = args.trials
     model, data = make_problem(samples, batch, width)
     n_params = sum(p.numel() for p in model.parameters())
-    from importlib.metadata import version
-
-    if args.only:
-        only = set(args.only)
-    elif args.short or DEVICE.type == "cuda":
-        only = set(ISSUE_20)
-    else:
-        only = set(SECTIONS)
+    peers = f"PyHessian {package_version('pyhessian', 'pyhessian')}"
+    if ll is not None:
+        peers += f", loss-landscapes {package_version('loss-landscapes', 'loss_landscapes')}"
     print("## torchsam instruments against PyHessian and loss-landscapes")
     print()
     print(
-        f"torch {torch.__version__}, torchsam {torchsam.__version__}, PyHessian "
-        f"{version('pyhessian')}, loss-landscapes {version('loss-landscapes')}, Python "
+        f"torch {torch.__version__}, torchsam {torchsam.__version__}, {peers}, Python "
         f"{platform.python_version()}, {platform.machine()}, device {DEVICE}"
     )
     print(
@@ -556,22 +582,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
         print(f"## {setting()}")
         print()
-        sections = []
         if "eigenvalue" in only:
             lines, found = bench_eigenvalue(model, data, trials, peer, short=args.short)
-            sections.append(lines)
+            print_section(lines)
             targets += found
         if "trace" in only:
             lines, found = bench_trace(model, data, trials, peer, trace_samples)
-            sections.append(lines)
+            print_section(lines)
             targets += found
         if "density" in only:
-            sections.append(bench_density(model, data, trials, peer, density_steps))
+            print_section(bench_density(model, data, trials, peer, density_steps))
         if "landscape" in only:
-            sections.append(bench_landscape(model, data, trials, ll, metrics, grid))
-        for lines in sections:
-            print("\n".join(lines))
-            print()
+            print_section(bench_landscape(model, data, trials, ll, metrics, grid))
     if targets:
         print("## Issue 20's instrument targets")
         print()

@@ -1,5 +1,6 @@
 """The benchmark scripts run (a smoke run; their numbers are not asserted here)."""
 
+import importlib.metadata
 import importlib.util
 import json
 import subprocess
@@ -164,3 +165,61 @@ def test_instruments_benchmark_prints_issue_20_targets_for_each_thread_count() -
     assert "method='power'" not in out
     assert "### 3." not in out
     assert out.count("operators dispatched (load-independent)") == 4
+
+
+RUN_WITHOUT_LOSS_LANDSCAPES = """
+import importlib.metadata
+import runpy
+import sys
+
+sys.modules["loss_landscapes"] = None  # not installed: importing it raises ImportError
+installed = importlib.metadata.version
+
+
+def version(name):
+    if name.lower() == "pyhessian":  # carried as a bare folder on PYTHONPATH: no metadata
+        raise importlib.metadata.PackageNotFoundError(name)
+    return installed(name)
+
+
+importlib.metadata.version = version
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_instruments_short_needs_neither_loss_landscapes_nor_package_metadata(
+    tmp_path: Path,
+) -> None:
+    """``--short`` (gpu_check.sh's run) measures issue 20's two instruments with PyHessian
+    alone, also where PyHessian is a bare folder on PYTHONPATH: its version is "unknown"."""
+    pytest.importorskip("pyhessian")
+    runner = tmp_path / "run.py"
+    runner.write_text(RUN_WITHOUT_LOSS_LANDSCAPES)
+    run = subprocess.run(
+        [sys.executable, str(runner), str(INSTRUMENTS), "--quick", "--short", "--trials", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert ", PyHessian unknown, Python " in run.stdout
+    assert "loss-landscapes 3" not in run.stdout
+    assert "| trace: within 1% of PyHessian's |" in run.stdout
+
+
+def test_instruments_package_version_falls_back_to_the_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_instruments", INSTRUMENTS)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_instruments", module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    assert module.package_version("torch", "torch") == importlib.metadata.version("torch")
+    carried = type(sys)("carried_without_metadata")
+    monkeypatch.setitem(sys.modules, carried.__name__, carried)
+    assert module.package_version("no-such-distribution", carried.__name__) == "unknown"
+    carried.__version__ = "0.1"  # type: ignore[attr-defined]
+    assert module.package_version("no-such-distribution", carried.__name__) == "0.1"

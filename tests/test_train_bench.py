@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -88,3 +90,75 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert "CUDA is not available here" in proc.stdout
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_failing_path_is_reported_and_the_others_still_run(
+    bench: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each row is printed as soon as its path is measured; a path that raises (here inside
+    the profiled window, as a failed capture would) prints its exception's type and message,
+    the next path still runs (and profiles), a skipped path says why, and the status is 1."""
+    printed_before: dict[str, str] = {}
+
+    def fails_in_window(split: Any, device: torch.device, probe: Any, sizes: Any) -> str:
+        printed_before["broken"] = capsys.readouterr().out
+
+        def on_step(epoch: int, steps: int, loss: torch.Tensor) -> None:
+            probe(epoch, steps, loss)
+            if "window_start" in probe.marks:
+                raise RuntimeError("capture failed\nthe rest of the message")
+
+        return bench.old_path(split, device, on_step, sizes)
+
+    profiling_after_the_failure: list[bool] = []
+    train_fp32 = bench.PATHS["train fp32"]
+
+    def after(split: Any, device: torch.device, probe: Any, sizes: Any) -> str:
+        profiling_after_the_failure.append(torch._C._autograd._profiler_enabled())
+        return str(train_fp32(split, device, probe, sizes))
+
+    paths = {"old": bench.PATHS["old"], "broken": fails_in_window, "train fp32": after}
+    paths["train bf16"] = bench.PATHS["train bf16"]
+    monkeypatch.setattr(bench, "PATHS", paths)
+    monkeypatch.setattr(
+        bench,
+        "skip_reason",
+        lambda path, device: "no bfloat16 here" if path is paths["train bf16"] else None,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        status = bench.main(["--cpu-smoke", "--json", str(tmp_path / "out.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 1
+    assert re.search(r"^old +\d+\.\d{3} +1\.00 ", printed_before["broken"], re.MULTILINE)
+    out = capsys.readouterr()
+    rows = out.out.splitlines()
+    assert "broken         FAILED: RuntimeError: capture failed" in rows
+    assert re.search(r"^train fp32 +\d+\.\d{3} +\d+\.\d\d ", out.out, re.MULTILINE)
+    assert "train bf16     skipped: no bfloat16 here" in rows
+    assert "failed: broken (tracebacks on stderr)" in rows
+    assert "RuntimeError: capture failed\nthe rest of the message" in out.err  # the traceback
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert results["broken"] == {"error": "RuntimeError: capture failed"}
+    assert results["train bf16"] == {"skipped": "no bfloat16 here"}
+    # the failed path's profiler was stopped (a second one started over it crashes at exit)
+    assert profiling_after_the_failure == [False]
+    assert results["train fp32"]["kernels_in_window"] > 0
+
+
+def test_bf16_paths_are_skipped_on_a_gpu_without_bfloat16(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda = torch.device("cuda")  # a device object only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert "does not support bfloat16" in bench.skip_reason(bench.PATHS["graphs bf16"], cuda)
+    assert bench.skip_reason(bench.PATHS["graphs fp32"], cuda) is None
+    assert bench.skip_reason(bench.PATHS["old"], cuda) is None
+    assert bench.skip_reason(bench.PATHS["train bf16"], torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert bench.skip_reason(bench.PATHS["train bf16"], cuda) is None

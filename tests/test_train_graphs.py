@@ -173,6 +173,57 @@ def test_a_resumed_run_keeps_its_own_kernel_choice(split: Split, tmp_path: Any) 
 
 
 # --------------------------------------------------------------------------- on a GPU
+COMPARED: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 0.1,
+    "model_fn": _model,
+    "augment": "cutout",
+    "curves": True,
+}
+"""The runs that the captured run is compared with: 14 steps at lr 0.1 move the weights by
+about 0.23 at most (0.03 at lr 0.01, too little against bf16's tolerance)."""
+TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+MARGIN = 5
+"""The eager run's weights move more than ``MARGIN`` times the tolerance from where they
+started, so that the comparison can fail (a run that did not train would fail it)."""
+METHODS = [("sgd", {}), ("sam", {"rho": 0.05, "skip_nonfinite": False})]
+
+
+def _initial_state(split: Split) -> dict[str, torch.Tensor]:
+    """The weights a run starts from, built as :func:`train` builds them (its default seed 0,
+    then ``model_fn``), leaving the global generator as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _model(split).state_dict()
+
+
+def _moved(model: nn.Module, start: dict[str, torch.Tensor]) -> float:
+    """The largest change of a trained weight from ``start`` (running statistics aside)."""
+    return max(
+        (value.cpu() - start[name]).abs().max().item()
+        for name, value in model.state_dict().items()
+        if value.is_floating_point() and "running" not in name
+    )
+
+
+@pytest.mark.parametrize(("method", "options"), METHODS)
+def test_the_eager_run_moves_far_enough_for_the_comparison_to_fail(
+    split: Split, method: str, options: dict[str, Any]
+) -> None:
+    """On the CPU, the guard of the captured-against-eager test below: the start it measures
+    from is the run's own (a run at lr 0 ends there exactly), and the eager run moves more
+    than ``MARGIN`` times bf16's tolerance from it (about 0.23, against 0.1)."""
+    start = _initial_state(split)
+    common = {**COMPARED, **options, "device": "cpu", "graphs": "off", "precision": "bf16"}
+    still = train(method, split, **{**common, "lr": 0.0})
+    assert still.model is not None
+    assert _moved(still.model, start) == 0.0
+    eager = train(method, split, **common)
+    assert eager.model is not None
+    assert _moved(eager.model, start) > MARGIN * TOLERANCE["bf16"]
+
+
 @pytest.fixture
 def deterministic_cudnn() -> Iterator[None]:
     flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
@@ -185,25 +236,12 @@ def deterministic_cudnn() -> Iterator[None]:
 
 @needs_cuda
 @pytest.mark.usefixtures("deterministic_cudnn")
-@pytest.mark.parametrize(
-    ("method", "options"),
-    [("sgd", {}), ("sam", {"rho": 0.05, "skip_nonfinite": False})],
-)
+@pytest.mark.parametrize(("method", "options"), METHODS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_on_cuda_a_captured_run_trains_as_the_eager_run(
     split: Split, method: str, options: dict[str, Any], precision: str
 ) -> None:
-    common: dict[str, Any] = {
-        "epochs": 2,
-        "batch_size": 8,
-        "lr": 0.01,
-        "model_fn": _model,
-        "device": "cuda",
-        "augment": "cutout",
-        "precision": precision,
-        "curves": True,
-        **options,
-    }
+    common: dict[str, Any] = {**COMPARED, "device": "cuda", "precision": precision, **options}
     eager = train(method, split, graphs="off", **common)
     captured = train(method, split, graphs="on", **common)
     assert captured.cuda_graphs == "captured"
@@ -214,16 +252,12 @@ def test_on_cuda_a_captured_run_trains_as_the_eager_run(
     )
     assert eager.model is not None
     assert captured.model is not None
-    tolerance = 1e-4 if precision == "fp32" else 2e-2
-    moved = 0.0
-    start = _model(split).state_dict()
+    tolerance = TOLERANCE[precision]
     for name, value in eager.model.state_dict().items():
         torch.testing.assert_close(
             captured.model.state_dict()[name], value, rtol=tolerance, atol=tolerance
         )
-        if value.is_floating_point() and "running" not in name:
-            moved = max(moved, (value.cpu() - start[name]).abs().max().item())
-    assert moved > 10 * tolerance  # the comparison can fail
+    assert _moved(eager.model, _initial_state(split)) > MARGIN * tolerance  # it can fail
     for a, b in zip(captured.history, eager.history, strict=True):
         assert a.train_loss == pytest.approx(b.train_loss, rel=tolerance, abs=tolerance)
 
