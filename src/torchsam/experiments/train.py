@@ -37,8 +37,9 @@ Extension points (methods whose step is not the standard closure):
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -831,9 +832,10 @@ def train(
     ``torch.Generator`` seeded with ``seed``, as full batches of a fresh permutation each epoch
     (a tail shorter than ``batch_size`` is dropped). The learning rate follows a cosine schedule
     from ``lr`` to 0 over all steps (``CosineAnnealingLR``, stepped after every batch). The loss
-    is cross-entropy on the noisy labels ``split.y_train``. The global RNG state is forked, so
-    the caller's random stream is untouched, and the same arguments give the same result (on
-    the same machine and thread count).
+    is cross-entropy on the noisy labels ``split.y_train``. The global RNG states are forked
+    (the CPU's, and every CUDA device's where CUDA is in use), so the caller's random streams
+    are untouched, and the same arguments give the same result (on the same machine and
+    thread count).
 
     The run is built from small pieces: the data held on the device
     (:func:`~torchsam.experiments.batches.batch_source`), one epoch (``_run_epoch``), an
@@ -947,8 +949,7 @@ def train(
     )
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded(seed, settings.device):
         run = _build_run(spec, split, settings, model_fn, method_kwargs, plan)
         if resume and checkpoint is not None:
             _resume(run, spec, checkpoint, fingerprint)
@@ -959,6 +960,23 @@ def train(
         _train_epochs(run, watcher, curves, on_step, on_epoch, checkpoint, fingerprint)
         result = _result(run, spec)
         return result if watcher is None else replace(result, sharpness=tuple(watcher.records))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's global generators seeded with ``seed`` in the block, and as they were after it:
+    the CPU's, and every CUDA device's where CUDA is in use (initialised, or the run's device),
+    since ``torch.manual_seed`` reseeds them all. Where CUDA is not in use only the CPU's is
+    seeded (with another device, every one as before): seeding CUDA's would queue the seed for
+    its later initialisation, which no fork can undo."""
+    cuda = device.type == "cuda" or torch.cuda.is_initialized()
+    devices = range(torch.cuda.device_count()) if cuda else ()
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        if cuda or device.type != "cpu":
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        yield
 
 
 def _train_epochs(
