@@ -752,6 +752,7 @@ def _checkpoint_state(run: _Run, fingerprint: Mapping[str, Any]) -> dict[str, An
         generators=run.generators,
         progress=progress,
         fingerprint=fingerprint,
+        device=run.settings.device,
     )
 
 
@@ -776,6 +777,7 @@ def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         generators=run.generators,
+        device=run.settings.device,
     )
     for group, own in zip(run.optimizer.param_groups, kernels, strict=True):
         group.update(own)
@@ -789,12 +791,14 @@ def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str,
 def _fingerprint(
     spec: Method, settings: _Settings, n_train: int, method_kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """What a checkpoint must match to resume a run: the configuration, not the device."""
+    """What a checkpoint must match to resume a run: the configuration and the type of the
+    device (the generators' states are the device's own), not which device of the type."""
     values = asdict(settings)
     del values["device"], values["rank"]
     options = {**spec.defaults, **method_kwargs}
     return {
         **values,
+        "device_type": settings.device.type,
         "method": spec.name,
         "options": repr(sorted(options.items())),
         "n_train": n_train,
@@ -889,10 +893,13 @@ def train(
             :mod:`~torchsam.experiments.checkpoint`); once the run has finished the file keeps
             only the model, the counters and the history (default: None)
         resume (bool, optional): continue from ``checkpoint``, which an interrupted run of
-            the same configuration wrote: the run ends bit for bit as if never interrupted
-            (the restored epochs are passed to ``on_epoch`` first; their ``wall_time`` is the
-            earlier run's); a finished run's checkpoint trains nothing and gives the same
-            result (default: False)
+            the same configuration wrote on the same kind of device (the CPU, or CUDA): the
+            run's state is restored exactly (its generators and torch's global ones, the CUDA
+            device's included), so on the CPU the run ends bit for bit as if never
+            interrupted, and on a GPU too where its kernels are deterministic (see
+            ``torch.use_deterministic_algorithms``) (the restored epochs are passed to
+            ``on_epoch`` first; their ``wall_time`` is the earlier run's); a finished run's
+            checkpoint trains nothing and gives the same result (default: False)
         monitor (Callable, optional): builds a :class:`~torchsam.SharpnessMonitor` from the
             bare model (once, when the model is built); after every step whose count is due
             (:meth:`~torchsam.SharpnessMonitor.due`) it measures, outside the timed loop and
@@ -917,7 +924,8 @@ def train(
     Raises:
         ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``/
             ``augment``/``precision``; an augmentation of a split without images; a
-            checkpoint of another configuration, or a method that cannot resume;
+            checkpoint of another configuration or written on another kind of device, or a
+            method that cannot resume;
             with ``distributed=True``, without a process group or for a ``batch_size`` that
             is not a multiple of the number of processes; ``graphs="on"`` for a run that
             cannot be captured, or an unknown ``graphs``.
