@@ -297,6 +297,32 @@ def test_train_runs_counts_forwards_and_is_deterministic(
     )
 
 
+def test_a_cpu_run_seeds_no_cuda_generator(split: Split, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where CUDA is not initialised a run on the CPU leaves CUDA's generators alone:
+    ``torch.manual_seed`` would queue its seed for CUDA's later initialisation (in place of
+    the caller's), which no fork of the generators can undo."""
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is initialised: its generators are forked (the CUDA test below)")
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    rng = torch.get_rng_state()
+    train("sgd", split, epochs=1, seed=3)
+    assert seeded == []
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_train_leaves_the_callers_cuda_random_stream_alone(split: Split, device: str) -> None:
+    """``torch.manual_seed`` in a run reseeds every CUDA device: their states are restored."""
+    torch.cuda.manual_seed_all(123)
+    expected = [torch.rand(4, device=f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    torch.cuda.manual_seed_all(123)
+    train("sgd", split, epochs=1, device=device)
+    drawn = [torch.rand(4, device=f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected, strict=True))
+
+
 def test_sam_updates_batchnorm_statistics_once_per_step(split: Split) -> None:
     models: list[nn.Module] = []
 

@@ -106,6 +106,20 @@ def test_filter_normalize_leaves_its_inputs_alone() -> None:
     torch.testing.assert_close(out[0].norm(dim=1), w[0].norm(dim=1))
 
 
+@pytest.mark.parametrize("normalization", ["filter", "layer", None])
+def test_filter_normalize_moves_the_direction_to_the_weights_device(
+    normalization: str | None,
+) -> None:
+    """A direction drawn on the CPU for weights on another device (``meta`` stands for a GPU:
+    torch refuses to mix it with CPU tensors, as it refuses CUDA ones) comes back on the
+    weights' device, for every normalisation."""
+    weights = [torch.empty(4, 3, device="meta"), torch.empty(4, device="meta")]
+    direction = [torch.randn(4, 3), torch.randn(4)]
+    out = landscape.filter_normalize(direction, weights, normalization=normalization)
+    assert [t.device.type for t in out] == ["meta", "meta"]
+    assert [t.shape for t in out] == [w.shape for w in weights]
+
+
 # --------------------------------------------------------------------------- surfaces
 def test_surface_2d_values_and_centre() -> None:
     net, data = _net(), _data()

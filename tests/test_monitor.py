@@ -14,6 +14,7 @@ import csv
 import math
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,50 @@ def test_the_monitor_never_changes_training_on_cuda() -> None:
     assert plain[-1]["cuda_rng"] is not None
     for a, b in zip(plain, watched, strict=True):
         assert same(a, b)
+
+
+def test_the_clock_brackets_the_measurement_between_two_synchronisations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``seconds`` is timed from a synchronised device to a synchronised device: on a GPU the
+    training's queued kernels are not counted and the measurement's all are. The CPU stands in
+    for the GPU here: the order of the clock readings and the synchronisations is recorded."""
+    import torchsam.monitor as monitor_module
+
+    events: list[Any] = []
+    monkeypatch.setattr(monitor_module, "_synchronize", lambda devices: events.append(devices))
+
+    class _Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            events.append("clock")
+            return float(len(events))
+
+    monkeypatch.setattr(monitor_module, "time", _Clock)
+    model = tiny_model()
+    record = SharpnessMonitor(model, loss_fn, tiny_batches(), sam_rho=0.05).measure()
+    assert events == [{torch.device("cpu")}, "clock", {torch.device("cpu")}, "clock"]
+    assert record.seconds == 2.0  # the clock read after the second synchronisation
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_seconds_leave_out_the_kernels_queued_before_the_measurement() -> None:
+    """A measurement taken while the GPU still has about a second of queued work records only
+    its own time (without the synchronisation, ``seconds`` included the queued work)."""
+    model = tiny_model().cuda()
+    probe = [(x.cuda(), y.cuda()) for x, y in tiny_batches()]
+    monitor = SharpnessMonitor(model, loss_fn, probe, max_iter=5)
+    monitor.measure()  # warm-up: CUDA's libraries load
+    own = monitor.measure().seconds
+    cycles = 2 * 10**9  # about a second at a GPU's clock rate: timed below
+    began = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    queued = time.perf_counter() - began
+    assert queued > 5 * own  # the test can tell them apart
+    torch.cuda._sleep(cycles)
+    record = monitor.measure()
+    assert record.seconds < queued / 2
 
 
 # --------------------------------------------------------------------------- schedule, outputs

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchsam import sharpness
+from torchsam._measure import batches
 
 F64 = torch.float64
 ce = nn.functional.cross_entropy
@@ -409,6 +411,52 @@ def test_a_dataloader_works() -> None:
     a = sharpness.hessian_eigenvalues(model, ce, loader, max_iter=6)
     b = sharpness.hessian_eigenvalues(model, ce, data, max_iter=6)
     assert a[0] == pytest.approx(b[0], rel=1e-9)
+
+
+class _StandInCopies(TorchDispatchMode):
+    """Record every copy between devices as ``(from, to, non_blocking)``; a copy out of the
+    ``meta`` device (which holds no values) returns the CPU tensor that ``meta`` stands for."""
+
+    def __init__(self, stand_ins: dict[int, Tensor]) -> None:
+        super().__init__()
+        self.stand_ins = stand_ins
+        self.copies: list[tuple[str, str, bool]] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and "device" in kwargs:
+            source, target = args[0], torch.device(kwargs["device"])
+            if source.device != target:
+                non_blocking = bool(kwargs.get("non_blocking", False))
+                self.copies.append((source.device.type, target.type, non_blocking))
+                if source.device.type == "meta":
+                    return self.stand_ins[id(source)]
+        return func(*args, **kwargs)
+
+
+def test_copies_to_the_host_wait_and_copies_from_it_do_not() -> None:
+    """Data on another device than the model's (``meta`` stands for a GPU) is copied to the
+    model's device batch by batch. A copy to the device may go without waiting (the device
+    reads it in stream order), but a copy to the host must wait: without it the model on the
+    CPU could read the inputs before they arrived."""
+    model, data = _mlp(), _data()
+    on_meta = [(x.to("meta"), y.to("meta")) for x, y in data]
+    stand_ins = {
+        id(m): t
+        for pair, meta in zip(data, on_meta, strict=True)
+        for t, m in zip(pair, meta, strict=True)
+    }
+    with _StandInCopies(stand_ins) as mode:
+        value = sharpness.hessian_eigenvalues(model, ce, on_meta, max_iter=6)
+    assert mode.copies
+    assert set(mode.copies) == {("meta", "cpu", False)}
+    assert value[0] == sharpness.hessian_eigenvalues(model, ce, data, max_iter=6)[0]
+    with _StandInCopies({}) as mode:
+        moved = list(batches(data, torch.device("meta")))  # every instrument's reader
+    assert [x.device.type for x, _, _ in moved] == ["meta", "meta"]
+    assert mode.copies == [("cpu", "meta", True)] * 4  # to the device: no wait
 
 
 # --------------------------------------------------------------------------- errors

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from tests._cifar_runs import one_thread_fixture, split_fixture, tiny_resnet
 from tests.test_cifar import write_cifar
@@ -153,6 +154,54 @@ def test_resume_refuses_another_configuration(split: Split, tmp_path: Path) -> N
         _run(split, checkpoint=tmp_path / "junk.pt", resume=True)
 
 
+def test_a_checkpoint_resumes_only_on_the_kind_of_device_that_wrote_it(
+    split: Split, tmp_path: Path
+) -> None:
+    """The device's type is in the fingerprint: a checkpoint written on a GPU (here the CPU's,
+    with the fingerprint and the augmentation generator's 16-byte state of a CUDA run) is
+    refused on the CPU with a message saying how to resume it, before anything is loaded
+    (restoring a CUDA generator's state into a CPU generator raised a RuntimeError)."""
+    path = tmp_path / "run.pt"
+
+    def stop_after_first(stats: EpochStats) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(split, checkpoint=path, on_epoch=stop_after_first)
+    state = torch.load(path, weights_only=True)
+    assert state["fingerprint"]["device_type"] == "cpu"
+    assert state["cuda_rng"] is None  # a CPU run has no CUDA generator to restore
+    state["fingerprint"]["device_type"] = "cuda"
+    state["generators"]["augment"] = torch.zeros(16, dtype=torch.uint8)  # Philox: seed, offset
+    state["cuda_rng"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError,
+        match=r"was written by a run on 'cuda' and this run is on 'cpu': a checkpoint holds "
+        r"its device's generator states .* resume on 'cuda' \(device='cuda', or --device cuda\)",
+    ):
+        _run(split, checkpoint=path, resume=True)
+
+
+def test_restore_state_refuses_a_cuda_generator_state_off_cuda() -> None:
+    from torchsam.experiments.checkpoint import restore_state, run_state
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    parts: dict[str, Any] = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "generators": {},
+    }
+    state = run_state(**parts, progress={}, fingerprint={})
+    assert state["cuda_rng"] is None
+    state["cuda_rng"] = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="holds a CUDA generator's state: restore it on a CUDA"):
+        restore_state(state, **parts, device=torch.device("cpu"))
+
+
 def test_methods_with_state_in_their_step_cannot_resume(split: Split, tmp_path: Path) -> None:
     import torchsam.experiments.methods  # noqa: F401 (registers saf)
 
@@ -247,6 +296,54 @@ def test_cuda_training_defaults_to_bf16_and_augments_on_the_device(split: Split)
     ]
     assert batches[0].device.type == "cuda"
     assert torch.equal(batches[0], batches[1])
+
+
+def _mlp_with_dropout(split: Split) -> nn.Module:
+    """A small MLP on the images whose dropout draws from the global generator."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3 * 32 * 32, 32),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(32, split.num_classes),
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_with_dropout_resumes_exactly_and_only_on_cuda(
+    split: Split, tmp_path: Path
+) -> None:
+    """The checkpoint holds the CUDA generator that dropout draws from (without it the resumed
+    run drew other masks); float32, no convolution: cuBLAS gives the same bits run to run. A
+    CUDA checkpoint is refused on the CPU."""
+    options: dict[str, Any] = {
+        "device": "cuda",
+        "precision": "fp32",
+        "model_fn": _mlp_with_dropout,
+        "curves": False,
+    }
+    straight = _run(split, **options)
+    path = tmp_path / "run.pt"
+
+    def stop_after_first(stats: EpochStats) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(split, checkpoint=path, on_epoch=stop_after_first, **options)
+    state = torch.load(path, weights_only=True)
+    assert state["fingerprint"]["device_type"] == "cuda"
+    assert state["cuda_rng"] is not None
+    torch.cuda.manual_seed_all(12345)  # what the caller's stream holds must not matter
+    resumed = _run(split, checkpoint=path, resume=True, **options)
+    assert straight.model is not None
+    assert resumed.model is not None
+    for a, b in zip(
+        straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    assert resumed.train_loss == pytest.approx(straight.train_loss, rel=1e-6)
+    with pytest.raises(ValueError, match="was written by a run on 'cuda' and this run is on"):
+        _run(split, checkpoint=path, resume=True, **{**options, "device": "cpu"})
 
 
 def test_time_estimate_and_option_checks() -> None:

@@ -134,14 +134,20 @@ def batches(data: Data, device: torch.device | None) -> Iterator[tuple[Any, Any,
         if size == 0:
             continue
         if device is not None:
-            if isinstance(inputs, Tensor):
-                inputs = inputs.to(device, non_blocking=True)
-            if isinstance(targets, Tensor):
-                targets = targets.to(device, non_blocking=True)
+            inputs, targets = _moved(inputs, device), _moved(targets, device)
         count += 1
         yield inputs, targets, size
     if count == 0:
         raise ValueError("data yielded no non-empty batch")
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` on ``device`` when it is a tensor. A copy from the host does not wait
+    (``non_blocking``: the device reads it in stream order); any other copy does, since a
+    copy to the host that did not wait could be read before it has arrived."""
+    if not isinstance(value, Tensor):
+        return value
+    return value.to(device, non_blocking=value.device.type == "cpu")
 
 
 def batch_loss(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any) -> Tensor:

@@ -132,7 +132,8 @@ def filter_normalize(
     else a copy of the weights.
 
     Returns:
-        list[Tensor]: new tensors; the inputs are not modified.
+        list[Tensor]: new tensors on the weights' devices and of their dtypes; the inputs are
+        not modified.
     """
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f'normalization must be "filter", "layer" or None, got {normalization!r}')
@@ -146,7 +147,7 @@ def filter_normalize(
             raise ValueError(
                 f"direction tensor of shape {tuple(d.shape)} for weights {tuple(w.shape)}"
             )
-        d = d.detach().to(w.dtype)
+        d = d.detach().to(w.device, w.dtype)
         w = w.detach()
         if w.dim() <= 1:
             out.append(torch.zeros_like(w) if ignore_1d else w.clone())

@@ -69,7 +69,9 @@ class SharpnessRecord:
         trace_stderr (float | None): its standard error, None when not asked for
         sam_sharpness (float | None): SAM sharpness at radius ``sam_rho``, None when not
             asked for
-        seconds (float): the wall-clock time of the measurement
+        seconds (float): the wall-clock time of the measurement (on a GPU the model's device
+            is synchronised before the clock starts and before it stops, so that the
+            training's queued kernels are not counted and the measurement's all are)
     """
 
     step: int
@@ -90,6 +92,14 @@ def _check_count(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def _synchronize(devices: set[torch.device]) -> None:
+    """Wait for the work queued on each CUDA device of ``devices`` (the CPU's work is done
+    when a call returns), so that a host clock times only what it brackets."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def _check_model(model: object, loss_fn: object) -> None:
@@ -294,6 +304,8 @@ class SharpnessMonitor:
             SharpnessRecord: the measurement (also appended to :attr:`records` and written to
             the writer).
         """
+        devices = {p.device for p in self.model.parameters()}
+        _synchronize(devices)  # the training's queued work is not the measurement's
         began = time.perf_counter()
         with torch.enable_grad():
             top = sharpness.hessian_eigenvalues(
@@ -336,6 +348,8 @@ class SharpnessMonitor:
                     params=self.params,
                     batch_norm=self.batch_norm,
                 )
+        _synchronize(devices)
+        seconds = time.perf_counter() - began
         record = SharpnessRecord(
             step=self.steps,
             epoch=self.epochs,
@@ -345,7 +359,7 @@ class SharpnessMonitor:
             trace=trace,
             trace_stderr=stderr,
             sam_sharpness=sam,
-            seconds=time.perf_counter() - began,
+            seconds=seconds,
         )
         self.records.append(record)
         self._measured_at = self._count()

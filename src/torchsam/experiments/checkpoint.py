@@ -3,8 +3,12 @@
 A checkpoint holds everything the rest of a run depends on: the model's ``state_dict``
 (weights and BatchNorm statistics), the optimizer's and the learning-rate scheduler's, the
 states of the run's ``torch.Generator`` objects (batch order, augmentation, the method's own)
-and of the global generator, the counters and the per-epoch history, plus a *fingerprint* of
-the run's configuration: a checkpoint resumes only the run that wrote it. It is written to a
+and of the global generators (the CPU's, and on a GPU the run's CUDA device's, which dropout
+in the model draws from), the counters and the per-epoch history, plus a *fingerprint* of
+the run's configuration: a checkpoint resumes only the run that wrote it. The fingerprint
+holds the type of the run's device (``"device_type"``): a generator's state is the device's
+own (a CUDA generator's is 16 bytes, a CPU one's 5056), so a checkpoint resumes on the kind
+of device that wrote it (any CUDA device for a CUDA run), and another is refused. It is written to a
 temporary file and renamed over the old one, so an interrupted write leaves the last complete
 checkpoint in place. Files are read with ``torch.load(weights_only=True)``: no code runs.
 
@@ -48,6 +52,7 @@ def run_state(
     generators: Mapping[str, torch.Generator],
     progress: Mapping[str, Any],
     fingerprint: Mapping[str, Any],
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """The state of a run between two epochs, as :func:`save_checkpoint` writes it.
 
@@ -58,6 +63,8 @@ def run_state(
         generators (Mapping[str, torch.Generator]): the run's generators by name
         progress (Mapping[str, Any]): plain values (next epoch, steps, counters, history)
         fingerprint (Mapping[str, Any]): the configuration the checkpoint belongs to
+        device (torch.device, optional): the run's device; for a CUDA device the state of
+            its global generator is saved too (default: None, the CPU)
     """
     return {
         "format": FORMAT,
@@ -68,6 +75,11 @@ def run_state(
         "scheduler": scheduler.state_dict(),
         "generators": {name: g.get_state() for name, g in generators.items()},
         "global_rng": torch.get_rng_state(),
+        "cuda_rng": (
+            torch.cuda.get_rng_state(device)
+            if device is not None and device.type == "cuda"
+            else None
+        ),
     }
 
 
@@ -98,7 +110,8 @@ def load_checkpoint(path: str | Path, fingerprint: Mapping[str, Any]) -> dict[st
     Raises:
         FileNotFoundError: if there is no such file.
         ValueError: for a file that is not a checkpoint of this layout, or one written by a
-            run of another configuration (the message names the first difference).
+            run of another configuration (the message names the first difference) or on
+            another kind of device (the message says how to resume it).
     """
     path = Path(path)
     if not path.is_file():
@@ -110,6 +123,14 @@ def load_checkpoint(path: str | Path, fingerprint: Mapping[str, Any]) -> dict[st
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a torchsam training checkpoint (format {FORMAT})")
     saved = state.get("fingerprint", {})
+    there, here = saved.get("device_type"), fingerprint.get("device_type")
+    if there is not None and here is not None and there != here:
+        raise ValueError(
+            f"{path} was written by a run on {there!r} and this run is on {here!r}: a "
+            "checkpoint holds its device's generator states and resumes on the kind of device "
+            f"that wrote it; resume on {there!r} (device={there!r}, or --device {there}), or "
+            "start the run again without resuming"
+        )
     for key in sorted(set(saved) | set(fingerprint)):
         if saved.get(key) != fingerprint.get(key):
             raise ValueError(
@@ -126,11 +147,25 @@ def restore_state(
     optimizer: Optimizer,
     scheduler: Any,
     generators: Mapping[str, torch.Generator],
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Load a :func:`run_state` into the run's objects; return its ``progress`` values.
+    """Load a :func:`run_state` into the run's objects and torch's global generators (the
+    CPU's, and the CUDA ``device``'s when the state holds one); return its ``progress``
+    values.
 
     A finished run's slim state (:func:`finished_state`) restores the model only: nothing
-    else is used again."""
+    else is used again.
+
+    Raises:
+        ValueError: if the state's generators are not the run's, or it holds a CUDA
+            generator's state and ``device`` is not a CUDA device."""
+    cuda_rng = state.get("cuda_rng")
+    cuda_device = device if device is not None and device.type == "cuda" else None
+    if cuda_rng is not None and cuda_device is None:
+        raise ValueError(
+            "the checkpoint holds a CUDA generator's state: restore it on a CUDA device, "
+            f"not {device or 'the CPU'}"
+        )
     model.load_state_dict(state["model"])
     if is_finished(state):
         return dict(state["progress"])
@@ -144,4 +179,6 @@ def restore_state(
     for name, generator in generators.items():
         generator.set_state(saved[name])
     torch.set_rng_state(state["global_rng"])
+    if cuda_rng is not None and cuda_device is not None:
+        torch.cuda.set_rng_state(cuda_rng, cuda_device)
     return dict(state["progress"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 import torchsam
@@ -27,7 +28,12 @@ __all__: list[str] = []
 
 
 def _per_sample_step(context: TrainContext) -> StepFn:
-    """ESAM and MSAM: the closure takes batch rows and returns per-sample losses."""
+    """ESAM and MSAM: the closure takes batch rows and returns per-sample losses.
+
+    MSAM hands the rows of each micro-batch as CPU indices; they are copied to the batch's
+    device once per call without waiting (:func:`_rows_on`), where indexing a GPU batch with
+    them would copy them once per tensor and wait each time. ESAM's rows (from ``topk`` of
+    the losses) are on the batch's device already."""
     model, optimizer, per_sample = context.model, context.optimizer, context.per_sample_loss_fn
 
     def step(batch: Batch) -> Tensor:
@@ -36,6 +42,7 @@ def _per_sample_step(context: TrainContext) -> StepFn:
             with torchsam.freeze_running_stats(model, enabled=perturbed):
                 if rows is None:
                     return per_sample(model(batch.x), batch.y)
+                rows = _rows_on(rows, batch.x.device)
                 return per_sample(model(batch.x[rows]), batch.y[rows])
 
         if isinstance(optimizer, torchsam.MSAM):
@@ -45,6 +52,17 @@ def _per_sample_step(context: TrainContext) -> StepFn:
         raise TypeError(f"per-sample closures need ESAM or MSAM, got {type(optimizer).__name__}")
 
     return step
+
+
+def _rows_on(rows: Tensor, device: torch.device) -> Tensor:
+    """``rows`` on ``device``, copied without a synchronisation: from pinned host memory
+    without waiting when they are on the CPU and ``device`` is a GPU (the kernels that index
+    with them run after the copy, in stream order)."""
+    if rows.device == device:
+        return rows
+    if rows.device.type == "cpu" and device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
 
 
 def _momentum_sam_step(context: TrainContext) -> StepFn:

@@ -37,8 +37,9 @@ Extension points (methods whose step is not the standard closure):
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -751,6 +752,7 @@ def _checkpoint_state(run: _Run, fingerprint: Mapping[str, Any]) -> dict[str, An
         generators=run.generators,
         progress=progress,
         fingerprint=fingerprint,
+        device=run.settings.device,
     )
 
 
@@ -775,6 +777,7 @@ def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         generators=run.generators,
+        device=run.settings.device,
     )
     for group, own in zip(run.optimizer.param_groups, kernels, strict=True):
         group.update(own)
@@ -788,12 +791,14 @@ def _resume(run: _Run, spec: Method, path: str | Path, fingerprint: Mapping[str,
 def _fingerprint(
     spec: Method, settings: _Settings, n_train: int, method_kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """What a checkpoint must match to resume a run: the configuration, not the device."""
+    """What a checkpoint must match to resume a run: the configuration and the type of the
+    device (the generators' states are the device's own), not which device of the type."""
     values = asdict(settings)
     del values["device"], values["rank"]
     options = {**spec.defaults, **method_kwargs}
     return {
         **values,
+        "device_type": settings.device.type,
         "method": spec.name,
         "options": repr(sorted(options.items())),
         "n_train": n_train,
@@ -831,9 +836,10 @@ def train(
     ``torch.Generator`` seeded with ``seed``, as full batches of a fresh permutation each epoch
     (a tail shorter than ``batch_size`` is dropped). The learning rate follows a cosine schedule
     from ``lr`` to 0 over all steps (``CosineAnnealingLR``, stepped after every batch). The loss
-    is cross-entropy on the noisy labels ``split.y_train``. The global RNG state is forked, so
-    the caller's random stream is untouched, and the same arguments give the same result (on
-    the same machine and thread count).
+    is cross-entropy on the noisy labels ``split.y_train``. The global RNG states are forked
+    (the CPU's, and every CUDA device's where CUDA is in use), so the caller's random streams
+    are untouched, and the same arguments give the same result (on the same machine and
+    thread count).
 
     The run is built from small pieces: the data held on the device
     (:func:`~torchsam.experiments.batches.batch_source`), one epoch (``_run_epoch``), an
@@ -887,10 +893,13 @@ def train(
             :mod:`~torchsam.experiments.checkpoint`); once the run has finished the file keeps
             only the model, the counters and the history (default: None)
         resume (bool, optional): continue from ``checkpoint``, which an interrupted run of
-            the same configuration wrote: the run ends bit for bit as if never interrupted
-            (the restored epochs are passed to ``on_epoch`` first; their ``wall_time`` is the
-            earlier run's); a finished run's checkpoint trains nothing and gives the same
-            result (default: False)
+            the same configuration wrote on the same kind of device (the CPU, or CUDA): the
+            run's state is restored exactly (its generators and torch's global ones, the CUDA
+            device's included), so on the CPU the run ends bit for bit as if never
+            interrupted, and on a GPU too where its kernels are deterministic (see
+            ``torch.use_deterministic_algorithms``) (the restored epochs are passed to
+            ``on_epoch`` first; their ``wall_time`` is the earlier run's); a finished run's
+            checkpoint trains nothing and gives the same result (default: False)
         monitor (Callable, optional): builds a :class:`~torchsam.SharpnessMonitor` from the
             bare model (once, when the model is built); after every step whose count is due
             (:meth:`~torchsam.SharpnessMonitor.due`) it measures, outside the timed loop and
@@ -915,7 +924,8 @@ def train(
     Raises:
         ValueError: for an unknown method or an invalid ``epochs``/``batch_size``/``seed``/
             ``augment``/``precision``; an augmentation of a split without images; a
-            checkpoint of another configuration, or a method that cannot resume;
+            checkpoint of another configuration or written on another kind of device, or a
+            method that cannot resume;
             with ``distributed=True``, without a process group or for a ``batch_size`` that
             is not a multiple of the number of processes; ``graphs="on"`` for a run that
             cannot be captured, or an unknown ``graphs``.
@@ -947,8 +957,7 @@ def train(
     )
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded(seed, settings.device):
         run = _build_run(spec, split, settings, model_fn, method_kwargs, plan)
         if resume and checkpoint is not None:
             _resume(run, spec, checkpoint, fingerprint)
@@ -959,6 +968,23 @@ def train(
         _train_epochs(run, watcher, curves, on_step, on_epoch, checkpoint, fingerprint)
         result = _result(run, spec)
         return result if watcher is None else replace(result, sharpness=tuple(watcher.records))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's global generators seeded with ``seed`` in the block, and as they were after it:
+    the CPU's, and every CUDA device's where CUDA is in use (initialised, or the run's device),
+    since ``torch.manual_seed`` reseeds them all. Where CUDA is not in use only the CPU's is
+    seeded (with another device, every one as before): seeding CUDA's would queue the seed for
+    its later initialisation, which no fork can undo."""
+    cuda = device.type == "cuda" or torch.cuda.is_initialized()
+    devices = range(torch.cuda.device_count()) if cuda else ()
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        if cuda or device.type != "cpu":
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        yield
 
 
 def _train_epochs(
