@@ -351,7 +351,7 @@ def test_the_clock_brackets_the_measurement_between_two_synchronisations(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_seconds_leave_out_the_kernels_queued_before_the_measurement() -> None:
+def test_on_cuda_seconds_leave_out_the_kernels_queued_before_the_measurement() -> None:
     """A measurement taken while the GPU still has about a second of queued work records only
     its own time (without the synchronisation, ``seconds`` included the queued work)."""
     model = tiny_model().cuda()
