@@ -239,3 +239,18 @@ def test_the_fused_perturbation_takes_its_factor_in_the_weights_dtype(
     )
     for got, w in zip(params, want, strict=True):
         assert torch.equal(got, w)
+
+
+def test_cast_like_moves_a_coefficient_and_off_the_cpu_matches_the_dtype() -> None:
+    c = torch.tensor(0.3, dtype=torch.float64)
+    assert F.cast_like(c, torch.zeros(3)) is c  # on the CPU: no operator spent
+    for dtype, want in [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),  # half precision computes in float32
+        (torch.float64, torch.float64),
+        (torch.complex64, torch.float32),  # a real coefficient stays real
+    ]:
+        got = F.cast_like(c, torch.zeros(3, dtype=dtype, device="meta"))  # stands for a GPU
+        assert (got.device.type, got.dtype) == ("meta", want)
+    on_meta = torch.tensor(0.3, device="meta")
+    assert F.cast_like(on_meta, torch.zeros(3, device="meta")) is on_meta

@@ -43,15 +43,19 @@ Coefficient = float | Tensor
 
 def cast_like(coefficient: Tensor, tensor: Tensor) -> Tensor:
     """A 0-dim coefficient for the elementwise kernels over tensors like ``tensor``: on its
-    device (on a GPU a coefficient on another device is an error) and in its real dtype, at
-    least float32 (a float64 coefficient for float32 tensors leaves the one-kernel path of a
-    GPU's multi-tensor kernels). The same numbers: the kernels convert a 0-dim operand to
-    that dtype anyway (half-precision tensors compute in float32). No copy where nothing
-    changes."""
-    dtype = torch.promote_types(tensor.dtype.to_real(), torch.float32)
-    if coefficient.device == tensor.device and coefficient.dtype == dtype:
+    device (on a GPU a coefficient on another device is an error) and, off the CPU, in its
+    real dtype, at least float32 (a float64 coefficient for float32 tensors leaves the
+    one-kernel path of a GPU's multi-tensor kernels; on the CPU they are a loop of per-tensor
+    kernels either way, so no cast is spent there). The same numbers: the kernels convert a
+    0-dim operand to that dtype anyway (half-precision tensors compute in float32). No copy
+    where nothing changes."""
+    device = tensor.device
+    if coefficient.device == device and device.type == "cpu":
         return coefficient
-    return coefficient.to(device=tensor.device, dtype=dtype)
+    dtype = torch.promote_types(tensor.dtype.to_real(), torch.float32)
+    if coefficient.device == device and coefficient.dtype == dtype:
+        return coefficient
+    return coefficient.to(device=device, dtype=dtype)
 
 
 def copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
