@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -150,28 +150,31 @@ class NonFiniteGuard:
         host = torch.empty((), dtype=total.dtype, pin_memory=True)
         host.copy_(total, non_blocking=True)
         # on the stream of the flag's own device (not the current device's, which may be
-        # another GPU), after the copy
-        return host, torch.accelerator.current_stream(total.device).record_event()
+        # another GPU), after the copy; torch.accelerator is torch >= 2.6, torch.cuda (and
+        # the other device modules) have current_stream(device) in 2.5 already
+        accelerator = getattr(torch, "accelerator", None)
+        module = accelerator if accelerator is not None else getattr(torch, total.device.type)
+        return host, module.current_stream(total.device).record_event()
 
-    def late_statuses(self) -> list[Status]:
+    def late_statuses(self) -> Iterator[Status]:
         """What earlier steps decided on the device found, oldest first, for each whose copy
-        has arrived on the host; no synchronisation. Those whose copy has not arrived stay
-        for a later call (the host may run several steps ahead of the device), except that
-        beyond :data:`MOST_PENDING` of them the oldest is waited for."""
-        statuses = []
+        has arrived on the host; no synchronisation. Each is removed as it is yielded (a
+        caller that stops early, or raises on one, leaves the rest for a later call). Those
+        whose copy has not arrived stay for a later call (the host may run several steps
+        ahead of the device), except that beyond :data:`MOST_PENDING` of them the oldest is
+        waited for."""
         while self._late:
             host, event = self._late[0]
             if event is not None and not event.query():
                 if len(self._late) <= MOST_PENDING:
-                    break
+                    return
                 event.synchronize()
             self._late.popleft()
             value = host.tolist()  # a host tensor: no dispatch, no wait
             if value == 0.0:
-                statuses.append(Status.FINITE)
+                yield Status.FINITE
             else:
-                statuses.append(Status.FIRST_NORM if value != value else Status.LATER)
-        return statuses
+                yield Status.FIRST_NORM if value != value else Status.LATER
 
     def clear(self) -> None:
         """Forget what the unfinished step recorded (after an error or an abort)."""
