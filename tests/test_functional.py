@@ -246,7 +246,7 @@ def test_cast_like_moves_a_coefficient_and_off_the_cpu_matches_the_dtype() -> No
     assert F.cast_like(c, torch.zeros(3)) is c  # on the CPU: no operator spent
     for dtype, want in [
         (torch.float32, torch.float32),
-        (torch.bfloat16, torch.float32),  # half precision computes in float32
+        (torch.bfloat16, torch.bfloat16),  # CUDA's one-kernel path wants the lists' dtype
         (torch.float64, torch.float64),
         (torch.complex64, torch.float32),  # a real coefficient stays real
     ]:

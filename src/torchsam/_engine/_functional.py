@@ -44,15 +44,15 @@ Coefficient = float | Tensor
 def cast_like(coefficient: Tensor, tensor: Tensor) -> Tensor:
     """A 0-dim coefficient for the elementwise kernels over tensors like ``tensor``: on its
     device (on a GPU a coefficient on another device is an error) and, off the CPU, in its
-    real dtype, at least float32 (a float64 coefficient for float32 tensors leaves the
-    one-kernel path of a GPU's multi-tensor kernels; on the CPU they are a loop of per-tensor
-    kernels either way, so no cast is spent there). The same numbers: the kernels convert a
-    0-dim operand to that dtype anyway (half-precision tensors compute in float32). No copy
-    where nothing changes."""
+    (real) dtype: a GPU's multi-tensor kernels take their one-kernel path only for a
+    coefficient of the lists' dtype, and their per-tensor path reads a 0-dim operand in the
+    lists' dtype anyway, so the numbers are the same. On the CPU the multi-tensor kernels are
+    a loop of per-tensor kernels either way, so no cast is spent there. No copy where nothing
+    changes."""
     device = tensor.device
     if coefficient.device == device and device.type == "cpu":
         return coefficient
-    dtype = torch.promote_types(tensor.dtype.to_real(), torch.float32)
+    dtype = tensor.dtype.to_real()
     if coefficient.device == device and coefficient.dtype == dtype:
         return coefficient
     return coefficient.to(device=device, dtype=dtype)
