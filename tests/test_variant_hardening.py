@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from typing import Any, ClassVar
 
@@ -246,3 +247,29 @@ def test_gradient_for_the_base_step_allocates_nothing_after_a_first_cycle(
         counts.append([op for op in mode.ops if not (name == "msam" and "aten.mm" in op)])
     assert any(counts[:3]), "the first cycle allocates the scratch buffers (the counter sees them)"
     assert counts[3:] == [[], [], []]
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+@pytest.mark.parametrize(("value", "spread"), [(1e300, False), (math.inf, True), (math.nan, True)])
+def test_a_local_pass_checks_finiteness_in_the_gradients_own_dtype(
+    value: float, spread: bool
+) -> None:
+    """A finite float64 gradient beyond float32's range is not taken for an overflow (it
+    became inf when the check cast it to float32, and every rank skipped the step)."""
+    from torchsam.distributed import _spread_non_finite
+
+    dist = torch.distributed
+    model = nn.Linear(3, 2).double()
+    opt = torchsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.weight.grad[0, 0] = value
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _spread_non_finite(model, opt)
+    finally:
+        dist.destroy_process_group()
+    assert torch.isnan(model.bias.grad).all() == spread

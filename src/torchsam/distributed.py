@@ -156,11 +156,14 @@ def _spread_non_finite(model: nn.Module, optimizer: SharpnessAwareOptimizer) -> 
     if present:
         peaks = torch._foreach_norm(present, float("inf"))
         device = present[0].device
-        local = torch.stack([n.to(device=device, dtype=torch.float32) for n in peaks])
-        flag = (~torch.isfinite(local)).any().to(torch.float32)
+        # finiteness in each gradient's own dtype (a float64 peak above float32's range is
+        # finite), gathered on one device
+        finite = torch.stack([torch.isfinite(n).to(device) for n in peaks])
+        flag = (~finite).any().to(torch.float32)
     else:
         first = next(model.parameters(), None)
-        flag = torch.zeros((), device=first.device if first is not None else "cpu")
+        device = first.device if first is not None else torch.device("cpu")
+        flag = torch.zeros((), dtype=torch.float32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=getattr(model, "process_group", None))
     if bool(flag.item()):  # some rank's gradients are not finite
         for g in present:
