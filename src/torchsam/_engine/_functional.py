@@ -41,6 +41,14 @@ __all__ = [
 Coefficient = float | Tensor
 
 
+#: the real dtype of each complex one (a real coefficient stays real)
+_REAL = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
 def cast_like(coefficient: Tensor, tensor: Tensor) -> Tensor:
     """A 0-dim coefficient for the elementwise kernels over tensors like ``tensor``: on its
     device (on a GPU a coefficient on another device is an error) and, off the CPU, in its
@@ -52,7 +60,7 @@ def cast_like(coefficient: Tensor, tensor: Tensor) -> Tensor:
     device = tensor.device
     if coefficient.device == device and device.type == "cpu":
         return coefficient
-    dtype = tensor.dtype.to_real()
+    dtype = _REAL.get(tensor.dtype, tensor.dtype)
     if coefficient.device == device and coefficient.dtype == dtype:
         return coefficient
     return coefficient.to(device=device, dtype=dtype)
