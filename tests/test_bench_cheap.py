@@ -1,10 +1,10 @@
 """benchmarks/bench_cheap.py runs (a smoke run: the pass counts are asserted, not the times)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests._scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,14 +14,7 @@ def test_cheap_benchmark_smoke_run(
 ) -> None:
     pytest.importorskip("sklearn")
     # in-process (the script's main), to spare a second interpreter start
-    spec = importlib.util.spec_from_file_location(
-        "bench_cheap", ROOT / "benchmarks" / "bench_cheap.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_cheap", bench)  # dataclasses look it up
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_cheap", monkeypatch)
     args = ["--quick", "--model", "mlp", "--hidden", "16", "--epochs", "6", "--pass-repeats", "1"]
     assert bench.main(args) == 0
     out = capsys.readouterr().out

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,14 +89,7 @@ def test_sweep_defaults_smoke_run(
 ) -> None:
     pytest.importorskip("sklearn")
     # in-process (the script's main), to spare a second interpreter start
-    spec = importlib.util.spec_from_file_location(
-        "sweep_defaults", ROOT / "benchmarks" / "sweep_defaults.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    sweep = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "sweep_defaults", sweep)  # dataclasses look it up
-    spec.loader.exec_module(sweep)
+    sweep = load_script("sweep_defaults", monkeypatch)
     out_file, report = tmp_path / "runs.jsonl", tmp_path / "report.md"
     argv = ["--quick", "--tasks", "signals/mlp/adamw", "--out", str(out_file)]
     threads = torch.get_num_threads()
@@ -211,12 +206,7 @@ def test_instruments_short_needs_neither_loss_landscapes_nor_package_metadata(
 def test_instruments_package_version_falls_back_to_the_module(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spec = importlib.util.spec_from_file_location("bench_instruments", INSTRUMENTS)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_instruments", module)  # dataclasses look it up
-    spec.loader.exec_module(module)
+    module = load_script("bench_instruments", monkeypatch)
     assert module.package_version("torch", "torch") == importlib.metadata.version("torch")
     carried = type(sys)("carried_without_metadata")
     monkeypatch.setitem(sys.modules, carried.__name__, carried)

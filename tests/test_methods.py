@@ -57,11 +57,15 @@ def _batch(device: str, n: int = 8) -> Batch:
     return Batch(x.to(device), y.to(device), torch.arange(n), epoch=0, step=0)
 
 
-@pytest.mark.parametrize(
+#: the optimizers whose closure takes row indices (per-sample losses)
+PER_SAMPLE = pytest.mark.parametrize(
     ("optimizer_cls", "options"),
     [(torchsam.MSAM, {"m": 2}), (torchsam.ESAM, {"gamma": 0.5})],
     ids=["msam", "esam"],
 )
+
+
+@PER_SAMPLE
 def test_the_closure_indexes_the_batch_with_rows_on_its_device(
     optimizer_cls: type, options: dict[str, Any]
 ) -> None:
@@ -77,11 +81,7 @@ def test_the_closure_indexes_the_batch_with_rows_on_its_device(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(
-    ("optimizer_cls", "options"),
-    [(torchsam.MSAM, {"m": 2}), (torchsam.ESAM, {"gamma": 0.5})],
-    ids=["msam", "esam"],
-)
+@PER_SAMPLE
 def test_a_per_sample_step_on_cuda_indexes_on_the_device_and_takes_the_cpu_step(
     optimizer_cls: type, options: dict[str, Any]
 ) -> None:

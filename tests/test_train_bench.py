@@ -4,7 +4,6 @@ and ``--cpu-smoke`` and the answer without CUDA say plainly that CUDA is missing
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -16,19 +15,15 @@ from typing import Any
 import pytest
 import torch
 
+from tests._scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_cifar_gpu.py"
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_cifar_gpu", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_cifar_gpu", module)  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_cifar_gpu", monkeypatch)
 
 
 def test_every_path_runs_and_reports_on_a_tiny_cpu_problem(bench: ModuleType) -> None:
