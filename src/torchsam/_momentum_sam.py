@@ -490,16 +490,15 @@ def _addcmul(
     foreach: bool,
     splits: list[list[int]] | None,
 ) -> None:
-    """``dst += src * coefficient``, per device of ``dst`` (``splits``): a parameter group
-    spread over several GPUs takes the 0-dim coefficient on each of them (a multi-tensor
-    kernel refuses one on another device)."""
+    """``dst += src * coefficient``, per device and dtype of ``dst`` (``splits``): a parameter
+    group spread over several GPUs takes the 0-dim coefficient on each of them (a multi-tensor
+    kernel refuses one on another device), as GSAM's and LookSAM's do (:func:`F.cast_like`)."""
     if splits is None:
         F.addcmul_(dst, src, coefficient, foreach)
         return
     for idx in splits:
         part = [dst[i] for i in idx]
-        on_device = coefficient.to(part[0].device)
-        F.addcmul_(part, [src[i] for i in idx], on_device, foreach)
+        F.addcmul_(part, [src[i] for i in idx], F.cast_like(coefficient, part[0]), foreach)
 
 
 def _momentum_key(base: Optimizer, given: str | None) -> str:
