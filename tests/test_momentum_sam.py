@@ -699,7 +699,10 @@ def test_the_step_adds_a_constant_number_of_operators_and_one_synchronisation(ba
     """Over the base optimizer's own step, MomentumSAM's work is multi-tensor: the operators it
     adds do not grow with the number of parameter tensors (weight decay moved included), and
     the non-finite check is the step's one host synchronisation (counted on the CPU, as a GPU
-    would launch them)."""
+    would launch them: the path that keeps the perturbation's factor on the device; on the CPU,
+    where reading a value is free, the factor is computed from the norm's value, one read
+    more and fewer operators)."""
+    from torchsam import _momentum_sam
     from torchsam.experiments._dispatch_count import DispatchCounter
 
     cls, kwargs, most = COUNTED[base]
@@ -720,10 +723,16 @@ def test_the_step_adds_a_constant_number_of_operators_and_one_synchronisation(ba
                 opt.step()
         return counter.ops, counter.syncs
 
-    extra = {n: counts(n, True)[0] - counts(n, False)[0] for n in (2, 6)}
-    assert extra[2] == extra[6] <= most
-    # one more than the base optimizer's own (AdamW reads its step counts on the CPU)
-    assert counts(6, True)[1] == counts(6, False)[1] + 1
+    on_cpu = counts(6, True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_momentum_sam, "_reads_free", lambda device: False)  # as on a GPU
+        extra = {n: counts(n, True)[0] - counts(n, False)[0] for n in (2, 6)}
+        assert extra[2] == extra[6] <= most
+        # one more than the base optimizer's own (AdamW reads its step counts on the CPU)
+        assert counts(6, True)[1] == counts(6, False)[1] + 1
+    # on the CPU: the norm's value read as well, and fewer operators
+    assert on_cpu[1] == counts(6, False)[1] + 2
+    assert on_cpu[0] < counts(6, False)[0] + extra[6]
     if cls is torch.optim.SGD:
         assert counts(6, False)[1] == 0
 
@@ -851,3 +860,50 @@ def test_add_param_group_checks_the_momentum_and_takes_the_mode() -> None:
     opt.train()
     _run(opt, model, 2)
     assert all(p in opt.base_optimizer.state for p in model.parameters())
+
+
+# --------------------------------------------------------------------- the CPU factor
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_cpu_factor_is_the_tensor_expression_bit_for_bit(dtype: torch.dtype) -> None:
+    """On the CPU the perturbation's factor is computed from the norm's value in Python; it
+    must equal the device path's ``(-rho / (total + eps)).to(dtype)`` exactly, also where the
+    factor leaves float32's range (a float32 conversion that refuses it must not raise)."""
+    from torchsam._momentum_sam import _cpu_factor
+
+    gen = torch.Generator().manual_seed(0)
+    totals = (torch.rand(3000, generator=gen, dtype=torch.float64) * 2) ** 2 * torch.pow(
+        10.0, torch.randint(-40, 40, (3000,), generator=gen).to(torch.float64)
+    )
+    edge = [0.0, 1e-300, 1e-12, 1e-40, 3e-27, math.inf, math.nan, 1e300]
+    for total in [*totals.tolist(), *edge]:
+        for rho in (0.5, 0.05, 3.0, 1e30, 0.0):
+            expected = (-float(rho) / (torch.tensor(total, dtype=torch.float64) + 1e-12)).to(dtype)
+            got = _cpu_factor(total, rho, dtype)
+            assert got.dtype == expected.dtype
+            assert got.shape == expected.shape
+            assert torch.equal(got, expected) or (got.isnan() and expected.isnan()), (total, rho)
+
+
+def test_the_cpu_path_trains_as_the_device_path() -> None:
+    """The factor from the norm's value (the CPU path) and the factor kept on the device (a
+    GPU's path, forced here) give the same weights bit for bit, weight decay included."""
+    from torchsam import _momentum_sam
+
+    def train() -> Params:
+        torch.manual_seed(0)
+        model = _model().float()
+        opt = torchsam.MomentumSAM(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01
+        )
+        for _ in range(8):
+            opt.zero_grad()
+            model(torch.randn(8, 3)).square().mean().backward()
+            opt.step()
+        opt.eval()
+        return [p.detach().clone() for p in model.parameters()]
+
+    cpu = train()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_momentum_sam, "_reads_free", lambda device: False)
+        device = train()
+    assert all(torch.equal(a, b) for a, b in zip(cpu, device, strict=True))

@@ -189,6 +189,8 @@ class MomentumSAM(SharpnessAwareOptimizer):
         #: per group, what the last perturbation applied: (group, params, momenta, scale)
         self._applied: list[tuple[dict[str, Any], list[Tensor], list[Tensor], Tensor]] | None
         self._applied = None
+        #: during :meth:`step`, the perturbed groups found before the base step
+        self._step_groups: list[_Perturbed] | None = None
         super().__init__(params, base_optimizer, own, kwargs)
         self.momentum_key = _momentum_key(self.base_optimizer, momentum_key)
         #: whether the base optimizer is (a subclass of) one of the ``torch.optim`` classes of
@@ -296,10 +298,14 @@ class MomentumSAM(SharpnessAwareOptimizer):
         self.begin_step(zero_grad=False, user_backward=True)
         ctx = self.step_context
         views = [] if ctx is None else ctx.views
+        # the perturbed parameters, found once for the restore and the decay (nothing
+        # changes them before the base step; the perturbation after it finds them again)
+        self._step_groups = self._perturbed_groups()
         try:
-            self._to_w()
+            self._to_w(self._step_groups)
             self.finish_step(own_closure=True)
         finally:
+            self._step_groups = None
             self._perturb(views)
         return loss
 
@@ -331,9 +337,10 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 out.append((params, ws, vs, group))
         return out
 
-    def _to_w(self) -> None:
-        """Move the weights to ``w``, exactly (a copy of the saved ``w``)."""
-        for params, ws, _, group in self._perturbed_groups():
+    def _to_w(self, groups: list[_Perturbed] | None = None) -> None:
+        """Move the weights to ``w``, exactly (a copy of the saved ``w``); ``groups``: those
+        of :meth:`_perturbed_groups`, when the caller has them."""
+        for params, ws, _, group in self._perturbed_groups() if groups is None else groups:
             F.copy_(params, ws, group_foreach(group))
 
     def _perturb(self, views: list[GroupView] | None = None) -> None:
@@ -392,6 +399,14 @@ class MomentumSAM(SharpnessAwareOptimizer):
         total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
         rhos = [g[_APPLIED_RHO] if applied and _APPLIED_RHO in g else g["rho"] for *_, g in groups]
         # in float16 the factor may overflow to -inf: F.addcmul_ limits it to float16's range
+        if _reads_free(device) and type(total) is Tensor:
+            # on the CPU reading the norm costs no synchronisation: the same float64
+            # arithmetic in Python, a few operators fewer (bit-identical, see _cpu_factor)
+            value = total.item()
+            return [
+                _cpu_factor(value, rho, p[0].dtype)
+                for (p, *_), rho in zip(groups, rhos, strict=True)
+            ]
         return [
             (-float(rho) / (total + _NORM_EPS)).to(p[0])
             for (p, *_), rho in zip(groups, rhos, strict=True)
@@ -431,7 +446,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
         """``base_grad = g + sign * lambda * scale * v`` for the perturbed parameters of
         ``views`` (``w~ - w = scale * v``; ``sign`` is -1 for a maximizing base optimizer,
         which negates the gradient before adding its decay)."""
-        groups = self._perturbed_groups()
+        groups = self._step_groups
+        if groups is None:
+            groups = self._perturbed_groups()
         scales = {id(g[3]): s for g, s in zip(groups, self._applied_scales(groups), strict=True)}
         perturbed = {id(g[3]): g for g in groups}
         base_state = self.base_optimizer.state
@@ -469,6 +486,30 @@ class MomentumSAM(SharpnessAwareOptimizer):
             c = view.group["lr"] * float(view.group["weight_decay"])
             ws = [self.own_state[p]["w"] for p in view.params]
             F.combine_(view.params, view.params, 1 - c, ws, c * (1 - c), view.foreach)
+
+
+def _reads_free(device: torch.device) -> bool:
+    """Whether reading a value on ``device`` costs no synchronisation (the CPU)."""
+    return device.type == "cpu"
+
+
+#: the dtypes whose 0-dim factor :func:`torch.scalar_tensor` makes as ``.to(dtype)`` would
+_SCALAR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _cpu_factor(total: float, rho: Any, dtype: torch.dtype) -> Tensor:
+    """``(-rho / (total + eps)).to(dtype)`` of a float64 CPU tensor ``total``, from its value:
+    the tensor expression computes ``reciprocal(total + eps) * -rho`` in float64 (what
+    ``Tensor.__rdiv__`` does), which Python's float arithmetic repeats bit for bit, and
+    :func:`torch.scalar_tensor` rounds a float to float32/16 and bfloat16 as ``.to`` does; it
+    refuses a float32 beyond float32's range, which ``.to`` makes infinite."""
+    value = (1.0 / (total + _NORM_EPS)) * -float(rho)
+    if dtype in _SCALAR_DTYPES:
+        try:
+            return torch.scalar_tensor(value, dtype=dtype)
+        except RuntimeError:
+            pass
+    return torch.scalar_tensor(value, dtype=torch.float64).to(dtype)
 
 
 def _splits(
