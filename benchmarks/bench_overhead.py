@@ -135,6 +135,34 @@ def _fused_kernel_row(problem: bench.Problem, reps: int) -> Row:
     )
 
 
+def _bare_row(problem: bench.Problem, timing: dict[str, int]) -> Row:
+    """SAM's step with the base step called bare (the default when no hook or profiler
+    watches) against the same step through ``torch.optim``'s step wrapper, interleaved."""
+    from torchsam._engine import _construct
+
+    bare_step = _construct._bare_step
+    wrapped_step = bench.build(bench.TORCHSAM, problem)
+
+    def wrapped() -> None:
+        _construct._bare_step = lambda base: None
+        try:
+            wrapped_step()
+        finally:
+            _construct._bare_step = bare_step
+
+    times = bench.measure(
+        {"bare": bench.build(bench.TORCHSAM, problem), "wrapped": wrapped}, **timing
+    )
+    bare, plain = (statistics.median(times[n]) for n in ("bare", "wrapped"))
+    return (
+        f"  SAM's step, base step bare vs through torch's wrapper, {torch.get_num_threads()} "
+        "thread(s)",
+        f"{bench.fmt_time(bare)} vs {bench.fmt_time(plain)} ({bench.fmt_time(plain - bare)} less)",
+        "-",
+        "info",
+    )
+
+
 def timed_targets(threads: Sequence[int], tiny: bool, quick: bool) -> Iterator[Row]:
     """The timed rows, each thread count in turn, yielded as they are measured."""
     if tiny:
@@ -158,6 +186,7 @@ def timed_targets(threads: Sequence[int], tiny: bool, quick: bool) -> Iterator[R
             label = f"SAM's own cost ({len(small.weights)} small tensors)"
             yield _ratio_row(label, small, 0.35, own=True, timing=small_timing)
             yield _fused_kernel_row(small, reps=small_timing["reps"])
+            yield _bare_row(small, small_timing)
     finally:
         torch.set_num_threads(before)
 

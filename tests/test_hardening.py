@@ -486,6 +486,68 @@ def test_global_hooks_and_profiler_see_the_base_step_nested(name: str, style: st
     assert len(events) == 6
 
 
+@pytest.mark.parametrize(
+    "watcher", ["profiler", "base_pre", "base_post", "global_pre", "global_post"]
+)
+def test_each_watcher_alone_sees_the_base_step(watcher: str) -> None:
+    """Without any watcher the base step is called without torch's step wrapper (it costs a
+    profiler range a step); each watcher alone brings the plain ``base.step()`` back: the
+    profiler sees the nested step, and a hook on the base optimizer or a global one runs."""
+    model, data = setup()
+    opt = build("sam", model)
+    base = opt.base_optimizer
+    seen: list[str] = []
+    record = lambda o, *_: seen.append(type(o).__name__)  # noqa: E731
+    handles = []
+    if watcher == "base_pre":
+        handles.append(base.register_step_pre_hook(record))
+    elif watcher == "base_post":
+        handles.append(base.register_step_post_hook(record))
+    elif watcher == "global_pre":
+        handles.append(register_optimizer_step_pre_hook(record))
+    elif watcher == "global_post":
+        handles.append(register_optimizer_step_post_hook(record))
+    try:
+        if watcher == "profiler":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step("sam", opt, model, *data[0])
+            names = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+            assert sorted(names) == ["Optimizer.step#SAM.step", "Optimizer.step#SGD.step"]
+        else:
+            step("sam", opt, model, *data[0])
+            assert "SGD" in seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_the_base_step_runs_bare_when_nothing_watches_and_gives_the_same_weights() -> None:
+    """Nothing watching: torch's wrapper (and its ``_optimizer_step_code`` call, where the
+    profiler's Python tracer hooks in) is skipped; the weights are those of the plain call.
+    An LR scheduler built on the base optimizer replaces its ``step``: then it is called."""
+    from torchsam._engine import _construct
+
+    def train(bare: bool) -> list[torch.Tensor]:
+        model, data = setup()
+        opt = build("sam", model)
+        calls: list[int] = []
+        opt.base_optimizer._optimizer_step_code = lambda: calls.append(1)  # type: ignore[method-assign]
+        with pytest.MonkeyPatch.context() as patch:
+            if not bare:
+                patch.setattr(_construct, "_bare_step", lambda base: None)
+            for x, y in data[:3]:
+                step("sam", opt, model, x, y)
+        assert calls == ([] if bare else [1, 1, 1])
+        return weights(model)
+
+    _assert_same(train(bare=True), train(bare=False))
+    model, data = setup()
+    opt = build("sam", model)
+    torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1)
+    assert _construct._bare_step(opt.base_optimizer) is None
+    step("sam", opt, model, *data[0])
+
+
 # --------------------------------------------------------------------------- 10. exceptions
 @pytest.mark.parametrize("name", [n for n in TWO_CALL if n not in ONE_PASS])
 def test_exception_inside_the_perturbation_restores_w(name: str) -> None:
