@@ -17,12 +17,14 @@ recovers, SAM ends at chance level.) It prints:
    (``B``), a forward pass without autograd (``F0``, under ``torch.inference_mode``), ESAM's
    first backward that takes the gradients of a draw of ``beta`` of the tensors only
    (``B_swp``), and a forward/backward pass on ``gamma`` of the batch (``FB_gamma``), plus the
-   SGD step (``S``); then the floor of each method: its passes and the SGD step written out by
-   hand, without the method's own work, timed per step (see :func:`floors`): SGD and SAF
-   ``F + B + S`` (SAF's term costs no pass; MomentumSAM the same), MESA ``F + B + S + F0``, ESAM
-   ``F + B_swp + F0 + FB_gamma + S``, SAM ``2 (F + B) + S``, LookSAM and periodic SAM one SAM
-   step and four SGD steps in five. The floor is what a method cannot
-   go below with its passes on this machine; what it costs above its floor is its own work.
+   SGD step (``S``) and MomentumSAM's step (``S_msam``, with the same gradient; a line after
+   the floors sets its step beside SGD's with the passes); then the floor of each method: its
+   passes and the SGD step written out by hand, without the method's own work, timed per step
+   (see :func:`floors`): SGD and SAF ``F + B + S`` (SAF's term costs no pass; MomentumSAM the
+   same), MESA ``F + B + S + F0``, ESAM ``F + B_swp + F0 + FB_gamma + S``, SAM
+   ``2 (F + B) + S``, LookSAM and periodic SAM one SAM step and four SGD steps in five. The
+   floor is what a method cannot go below with its passes on this machine; what it costs above
+   its floor is its own work.
 2. **The training table**: test accuracy (clean labels) and training accuracy on the clean
    labels (mean ± std over seeds), and wall time relative to SGD, with the floor ratio beside
    it, the model's forward calls per step and the samples they took, in batches (ESAM: 2.5,
@@ -74,6 +76,7 @@ QUICK_SEEDS = 1
 REPEATS = 3
 TIMED_FROM = 5
 PASS_REPEATS = 30
+STEP_REPEATS = 300
 BETA = 0.5
 GAMMA = 0.5
 EVERY = 5  # LookSAM's k and periodic SAM's period: a sharpness step every 5th step
@@ -185,7 +188,15 @@ def pass_costs(build: ModelFn, split: Split, repeats: int) -> dict[str, float]:
         "FB_gamma": _median_ms(fb_gamma, repeats),
     }
     fb()
-    costs["S"] = _median_ms(opt.step, repeats)
+    steps = max(repeats, STEP_REPEATS)  # a step is short: more samples for its median
+    costs["S"] = _median_ms(opt.step, steps)
+    # MomentumSAM's step alone on a copy of the model, with the same gradient held fixed
+    twin = copy.deepcopy(model)
+    msam = torchsam.MomentumSAM(
+        twin.parameters(), torch.optim.SGD, lr=1e-3, momentum=0.9, weight_decay=5e-4
+    )
+    F.cross_entropy(twin(x), y).backward()
+    costs["S_msam"] = _median_ms(msam.step, steps)
     return costs
 
 
@@ -443,6 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "passes alone, ms per step (vs SGD): "
         + ", ".join(f"{n} {floor[n]:.2f} ({floor[n] / floor['sgd']:.2f}x)" for n in names)
     )
+    if "momentumsam" in names:
+        one_pass = costs["F"] + costs["B"]
+        print(
+            f"MomentumSAM's own work: its step alone {costs['S_msam']:.3f} ms against SGD's "
+            f"{costs['S']:.3f} ms; with the passes, (F + B + S_msam) / (F + B + S) = "
+            f"{(one_pass + costs['S_msam']) / (one_pass + costs['S']):.3f}x"
+        )
     print()
     results = run(names, seeds, epochs, args.timed_from, repeats, build)
     ratios = table(results, floor)

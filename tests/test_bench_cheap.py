@@ -20,6 +20,8 @@ def test_cheap_benchmark_smoke_run(
     out = capsys.readouterr().out
     assert "MLP 2x16 + BatchNorm; batch 128, lr 0.01; 6 epochs, timed from epoch 5" in out
     assert "passes on one batch (ms, median): F " in out
+    assert ", S_msam " in out
+    assert "MomentumSAM's own work: its step alone " in out
     table = out.split("targets:")[0]
     rows = {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
     # model forward calls per step and the samples they took, in batches: deterministic
