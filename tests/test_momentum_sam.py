@@ -907,3 +907,46 @@ def test_the_cpu_path_trains_as_the_device_path() -> None:
         patch.setattr(_momentum_sam, "_reads_free", lambda device: False)
         device = train()
     assert all(torch.equal(a, b) for a, b in zip(cpu, device, strict=True))
+
+
+@pytest.mark.parametrize("reads_free", [True, False], ids=["cpu-path", "device-path"])
+def test_a_group_mixing_dtypes_perturbs_each_with_its_own_rounding(reads_free: bool) -> None:
+    """float16 weights beside float32 ones in one group (a half model that keeps its
+    normalisation in float32): the factor ``rho / ||v||`` of the float32 ones is rounded to
+    float32, not to the first parameter's float16; with a small momentum it exceeds float16's
+    range, which made the float32 weights infinite. float64 beside float32 gets float64's."""
+    from torchsam import _momentum_sam
+
+    def run(dtypes: tuple[torch.dtype, torch.dtype], scale: float) -> tuple[Params, Params]:
+        torch.manual_seed(0)
+        a = nn.Parameter(torch.randn(5).to(dtypes[0]))
+        b = nn.Parameter(torch.randn(4).to(dtypes[1]))
+        opt = torchsam.MomentumSAM([a, b], torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            ((a.double() ** 2).sum() + (b.double() ** 2).sum()).mul(scale).backward()
+            opt.step()
+        perturbed = [a.detach().clone(), b.detach().clone()]
+        momenta = [opt.base_optimizer.state[p]["momentum_buffer"] for p in (a, b)]
+        opt.eval()
+        return perturbed, [a.detach().clone(), b.detach().clone()], momenta
+
+    with pytest.MonkeyPatch.context() as patch:
+        if not reads_free:
+            patch.setattr(_momentum_sam, "_reads_free", lambda device: False)
+        for dtypes, scale in [
+            ((torch.float16, torch.float32), 1e-7),
+            ((torch.float32, torch.float64), 1.0),
+        ]:
+            perturbed, w, momenta = run(dtypes, scale)
+            total = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(v) for v in momenta]).to(torch.float64)
+            )
+            factor = -0.5 / (total + 1e-12)
+            assert all(torch.isfinite(t).all() for t in perturbed)
+            # the second parameter: its own dtype's rounding of the float64 factor, exactly
+            expected = w[1] + momenta[1] * factor.to(dtypes[1])
+            assert torch.equal(perturbed[1], expected)
+            length = torch.linalg.vector_norm(perturbed[1].double() - w[1].double())
+            share = torch.linalg.vector_norm(momenta[1].double()) / total
+            assert length.item() == pytest.approx(0.5 * share.item(), rel=1e-3)

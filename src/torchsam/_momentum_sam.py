@@ -25,6 +25,10 @@ __all__ = ["MomentumSAM"]
 _NORM_EPS = 1e-12  # added to the momentum's norm before dividing, as the authors do
 #: per group: the parameters perturbed, their saved w, their momenta, the group
 _Perturbed = tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]
+#: a group's 0-dim factor (of the perturbation, or of the decay's correction) in each dtype
+#: of its parameters: a group that mixes dtypes (float16 weights, float32 normalisation) takes
+#: each dtype's own rounding of it, never the first parameter's
+_Scale = dict[torch.dtype, Tensor]
 #: the rho of the perturbation the weights are at, per param group (saved with the groups)
 _APPLIED_RHO = "sam_perturbed_rho"
 _TRAIN_MODE = "train_mode"  # the mode, in the wide state (every param group: "sam_train_mode")
@@ -187,7 +191,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
             "skip_nonfinite": skip_nonfinite,
         }
         #: per group, what the last perturbation applied: (group, params, momenta, scale)
-        self._applied: list[tuple[dict[str, Any], list[Tensor], list[Tensor], Tensor]] | None
+        self._applied: list[tuple[dict[str, Any], list[Tensor], list[Tensor], _Scale]] | None
         self._applied = None
         #: during :meth:`step`, the perturbed groups found before the base step
         self._step_groups: list[_Perturbed] | None = None
@@ -361,7 +365,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
             for (params, _, vs, group), scale in zip(groups, scales, strict=True)
         ]
 
-    def _applied_scales(self, groups: list[_Perturbed]) -> list[Tensor]:
+    def _applied_scales(self, groups: list[_Perturbed]) -> list[_Scale]:
         """The factors of the perturbation the weights are at: those the last :meth:`_perturb`
         applied when it perturbed these same parameters along these same momentum tensors
         (``w~ - w = scale * v`` even if ``rho`` was changed since), else computed again from
@@ -377,10 +381,11 @@ class MomentumSAM(SharpnessAwareOptimizer):
                 return [scale for *_, scale in applied]
         return self._scales(groups, applied=True)
 
-    def _scales(self, groups: list[_Perturbed], applied: bool = False) -> list[Tensor]:
+    def _scales(self, groups: list[_Perturbed], applied: bool = False) -> list[_Scale]:
         """Per group of ``groups`` (from :meth:`_perturbed_groups`), the 0-dim factor
-        ``-rho / (||v|| + eps)`` of the perturbation, in the dtype of the group's first
-        parameter, with the norm over the momentum of all groups together; ``applied``: with
+        ``-rho / (||v|| + eps)`` of the perturbation in each dtype of the group's parameters
+        (rounded from float64 to each), with the norm over the momentum of all groups
+        together; ``applied``: with
         the ``rho`` of the perturbation the weights are at (the group's own where none was
         saved, as in a checkpoint of an older torchsam)."""
         if not groups:
@@ -404,13 +409,14 @@ class MomentumSAM(SharpnessAwareOptimizer):
             # arithmetic in Python, a few operators fewer (bit-identical, see _cpu_factor)
             value = total.item()
             return [
-                _cpu_factor(value, rho, p[0].dtype)
+                {dtype: _cpu_factor(value, rho, dtype) for dtype in _dtypes(p)}
                 for (p, *_), rho in zip(groups, rhos, strict=True)
             ]
-        return [
-            (-float(rho) / (total + _NORM_EPS)).to(p[0])
-            for (p, *_), rho in zip(groups, rhos, strict=True)
-        ]
+        out = []
+        for (p, *_), rho in zip(groups, rhos, strict=True):
+            factor = -float(rho) / (total + _NORM_EPS)
+            out.append({dtype: factor.to(p[0].device, dtype) for dtype in _dtypes(p)})
+        return out
 
     # ------------------------------------------------------------------ weight decay
     def _decay(self, group: dict[str, Any]) -> str | None:
@@ -469,7 +475,8 @@ class MomentumSAM(SharpnessAwareOptimizer):
             grads = ctx.base_grads(view)
             F.copy_(grads, view.grads, view.foreach)
             sign = -1.0 if view.group.get("maximize", False) else 1.0
-            coefficient = sign * float(view.group["weight_decay"]) * scales[id(view.group)]
+            decay = sign * float(view.group["weight_decay"])
+            coefficient = {dtype: decay * s for dtype, s in scales[id(view.group)].items()}
             if len(moved) == len(grads):
                 targets, splits = grads, view.layout.splits
             else:
@@ -524,22 +531,29 @@ def _splits(
     return split_by_device_and_dtype(params)
 
 
+def _dtypes(params: list[Tensor]) -> list[torch.dtype]:
+    """The dtypes of ``params``, in order of first appearance."""
+    return list(dict.fromkeys(p.dtype for p in params))
+
+
 def _addcmul(
     dst: list[Tensor],
     src: list[Tensor],
-    coefficient: Tensor,
+    coefficient: _Scale,
     foreach: bool,
     splits: list[list[int]] | None,
 ) -> None:
-    """``dst += src * coefficient``, per device and dtype of ``dst`` (``splits``): a parameter
-    group spread over several GPUs takes the 0-dim coefficient on each of them (a multi-tensor
-    kernel refuses one on another device), as GSAM's and LookSAM's do (:func:`F.cast_like`)."""
+    """``dst += src * coefficient[dtype]``, per device and dtype of ``dst`` (``splits``),
+    each with the coefficient of its dtype: a parameter group spread over several GPUs takes
+    the 0-dim coefficient on each of them (a multi-tensor kernel refuses one on another
+    device), as GSAM's and LookSAM's do (:func:`F.cast_like`)."""
     if splits is None:
-        F.addcmul_(dst, src, coefficient, foreach)
+        F.addcmul_(dst, src, coefficient[dst[0].dtype], foreach)
         return
     for idx in splits:
         part = [dst[i] for i in idx]
-        F.addcmul_(part, [src[i] for i in idx], F.cast_like(coefficient, part[0]), foreach)
+        coef = F.cast_like(coefficient[part[0].dtype], part[0])
+        F.addcmul_(part, [src[i] for i in idx], coef, foreach)
 
 
 def _momentum_key(base: Optimizer, given: str | None) -> str:
