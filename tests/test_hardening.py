@@ -522,22 +522,20 @@ def test_each_watcher_alone_sees_the_base_step(watcher: str) -> None:
 
 
 def test_the_base_step_runs_bare_when_nothing_watches_and_gives_the_same_weights() -> None:
-    """Nothing watching: torch's wrapper (and its ``_optimizer_step_code`` call, where the
-    profiler's Python tracer hooks in) is skipped; the weights are those of the plain call.
-    An LR scheduler built on the base optimizer replaces its ``step``: then it is called."""
+    """Nothing watching: torch's wrapper is skipped (``_bare_step`` returns the class's own
+    step); the weights are those of the plain call. An LR scheduler built on the base
+    optimizer replaces its ``step``: then it is called."""
     from torchsam._engine import _construct
 
     def train(bare: bool) -> list[torch.Tensor]:
         model, data = setup()
         opt = build("sam", model)
-        calls: list[int] = []
-        opt.base_optimizer._optimizer_step_code = lambda: calls.append(1)  # type: ignore[method-assign]
+        assert (_construct._bare_step(opt.base_optimizer) is not None) is True
         with pytest.MonkeyPatch.context() as patch:
             if not bare:
                 patch.setattr(_construct, "_bare_step", lambda base: None)
             for x, y in data[:3]:
                 step("sam", opt, model, x, y)
-        assert calls == ([] if bare else [1, 1, 1])
         return weights(model)
 
     _assert_same(train(bare=True), train(bare=False))
@@ -546,6 +544,52 @@ def test_the_base_step_runs_bare_when_nothing_watches_and_gives_the_same_weights
     torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1)
     assert _construct._bare_step(opt.base_optimizer) is None
     step("sam", opt, model, *data[0])
+
+
+def test_code_of_the_users_around_the_base_step_always_runs() -> None:
+    """A subclass's ``step`` decorated with ``functools.wraps`` (which copies torch's
+    ``hooked`` mark, so torch does not wrap it again), a class-level patch of ``step``, and an
+    overridden ``_optimizer_step_code`` (class or instance) all run: the bare call is taken
+    only when ``step`` is torch's own wrapper and nothing else was changed."""
+    import functools
+
+    from torchsam._engine import _construct
+
+    calls: list[str] = []
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # SGD.step hooked already
+
+    class Logged(torch.optim.SGD):
+        @functools.wraps(torch.optim.SGD.step)
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("step")
+            return torch.optim.SGD.step(self, *args, **kwargs)
+
+    class Traced(torch.optim.SGD):
+        def _optimizer_step_code(self) -> None:
+            calls.append("code")
+
+    model, data = setup()
+    for cls, expected in [(Logged, "step"), (Traced, "code")]:
+        calls.clear()
+        opt = torchsam.SAM(model.parameters(), cls, rho=0.05, lr=0.1, momentum=0.9)
+        assert _construct._bare_step(opt.base_optimizer) is None
+        step("sam", opt, model, *data[0])
+        assert calls == [expected]
+    opt = torchsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt.base_optimizer._optimizer_step_code = lambda: calls.append("instance")  # type: ignore[method-assign]
+    calls.clear()
+    step("sam", opt, model, *data[0])
+    assert calls == ["instance"]
+    original = torch.optim.SGD.step
+    patched = functools.wraps(original)(
+        lambda *a, **k: (calls.append("patched"), original(*a, **k))[1]
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", patched)
+        opt = torchsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        calls.clear()
+        step("sam", opt, model, *data[0])
+    assert calls == ["patched"]
 
 
 # --------------------------------------------------------------------------- 10. exceptions

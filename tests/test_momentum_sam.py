@@ -878,7 +878,7 @@ def test_the_cpu_factor_is_the_tensor_expression_bit_for_bit(dtype: torch.dtype)
     for total in [*totals.tolist(), *edge]:
         for rho in (0.5, 0.05, 3.0, 1e30, 0.0):
             expected = (-float(rho) / (torch.tensor(total, dtype=torch.float64) + 1e-12)).to(dtype)
-            got = _cpu_factor(total, rho, dtype)
+            got = _cpu_factor(total, rho, dtype, torch.device("cpu"))
             assert got.dtype == expected.dtype
             assert got.shape == expected.shape
             assert torch.equal(got, expected) or (got.isnan() and expected.isnan()), (total, rho)
@@ -950,3 +950,30 @@ def test_a_group_mixing_dtypes_perturbs_each_with_its_own_rounding(reads_free: b
             length = torch.linalg.vector_norm(perturbed[1].double() - w[1].double())
             share = torch.linalg.vector_norm(momenta[1].double()) / total
             assert length.item() == pytest.approx(0.5 * share.item(), rel=1e-3)
+
+
+def test_a_default_device_set_by_the_user_does_not_move_the_factor() -> None:
+    """The CPU factor is made on the parameters' device, not on torch's default device (a
+    step inside ``with torch.device("meta")`` used to raise), and the step's cache of the
+    perturbed groups is dropped after each step."""
+
+    def train(default: str | None) -> Params:
+        torch.manual_seed(0)
+        model = _model().float()
+        opt = torchsam.MomentumSAM(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01
+        )
+        data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(4)]
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if default is None:
+                opt.step()
+            else:
+                with torch.device(default):
+                    opt.step()
+            assert opt._step_groups is None
+        opt.eval()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(train(None), train("meta"), strict=True))

@@ -409,7 +409,7 @@ class MomentumSAM(SharpnessAwareOptimizer):
             # arithmetic in Python, a few operators fewer (bit-identical, see _cpu_factor)
             value = total.item()
             return [
-                {dtype: _cpu_factor(value, rho, dtype) for dtype in _dtypes(p)}
+                {dtype: _cpu_factor(value, rho, dtype, p[0].device) for dtype in _dtypes(p)}
                 for (p, *_), rho in zip(groups, rhos, strict=True)
             ]
         out = []
@@ -504,19 +504,21 @@ def _reads_free(device: torch.device) -> bool:
 _SCALAR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _cpu_factor(total: float, rho: Any, dtype: torch.dtype) -> Tensor:
-    """``(-rho / (total + eps)).to(dtype)`` of a float64 CPU tensor ``total``, from its value:
-    the tensor expression computes ``reciprocal(total + eps) * -rho`` in float64 (what
-    ``Tensor.__rdiv__`` does), which Python's float arithmetic repeats bit for bit, and
-    :func:`torch.scalar_tensor` rounds a float to float32/16 and bfloat16 as ``.to`` does; it
-    refuses a float32 beyond float32's range, which ``.to`` makes infinite."""
+def _cpu_factor(total: float, rho: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(-rho / (total + eps)).to(device, dtype)`` of a float64 CPU tensor ``total``, from its
+    value: the tensor expression computes ``reciprocal(total + eps) * -rho`` in float64 (what
+    ``Tensor.__rdiv__`` does), which Python's float arithmetic repeats bit for bit, and on the
+    CPU :func:`torch.scalar_tensor` rounds a float to float32/16 and bfloat16 as ``.to`` does
+    (it refuses a float32 beyond float32's range, which ``.to`` makes infinite). A group on
+    another device gets the float64 value's ``.to``, as before. The device is always given:
+    a default device set by the user (``torch.set_default_device``) is not the group's."""
     value = (1.0 / (total + _NORM_EPS)) * -float(rho)
-    if dtype in _SCALAR_DTYPES:
+    if device.type == "cpu" and dtype in _SCALAR_DTYPES:
         try:
-            return torch.scalar_tensor(value, dtype=dtype)
+            return torch.scalar_tensor(value, dtype=dtype, device=device)
         except RuntimeError:
             pass
-    return torch.scalar_tensor(value, dtype=torch.float64).to(dtype)
+    return torch.scalar_tensor(value, dtype=torch.float64, device="cpu").to(device, dtype)
 
 
 def _splits(

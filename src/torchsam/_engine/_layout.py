@@ -85,7 +85,7 @@ def _plan_for(tensors: list[Tensor]) -> FlatPlan | None:
     small.sort(key=lambda i: tensors[i].dim() != 1)  # stable: 1-D ones first
     vectors = sum(tensors[i].dim() == 1 for i in small)
     sizes = [tensors[i].numel() for i in small]
-    flat = torch.empty(sum(sizes), dtype=first.dtype)
+    flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
     # each piece with its tensor's memory layout where that is dense (channels-last weights)
     pieces = [
         piece.as_strided(tensors[i].shape, tensors[i].stride())
