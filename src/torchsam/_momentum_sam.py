@@ -385,9 +385,8 @@ class MomentumSAM(SharpnessAwareOptimizer):
         """Per group of ``groups`` (from :meth:`_perturbed_groups`), the 0-dim factor
         ``-rho / (||v|| + eps)`` of the perturbation in each dtype of the group's parameters
         (rounded from float64 to each), with the norm over the momentum of all groups
-        together; ``applied``: with
-        the ``rho`` of the perturbation the weights are at (the group's own where none was
-        saved, as in a checkpoint of an older torchsam)."""
+        together; ``applied``: with the ``rho`` of the perturbation the weights are at (the
+        group's own where none was saved, as in a checkpoint of an older torchsam)."""
         if not groups:
             return []
         norms: list[Tensor] = []
