@@ -530,7 +530,7 @@ def test_the_base_step_runs_bare_when_nothing_watches_and_gives_the_same_weights
     def train(bare: bool) -> list[torch.Tensor]:
         model, data = setup()
         opt = build("sam", model)
-        assert (_construct._bare_step(opt.base_optimizer) is not None) is True
+        assert _construct._bare_step(opt.base_optimizer) is not None
         with pytest.MonkeyPatch.context() as patch:
             if not bare:
                 patch.setattr(_construct, "_bare_step", lambda base: None)

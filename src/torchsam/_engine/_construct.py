@@ -223,7 +223,8 @@ def _bare_step(base: Optimizer) -> Callable[[Optimizer], Any] | None:
     (``torch.optim.optimizer.register_optimizer_step_pre_hook``) brings the plain call back."""
     step = type(base).step
     bare = getattr(step, "__wrapped__", None)
-    if bare is None or getattr(step, "__code__", None) is not _TORCH_STEP_WRAPPER:
+    code = getattr(step, "__code__", None)
+    if bare is None or code is None or code is not _TORCH_STEP_WRAPPER:
         return None
     if "step" in vars(base) or "_optimizer_step_code" in vars(base):
         return None
@@ -233,8 +234,10 @@ def _bare_step(base: Optimizer) -> Callable[[Optimizer], Any] | None:
         base, "_optimizer_step_post_hooks", True
     ):
         return None
-    hooks = _torch_optimizer
-    if hooks._global_optimizer_pre_hooks or hooks._global_optimizer_post_hooks:
+    if (
+        _torch_optimizer._global_optimizer_pre_hooks
+        or _torch_optimizer._global_optimizer_post_hooks
+    ):
         return None
     if torch._C._autograd._profiler_enabled():
         return None
