@@ -30,7 +30,7 @@ of paired rounds. ``torch.set_num_threads`` is 1 unless ``--threads`` says other
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import os
 import platform
 import statistics
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 import torchsam
 from torchsam.experiments import noisy_digits, small_cnn
+from torchsam.experiments.bench import measure
 
 NOISE = 0.2
 BATCH = 64
@@ -168,25 +169,6 @@ def same_work(x: Tensor, y: Tensor, steps: int) -> bool:
     return all(torch.equal(a, b) for a, b in pairs)
 
 
-def timed(contenders: list[Contender], rounds: int, steps: int) -> dict[str, list[float]]:
-    """Seconds per step of each contender in each round, the order rotating per round."""
-    times: dict[str, list[float]] = {c.name: [] for c in contenders}
-    for c in contenders:  # warm-up
-        c.run(steps)
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            shift = r % len(contenders)
-            for c in contenders[shift:] + contenders[:shift]:
-                start = time.perf_counter()
-                c.run(steps)
-                times[c.name].append((time.perf_counter() - start) / steps)
-    finally:
-        gc.enable()
-    return times
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"(default: {ROUNDS})")
@@ -213,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"the floor's weights and momenta equal MomentumSAM's after {CHECK_STEPS} steps: {same}")
     print()
     contenders = [Contender(name, x, y) for name in ("sgd", "momentumsam", "floor")]
-    times = timed(contenders, args.rounds, args.steps)
+    steps = {c.name: functools.partial(c.run, 1) for c in contenders}
+    times = measure(steps, warmup=args.steps, reps=args.steps, trials=args.rounds)
     base = times["sgd"]
     header = ("contender", "ms/step (fastest)", "ms/step (median)", "vs SGD (fastest)",
               "vs SGD (median of rounds)")  # fmt: skip
