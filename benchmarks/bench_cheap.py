@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 import torchsam
 from torchsam.experiments import Result, Split, mlp, noisy_digits, small_cnn, train
+from torchsam.experiments.tables import aligned
 
 ModelFn = Callable[[Split], nn.Module]
 
@@ -368,11 +369,7 @@ def table(results: dict[str, list[Run]], floor: dict[str, float]) -> list[tuple[
                 f"{_rows_per_step(runs):.2f}",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for i, line in enumerate(lines):
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(aligned(lines))
     return ratios
 
 

@@ -86,6 +86,7 @@ import torchsam
 from torchsam.experiments._dispatch_count import DispatchCounter
 from torchsam.experiments.bench import ReferenceSAM
 from torchsam.experiments.models import resnet18, small_cnn
+from torchsam.experiments.tables import aligned
 
 LR = 0.1
 MOMENTUM = 0.9
@@ -699,11 +700,7 @@ def report(
 
 
 def print_table(table: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[k]) for row in table) for k in range(len(table[0]))]
-    for n, row in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print(aligned(table))
 
 
 def environment() -> dict[str, Any]:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 import torchsam
 from torchsam.experiments import noisy_digits, small_cnn
 from torchsam.experiments.bench import measure
+from torchsam.experiments.tables import aligned
 
 NOISE = 0.2
 BATCH = 64
@@ -213,11 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{paired[name]:.3f}x",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for i, line in enumerate(lines):
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(aligned(lines))
     print()
     ratio = paired["momentumsam"]
     verdict = "PASS" if ratio <= TARGET else "FAIL"

@@ -48,6 +48,7 @@ from torch import nn
 
 import torchsam
 from torchsam.experiments import METHODS, Result, Split, mlp, noisy_digits, small_cnn, train
+from torchsam.experiments.tables import aligned
 
 ModelFn = Callable[[Split], nn.Module]
 
@@ -220,11 +221,7 @@ def print_table(rows: list[Summary], base_time: float) -> None:
                 f"{row.forwards_per_step:.2f}",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for i, line in enumerate(lines):
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(aligned(lines))
     print(f"(SGD trains in {base_time:.2f} s per run, median over seeds)")
 
 

@@ -425,3 +425,17 @@ def test_variants_benchmark_smoke_run() -> None:
     assert rows["sgd"][-1] == "1.00"  # forward passes per step
     assert rows["sam"][-1] == "2.00"
     assert "not deterministic" not in out
+
+
+def test_aligned_table_pads_underlines_and_strips() -> None:
+    from torchsam.experiments.tables import aligned
+
+    rows = [("name", "x"), ("sgd", "1.00x"), ("momentumsam", "")]
+    assert aligned(rows) == "\n".join(
+        [
+            "name         x",
+            "-----------  -----",
+            "sgd          1.00x",
+            "momentumsam",
+        ]
+    )

@@ -40,6 +40,7 @@ from torchsam.experiments.long_runs import (
     run_checkpoint,
 )
 from torchsam.experiments.models import mlp, resnet18, resnet_cifar, small_cnn, wide_resnet
+from torchsam.experiments.tables import aligned
 from torchsam.experiments.train import (
     METHODS,
     EpochStats,
@@ -1377,13 +1378,7 @@ def format_table(summary: Sequence[Mapping[str, Any]]) -> str:
                 _fmt(r["sam_sharpness"], ".3g"),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = []
-    for i, line in enumerate(lines):
-        text.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-        if i == 0:
-            text.append("  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    return aligned(lines)
 
 
 def _pretty(label: str) -> str:
